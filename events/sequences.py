@@ -1,0 +1,135 @@
+"""Per-user, time-ordered behaviour sequences as flat arrays plus offsets.
+
+User ``u``'s events are ``items[offsets[u]:offsets[u + 1]]`` (and the same slice of
+``categories``, ``behaviors``, ``ts``), oldest first. No Python object per user, so
+millions of users cost a few flat arrays.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from events.vocab import PAD
+
+
+@dataclass
+class Sequences:
+    """Flat per-user sequences.
+
+    Attributes:
+        offsets: int64 [U + 1]; user ``u`` owns positions ``offsets[u]:offsets[u + 1]``.
+        items, categories: int64 [N] vocabulary ids.
+        behaviors: int8 [N] behaviour codes.
+        ts: int64 [N] unix seconds, non-decreasing within a user.
+    """
+
+    offsets: np.ndarray
+    items: np.ndarray
+    categories: np.ndarray
+    behaviors: np.ndarray
+    ts: np.ndarray
+
+    @property
+    def num_users(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @classmethod
+    def from_encoded(cls, users: np.ndarray, items: np.ndarray, categories: np.ndarray, behaviors: np.ndarray, ts: np.ndarray, num_users: int) -> "Sequences":
+        """Group encoded events by user, ordered by time (ties keep input order).
+
+        Args:
+            users: int user ids in ``[0, num_users)``.
+            items, categories, behaviors, ts: per-event arrays of the same length.
+            num_users: size of the user id space (the user vocabulary's ``size``).
+        """
+        order = np.lexsort((np.arange(len(users)), ts, users))
+        counts = np.bincount(users, minlength=num_users)
+        offsets = np.zeros(num_users + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return cls(
+            offsets=offsets,
+            items=np.asarray(items, dtype=np.int64)[order],
+            categories=np.asarray(categories, dtype=np.int64)[order],
+            behaviors=np.asarray(behaviors, dtype=np.int8)[order],
+            ts=np.asarray(ts, dtype=np.int64)[order],
+        )
+
+    def user_positions(self) -> np.ndarray:
+        """int64 [N]: the user owning each position."""
+        return np.repeat(np.arange(self.num_users), self.lengths)
+
+    def window(self, ends: np.ndarray, n: int, starts: np.ndarray | None = None) -> "Window":
+        """The last ``n`` events before each end position, right-aligned and padded.
+
+        Args:
+            ends: int64 [B] exclusive end positions into the flat arrays.
+            n: window length.
+            starts: int64 [B] first allowed positions (default: each end's user start is
+                not known here, so callers pass ``offsets[user]``).
+
+        Returns:
+            A :class:`Window` whose arrays are [B, n], most recent event last, padded on
+            the left with :data:`PAD` (items/categories/behaviours) and 0 (ts).
+        """
+        ends = np.asarray(ends, dtype=np.int64)
+        starts = np.zeros_like(ends) if starts is None else np.asarray(starts, dtype=np.int64)
+        idx = ends[:, None] - n + np.arange(n)[None, :]  # [B, n]
+        valid = idx >= starts[:, None]
+        idx = np.where(valid, idx, 0)
+        take = lambda a, fill: np.where(valid, a[idx] if len(a) else fill, fill)
+        return Window(
+            items=take(self.items, PAD),
+            categories=take(self.categories, PAD),
+            behaviors=take(self.behaviors, PAD).astype(np.int64),
+            ts=take(self.ts, 0),
+            lengths=np.minimum(ends - starts, n),
+        )
+
+    def user_window(self, users: np.ndarray, n: int, ends: np.ndarray | None = None) -> "Window":
+        """The last ``n`` events of each user, or of each user's prefix up to ``ends``."""
+        users = np.asarray(users, dtype=np.int64)
+        starts = self.offsets[users]
+        return self.window(self.offsets[users + 1] if ends is None else ends, n, starts)
+
+    def append(self, other: "Sequences") -> "Sequences":
+        """Merge two sequence sets over the same user id space (``other`` may be longer)."""
+        users = np.concatenate([self.user_positions(), other.user_positions()])
+        return Sequences.from_encoded(
+            users,
+            np.concatenate([self.items, other.items]),
+            np.concatenate([self.categories, other.categories]),
+            np.concatenate([self.behaviors, other.behaviors]),
+            np.concatenate([self.ts, other.ts]),
+            max(self.num_users, other.num_users),
+        )
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long format: ``user, item, category, behavior, ts``."""
+        return pd.DataFrame(
+            {"user": self.user_positions(), "item": self.items, "category": self.categories, "behavior": self.behaviors, "ts": self.ts}
+        )
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, num_users: int) -> "Sequences":
+        return cls.from_encoded(
+            frame["user"].to_numpy(), frame["item"].to_numpy(), frame["category"].to_numpy(), frame["behavior"].to_numpy(), frame["ts"].to_numpy(), num_users
+        )
+
+
+@dataclass
+class Window:
+    """A batch of right-aligned sequence windows; every array is [B, n] except ``lengths`` [B]."""
+
+    items: np.ndarray
+    categories: np.ndarray
+    behaviors: np.ndarray
+    ts: np.ndarray
+    lengths: np.ndarray
