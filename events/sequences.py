@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from events.vocab import PAD
 
@@ -72,8 +73,8 @@ class Sequences:
         Args:
             ends: int64 [B] exclusive end positions into the flat arrays.
             n: window length.
-            starts: int64 [B] first allowed positions (default: each end's user start is
-                not known here, so callers pass ``offsets[user]``).
+            starts: int64 [B] first positions the window may reach back to, normally
+                ``offsets[user]`` so a window never crosses into another user.
 
         Returns:
             A :class:`Window` whose arrays are [B, n], most recent event last, padded on
@@ -98,6 +99,20 @@ class Sequences:
         users = np.asarray(users, dtype=np.int64)
         starts = self.offsets[users]
         return self.window(self.offsets[users + 1] if ends is None else ends, n, starts)
+
+    def history_matrix(self, users: np.ndarray, ends: np.ndarray, num_items: int) -> sp.csr_matrix:
+        """Binary [len(users), num_items] matrix of the items each user touched before ``ends``.
+
+        Used to mask already-seen items in full-ranking evaluation and serving.
+        """
+        users = np.asarray(users, dtype=np.int64)
+        starts = self.offsets[users]
+        counts = np.maximum(np.asarray(ends) - starts, 0)
+        rows = np.repeat(np.arange(len(users)), counts)
+        pos = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(counts.sum())
+        m = sp.csr_matrix((np.ones(len(pos), dtype=np.float32), (rows, self.items[pos])), shape=(len(users), num_items))
+        m.data[:] = 1.0
+        return m
 
     def append(self, other: "Sequences") -> "Sequences":
         """Merge two sequence sets over the same user id space (``other`` may be longer)."""
@@ -133,3 +148,7 @@ class Window:
     behaviors: np.ndarray
     ts: np.ndarray
     lengths: np.ndarray
+
+    def tail(self, n: int) -> "Window":
+        """The last ``n`` columns (a shorter window over the same events)."""
+        return Window(self.items[:, -n:], self.categories[:, -n:], self.behaviors[:, -n:], self.ts[:, -n:], np.minimum(self.lengths, n))

@@ -1,0 +1,114 @@
+"""Cheap recall channels beside the two-tower: item-to-item co-visitation and popularity.
+
+They cover what an embedding misses: a user with one or two events (co-visitation
+of their latest items) and users or items the model knows nothing about (popularity).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from events.sequences import Sequences
+
+
+def top_per_row(m: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Largest ``k`` entries of each sparse row, best first.
+
+    Returns:
+        (cols [R, k] int64 padded with 0, values [R, k] float32 padded with -inf).
+    """
+    m = m.tocoo()
+    rows, cols, vals = m.row.astype(np.int64), m.col.astype(np.int64), m.data.astype(np.float32)
+    order = np.lexsort((-vals, rows))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    starts = np.searchsorted(rows, np.arange(m.shape[0]))
+    rank = np.arange(len(rows)) - starts[rows]
+    keep = rank < k
+    out_cols = np.zeros((m.shape[0], k), dtype=np.int64)
+    out_vals = np.full((m.shape[0], k), -np.inf, dtype=np.float32)
+    out_cols[rows[keep], rank[keep]] = cols[keep]
+    out_vals[rows[keep], rank[keep]] = vals[keep]
+    return out_cols, out_vals
+
+
+@dataclass
+class CoVisitation:
+    """Item → co-visited items with weights, truncated to the top ``neighbours`` per item.
+
+    Attributes:
+        graph: [M, M] sparse; row i holds the items most often visited near item i.
+    """
+
+    graph: sp.csr_matrix
+
+    @classmethod
+    def fit(cls, seqs: Sequences, mask: np.ndarray, num_items: int, *, window: int = 3, neighbours: int = 50) -> "CoVisitation":
+        """Count item pairs that occur within ``window`` events of each other in a user's sequence.
+
+        Args:
+            seqs: per-user sequences.
+            mask: bool [N]; only these positions count (the training part).
+            num_items: item id space size.
+            window: how many following events pair with each event; nearer pairs weigh more.
+            neighbours: neighbours kept per item.
+        """
+        owner = seqs.user_positions()
+        rows, cols, vals = [], [], []
+        for d in range(1, window + 1):
+            a = np.arange(len(seqs) - d)
+            ok = (owner[a] == owner[a + d]) & mask[a] & mask[a + d] & (seqs.items[a] != seqs.items[a + d])
+            a = a[ok]
+            # Both directions: "viewed together" is symmetric; the forward pair weighs more.
+            rows += [seqs.items[a], seqs.items[a + d]]
+            cols += [seqs.items[a + d], seqs.items[a]]
+            vals += [np.full(len(a), 1.0 / d, np.float32), np.full(len(a), 0.5 / d, np.float32)]
+        graph = sp.csr_matrix(
+            (np.concatenate(vals) if vals else [], (np.concatenate(rows) if rows else [], np.concatenate(cols) if cols else [])),
+            shape=(num_items, num_items),
+            dtype=np.float32,
+        )
+        # Damp very popular neighbours so the channel is not a second popularity list.
+        pop = np.asarray(graph.sum(axis=0)).ravel()
+        graph = graph @ sp.diags(1.0 / np.sqrt(np.maximum(pop, 1.0))).astype(np.float32)
+        cols_k, vals_k = top_per_row(graph.tocsr(), neighbours)
+        keep = np.isfinite(vals_k)
+        r = np.repeat(np.arange(num_items), keep.sum(1))
+        return cls(sp.csr_matrix((vals_k[keep], (r, cols_k[keep])), shape=(num_items, num_items), dtype=np.float32))
+
+    def scores(self, recent: np.ndarray) -> sp.csr_matrix:
+        """Co-visitation scores for each row of recent item ids.
+
+        Args:
+            recent: [B, n] item ids, most recent last, 0 = padding.
+
+        Returns:
+            [B, M] sparse scores; the latest item weighs most (halving per step back).
+        """
+        b, n = recent.shape
+        weights = np.broadcast_to(0.5 ** np.arange(n)[::-1], (b, n))
+        real = recent > 0
+        query = sp.csr_matrix(
+            (weights[real].astype(np.float32), (np.nonzero(real)[0], recent[real])), shape=(b, self.graph.shape[0])
+        )
+        return (query @ self.graph).tocsr()
+
+
+@dataclass
+class Popularity:
+    """Items ranked by training interactions, most popular first.
+
+    Attributes:
+        ranked: int64 item ids, most popular first.
+        counts: int64 [M] interactions per item id.
+    """
+
+    ranked: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def fit(cls, seqs: Sequences, mask: np.ndarray, num_items: int) -> "Popularity":
+        counts = np.bincount(seqs.items[mask], minlength=num_items).astype(np.int64)
+        counts[0] = 0
+        ranked = np.argsort(-counts, kind="stable")
+        return cls(ranked[counts[ranked] > 0], counts)

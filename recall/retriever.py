@@ -1,0 +1,180 @@
+"""The recall stage: two-tower ANN search plus co-visitation and popularity, merged.
+
+Every candidate carries the channel that surfaced it first (two-tower, then
+co-visitation, then popularity) and one comparable recall score: the two-tower inner
+product of the user and the item, whichever channel found it.
+"""
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from events.sequences import Window
+from recall.channels import CoVisitation, Popularity, top_per_row
+from recall.index import search
+from recall.model import TwoTower
+
+CHANNELS: tuple[str, ...] = ("none", "two_tower", "covisit", "popular")
+TWO_TOWER, COVISIT, POPULAR = 1, 2, 3
+
+
+@dataclass
+class RecallConfig:
+    """How many candidates each channel contributes (before de-duplication)."""
+
+    two_tower: int = 200
+    covisit: int = 100
+    popular: int = 50
+    recent: int = 5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Candidates:
+    """Merged candidates, best recall score first; every array is [B, C] except ``user_vecs``.
+
+    Attributes:
+        items: item ids, 0 = padding.
+        scores: two-tower inner products, -inf for padding.
+        channels: index into :data:`CHANNELS`, 0 for padding.
+        user_vecs: [B, d] the user vectors the scores came from.
+    """
+
+    items: np.ndarray
+    scores: np.ndarray
+    channels: np.ndarray
+    user_vecs: np.ndarray
+
+
+class Retriever:
+    """Runs the recall channels for a batch of users and merges their candidates."""
+
+    def __init__(
+        self,
+        model: TwoTower,
+        item_vecs: np.ndarray,
+        index,
+        covisit: CoVisitation,
+        popularity: Popularity,
+        item_category: np.ndarray,
+        config: RecallConfig | None = None,
+    ):
+        self.model = model.eval()
+        self.item_vecs = item_vecs
+        self.index = index
+        self.covisit = covisit
+        self.popularity = popularity
+        self.item_category = item_category
+        self.config = config or RecallConfig()
+
+    def user_vectors(self, window: Window) -> np.ndarray:
+        """User-tower vectors for a batch of windows. Returns [B, d] float32."""
+        device = next(self.model.parameters()).device
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+        with torch.no_grad():
+            return self.model.user_tower(t(window.items), t(window.categories), t(window.behaviors)).cpu().numpy()
+
+    def retrieve(self, window: Window, exclude: sp.csr_matrix, category: int | None = None, channels: tuple[int, ...] = (TWO_TOWER, COVISIT, POPULAR)) -> Candidates:
+        """Candidates for each user in the batch.
+
+        Args:
+            window: the users' recent behaviour, [B, n].
+            exclude: [B, M] sparse; non-zero items are never returned (seen or excluded).
+            category: keep only items of this category id (all channels).
+            channels: which channels to run (evaluation runs them one at a time too).
+
+        Returns:
+            Merged, de-duplicated candidates sorted by recall score.
+        """
+        cfg = self.config
+        uv = self.user_vectors(window)
+        exclude = exclude.tocsr()
+        parts: list[tuple[np.ndarray, int]] = []
+        if TWO_TOWER in channels:
+            parts.append((self._two_tower(uv, exclude, category), TWO_TOWER))
+        if COVISIT in channels and cfg.covisit:
+            recent = window.items[:, -cfg.recent :]
+            ids, _ = top_per_row(self._mask(self.covisit.scores(recent), exclude, category), cfg.covisit)
+            parts.append((ids, COVISIT))
+        if POPULAR in channels and cfg.popular:
+            parts.append((self._popular(len(uv), exclude, category), POPULAR))
+        return self._merge(uv, parts)
+
+    def _two_tower(self, uv: np.ndarray, exclude: sp.csr_matrix, category: int | None) -> np.ndarray:
+        k = self.config.two_tower
+        if category is not None:
+            # A category is a small slice of the catalogue: score it exactly.
+            pool = np.flatnonzero(self.item_category == category)
+            scores = uv @ self.item_vecs[pool].T  # [B, |pool|]
+            ids = np.broadcast_to(pool, scores.shape)
+            scores[_is_excluded(ids, exclude)] = -np.inf
+            top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            return np.where(np.isfinite(np.take_along_axis(scores, top, axis=1)), pool[top], 0)
+        max_excluded = int(np.diff(exclude.indptr).max()) if exclude.nnz else 0
+        ids, _ = search(self.index, uv, min(k + max_excluded, self.index.ntotal))
+        ids = np.where(ids < 0, 0, ids)
+        ids = np.where(_is_excluded(ids, exclude), 0, ids)
+        return _compact(ids, k)
+
+    def _popular(self, b: int, exclude: sp.csr_matrix, category: int | None) -> np.ndarray:
+        ranked = self.popularity.ranked
+        if category is not None:
+            ranked = ranked[self.item_category[ranked] == category]
+        max_excluded = int(np.diff(exclude.indptr).max()) if exclude.nnz else 0
+        head = np.broadcast_to(ranked[: self.config.popular + max_excluded], (b, min(len(ranked), self.config.popular + max_excluded)))
+        return _compact(np.where(_is_excluded(head, exclude), 0, head), self.config.popular)
+
+    def _mask(self, scores: sp.csr_matrix, exclude: sp.csr_matrix, category: int | None) -> sp.csr_matrix:
+        scores = scores.tocoo()
+        keep = ~_is_excluded_pairs(scores.row, scores.col, exclude)
+        if category is not None:
+            keep &= self.item_category[scores.col] == category
+        return sp.csr_matrix((scores.data[keep], (scores.row[keep], scores.col[keep])), shape=scores.shape)
+
+    def _merge(self, uv: np.ndarray, parts: list[tuple[np.ndarray, int]]) -> Candidates:
+        b = len(uv)
+        if not parts:
+            empty = np.zeros((b, 0), np.int64)
+            return Candidates(empty, empty.astype(np.float32), empty.astype(np.int8), uv)
+        ids = np.concatenate([p for p, _ in parts], axis=1)  # [B, total]
+        chan = np.concatenate([np.full(p.shape, c, np.int8) for p, c in parts], axis=1)
+        rows = np.repeat(np.arange(b), ids.shape[1])
+        flat_ids, flat_chan = ids.ravel(), chan.ravel()
+        # First occurrence wins, so the earlier (higher-priority) channel keeps the item.
+        _, first = np.unique(rows * len(self.item_vecs) + flat_ids, return_index=True)
+        first = first[flat_ids[first] > 0]
+        r, items, channels = rows[first], flat_ids[first], flat_chan[first]
+        scores = np.einsum("bd,bd->b", uv[r], self.item_vecs[items]).astype(np.float32)
+        order = np.lexsort((-scores, r))
+        r, items, channels, scores = r[order], items[order], channels[order], scores[order]
+        counts = np.bincount(r, minlength=b)
+        width = int(counts.max()) if b else 0
+        slot = np.arange(len(r)) - np.repeat(np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+        out_items = np.zeros((b, width), np.int64)
+        out_scores = np.full((b, width), -np.inf, np.float32)
+        out_channels = np.zeros((b, width), np.int8)
+        out_items[r, slot], out_scores[r, slot], out_channels[r, slot] = items, scores, channels
+        return Candidates(out_items, out_scores, out_channels, uv)
+
+
+def _is_excluded_pairs(rows: np.ndarray, cols: np.ndarray, exclude: sp.csr_matrix) -> np.ndarray:
+    if exclude.nnz == 0:
+        return np.zeros(len(rows), dtype=bool)
+    ex = exclude.tocoo()
+    width = exclude.shape[1]
+    return np.isin(rows.astype(np.int64) * width + cols, ex.row.astype(np.int64) * width + ex.col)
+
+
+def _is_excluded(ids: np.ndarray, exclude: sp.csr_matrix) -> np.ndarray:
+    rows = np.repeat(np.arange(ids.shape[0]), ids.shape[1])
+    return _is_excluded_pairs(rows, ids.ravel(), exclude).reshape(ids.shape)
+
+
+def _compact(ids: np.ndarray, k: int) -> np.ndarray:
+    """Move the non-zero ids of each row to the front (order kept) and cut to ``k`` columns."""
+    order = np.argsort(ids == 0, axis=1, kind="stable")
+    return np.take_along_axis(ids, order, axis=1)[:, :k]

@@ -1,0 +1,35 @@
+"""Exact top-k scoring of user vectors against every item, with seen items masked."""
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+
+def exact_topk(user_vecs: np.ndarray, item_vecs: np.ndarray, k: int, exclude: sp.csr_matrix | None = None, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Inner-product top-k over the whole catalogue (item row 0 is padding and never returned).
+
+    Args:
+        user_vecs: [U, d] float32.
+        item_vecs: [M, d] float32; row 0 is the padding id.
+        k: results per user.
+        exclude: optional [U, M] sparse matrix; non-zero entries are never returned.
+        batch: users scored at a time (bounds memory at batch × M floats).
+
+    Returns:
+        (ids [U, k] int64, scores [U, k] float32), best first.
+    """
+    items = torch.from_numpy(np.ascontiguousarray(item_vecs, dtype=np.float32))
+    k = min(k, len(item_vecs) - 1)
+    ids, scores = [], []
+    for lo in range(0, len(user_vecs), batch):
+        s = torch.from_numpy(np.ascontiguousarray(user_vecs[lo : lo + batch], dtype=np.float32)) @ items.T  # [b, M]
+        s[:, 0] = float("-inf")
+        if exclude is not None:
+            block = exclude[lo : lo + batch].tocoo()
+            s[torch.from_numpy(block.row.astype(np.int64)), torch.from_numpy(block.col.astype(np.int64))] = float("-inf")
+        top = torch.topk(s, k, dim=1)
+        ids.append(top.indices.numpy())
+        scores.append(top.values.numpy())
+    if not ids:
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    return np.concatenate(ids).astype(np.int64), np.concatenate(scores)

@@ -1,0 +1,153 @@
+"""Train the two-tower model next-item style on every training position."""
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from events.dataset import Dataset
+from events.metrics import summarize, target_ranks
+from events.split import Split
+from recall.model import TwoTower, TwoTowerConfig, sampled_softmax_loss
+from recall.scoring import exact_topk
+
+
+@dataclass
+class TwoTowerTrainConfig:
+    """Optimisation settings (saved beside the model config in the bundle manifest)."""
+
+    epochs: int = 40
+    batch_size: int = 512
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    uniform_negatives: int = 2048
+    patience: int = 3
+    seed: int = 0
+    max_valid_users: int = 5000
+    device: str = "auto"
+
+
+def pick_device(name: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def user_vectors(model: TwoTower, data: Dataset, users: np.ndarray, ends: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """User-tower vectors for each user's history before ``ends``. Returns [len(users), dim]."""
+    device = next(model.parameters()).device
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for lo in range(0, len(users), batch):
+            w = data.seqs.user_window(users[lo : lo + batch], model.cfg.history, ends[lo : lo + batch])
+            t = lambda a: torch.from_numpy(a).to(device)
+            out.append(model.user_tower(t(w.items), t(w.categories), t(w.behaviors)).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.cfg.dim), np.float32)
+
+
+def item_vectors(model: TwoTower, data: Dataset) -> np.ndarray:
+    """Item-tower vectors for every item id (row 0 = padding). Returns [items.size, dim]."""
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        return model.item_vectors(torch.from_numpy(data.item_category).to(device)).cpu().numpy()
+
+
+def evaluate_targets(model: TwoTower, data: Dataset, users: np.ndarray, positions: np.ndarray, k: int = 50) -> dict:
+    """Full-ranking HR/NDCG/MRR of the two-tower alone for (user, target position) pairs, seen items masked."""
+    uv = user_vectors(model, data, users, positions)
+    seen = data.seqs.history_matrix(users, positions, data.items.size)
+    top, _ = exact_topk(uv, item_vectors(model, data), k, exclude=seen)
+    return summarize(target_ranks(top, data.seqs.items[positions]), ks=(10, k))
+
+
+def train_two_tower(
+    data: Dataset,
+    split: Split,
+    *,
+    model_config: TwoTowerConfig | None = None,
+    train_config: TwoTowerTrainConfig | None = None,
+    progress: bool = True,
+) -> tuple[TwoTower, dict]:
+    """Train next-item retrieval on every training position; early-stop on validation NDCG@10.
+
+    Args:
+        data: the encoded log.
+        split: which positions train and which is the validation target (the test
+            target is never read).
+        model_config: architecture; sized to the vocabularies when omitted.
+        train_config: optimisation settings.
+        progress: show progress bars.
+
+    Returns:
+        The best model (by validation NDCG@10) and a history dict with per-epoch loss and
+        validation metrics.
+    """
+    cfg = train_config or TwoTowerTrainConfig()
+    mcfg = model_config or TwoTowerConfig(num_items=data.items.size, num_categories=data.categories.size)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = TwoTower(mcfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    users, positions = split.train_targets(data.seqs)
+    if len(users) == 0:
+        raise ValueError("no training examples: every user needs at least two training events")
+    seqs = data.seqs
+    targets = seqs.items[positions]
+    freq = np.bincount(targets, minlength=mcfg.num_items).astype(np.float64)
+    log_q_all = torch.from_numpy(np.log(np.maximum(freq, 1.0) / freq.sum() * cfg.batch_size)).float().to(device)
+    item_category = torch.from_numpy(data.item_category).to(device)
+    n_pool = min(cfg.uniform_negatives, mcfg.num_items - 1)
+    pool_log_q = math.log(n_pool / (mcfg.num_items - 1)) if n_pool else 0.0
+
+    valid_users, valid_pos = split.targets("valid")
+    if len(valid_users) > cfg.max_valid_users:
+        pick = np.sort(rng.choice(len(valid_users), cfg.max_valid_users, replace=False))
+        valid_users, valid_pos = valid_users[pick], valid_pos[pick]
+
+    history: dict = {"epochs": [], "config": asdict(cfg)}
+    best, best_state, bad_epochs = -1.0, None, 0
+    t = lambda a: torch.from_numpy(a).to(device)
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = rng.permutation(len(users))
+        total, steps = 0.0, 0
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"two-tower epoch {epoch + 1}", disable=not progress, leave=False)
+        for lo in bar:
+            idx = order[lo : lo + cfg.batch_size]
+            w = seqs.window(positions[idx], mcfg.history, seqs.offsets[users[idx]])
+            tgt = t(targets[idx])
+            u = model.user_tower(t(w.items), t(w.categories), t(w.behaviors))  # [B, d]
+            v = model.item_tower(tgt, item_category[tgt])  # [B, d]
+            extra = extra_ids = extra_log_q = None
+            if n_pool:
+                extra_ids = torch.randint(1, mcfg.num_items, (n_pool,), device=device)
+                extra = model.item_tower(extra_ids, item_category[extra_ids])  # [P, d]
+                extra_log_q = torch.full((n_pool,), pool_log_q, device=device)
+            loss = sampled_softmax_loss(u, v, tgt, log_q_all[tgt], mcfg.temperature, extra, extra_ids, extra_log_q)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            steps += 1
+        metrics = evaluate_targets(model, data, valid_users, valid_pos) if len(valid_users) else {}
+        score = metrics.get("ndcg@10", -total / steps)
+        history["epochs"].append({"epoch": epoch + 1, "loss": round(total / steps, 5), "valid": metrics})
+        if progress:
+            tqdm.write(f"two-tower epoch {epoch + 1}: loss {total / steps:.4f} valid {metrics}")
+        if score > best:
+            best, best_state, bad_epochs = score, copy.deepcopy(model.state_dict()), 0
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    history["best_valid_ndcg@10"] = best
+    return model.eval(), history
