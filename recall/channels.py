@@ -108,7 +108,12 @@ class Popularity:
 
     @classmethod
     def fit(cls, seqs: Sequences, mask: np.ndarray, num_items: int) -> "Popularity":
-        counts = np.bincount(seqs.items[mask], minlength=num_items).astype(np.int64)
+        return cls.from_counts(np.bincount(seqs.items[mask], minlength=num_items).astype(np.int64))
+
+    @classmethod
+    def from_counts(cls, counts: np.ndarray) -> "Popularity":
+        """Rank item ids by ``counts`` (id 0, the padding id, is never ranked)."""
+        counts = counts.copy()
         counts[0] = 0
         ranked = np.argsort(-counts, kind="stable")
         return cls(ranked[counts[ranked] > 0], counts)

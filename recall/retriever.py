@@ -78,7 +78,14 @@ class Retriever:
         with torch.no_grad():
             return self.model.user_tower(t(window.items), t(window.categories), t(window.behaviors)).cpu().numpy()
 
-    def retrieve(self, window: Window, exclude: sp.csr_matrix, category: int | None = None, channels: tuple[int, ...] = (TWO_TOWER, COVISIT, POPULAR)) -> Candidates:
+    def retrieve(
+        self,
+        window: Window,
+        exclude: sp.csr_matrix,
+        category: int | None = None,
+        channels: tuple[int, ...] = (TWO_TOWER, COVISIT, POPULAR),
+        two_tower: int = 0,
+    ) -> Candidates:
         """Candidates for each user in the batch.
 
         Args:
@@ -86,6 +93,8 @@ class Retriever:
             exclude: [B, M] sparse; non-zero items are never returned (seen or excluded).
             category: keep only items of this category id (all channels).
             channels: which channels to run (evaluation runs them one at a time too).
+            two_tower: ask the two-tower channel for at least this many candidates
+                (a request for more items than the configured count).
 
         Returns:
             Merged, de-duplicated candidates sorted by recall score.
@@ -95,7 +104,7 @@ class Retriever:
         exclude = exclude.tocsr()
         parts: list[tuple[np.ndarray, int]] = []
         if TWO_TOWER in channels:
-            parts.append((self._two_tower(uv, exclude, category), TWO_TOWER))
+            parts.append((self._two_tower(uv, exclude, category, max(cfg.two_tower, two_tower)), TWO_TOWER))
         if COVISIT in channels and cfg.covisit:
             recent = window.items[:, -cfg.recent :]
             ids, _ = top_per_row(self._mask(self.covisit.scores(recent), exclude, category), cfg.covisit)
@@ -104,8 +113,7 @@ class Retriever:
             parts.append((self._popular(len(uv), exclude, category), POPULAR))
         return self._merge(uv, parts)
 
-    def _two_tower(self, uv: np.ndarray, exclude: sp.csr_matrix, category: int | None) -> np.ndarray:
-        k = self.config.two_tower
+    def _two_tower(self, uv: np.ndarray, exclude: sp.csr_matrix, category: int | None, k: int) -> np.ndarray:
         if category is not None:
             # A category is a small slice of the catalogue: score it exactly.
             pool = np.flatnonzero(self.item_category == category)

@@ -49,3 +49,7 @@ class RecommendResult:
     model_version: str
     index_version: str
     timings_us: dict[str, int] = field(default_factory=dict)
+
+
+class BadQuery(ValueError):
+    """Input that passed the protocol checks but is wrong for this bundle (e.g. an unknown category)."""

@@ -1,0 +1,269 @@
+"""The versioned bundle: vocabularies, sequences, both models, the index and a manifest.
+
+A bundle root holds ``versions/<version>/`` directories and a ``CURRENT`` file naming
+the live one. A version is written completely under a temporary name, renamed into
+place, and only then does ``CURRENT`` flip (``os.replace``), so a reader never sees a
+half-written bundle. The manifest records each file's size, checked on load.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from events.dataset import Dataset
+from rank.model import Ranker, RankerConfig
+from rank.pipeline import TwoStage
+from recall.channels import CoVisitation, Popularity
+from recall.index import IndexSpec, load_index, save_index
+from recall.model import TwoTower, TwoTowerConfig
+from recall.retriever import RecallConfig, Retriever
+
+FORMAT_VERSION = 1
+CURRENT = "CURRENT"
+MANIFEST = "manifest.json"
+INDEX_FILE = "recall/index.faiss"
+
+
+class BundleError(ValueError):
+    """A bundle is missing, incomplete, corrupt or of an unknown format."""
+
+
+@dataclass
+class Bundle:
+    """Everything the server needs, loaded.
+
+    Attributes:
+        path: the version directory.
+        manifest: the parsed manifest.
+        data: vocabularies, item metadata and the full per-user sequences.
+        two_tower, ranker: the models, in eval mode.
+        item_vecs: [M, d] item-tower vectors (row 0 = padding).
+        index: the FAISS index over ``item_vecs``.
+        index_spec: how the index was built.
+        covisit, popularity: the extra recall channels.
+        recall_config: candidate counts per channel.
+    """
+
+    path: str
+    manifest: dict
+    data: Dataset
+    two_tower: TwoTower
+    ranker: Ranker
+    item_vecs: np.ndarray
+    index: object
+    index_spec: IndexSpec
+    covisit: CoVisitation
+    popularity: Popularity
+    recall_config: RecallConfig
+
+    @property
+    def model_version(self) -> str:
+        return self.manifest["model_version"]
+
+    @property
+    def index_version(self) -> str:
+        return self.manifest["index_version"]
+
+    def pipeline(self) -> TwoStage:
+        """The two stages wired together for serving or evaluation."""
+        retriever = Retriever(self.two_tower, self.item_vecs, self.index, self.covisit, self.popularity, self.data.item_category, self.recall_config)
+        return TwoStage(retriever, self.ranker, self.popularity.counts)
+
+
+def new_version() -> str:
+    """A sortable, unique version name: UTC time plus a short random suffix."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def resolve(path: str) -> str:
+    """A bundle root (with ``CURRENT``) or a version directory → the version directory."""
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        return path
+    pointer = os.path.join(path, CURRENT)
+    if not os.path.isfile(pointer):
+        raise BundleError(f"{path}: not a bundle (no {MANIFEST} and no {CURRENT} file)")
+    with open(pointer) as fh:
+        version = fh.read().strip()
+    target = os.path.join(path, "versions", version)
+    if not os.path.isfile(os.path.join(target, MANIFEST)):
+        raise BundleError(f"{pointer} names version {version!r}, which has no {MANIFEST}")
+    return target
+
+
+def save_model(model: torch.nn.Module, path: str) -> None:
+    """Config dict + weights in one file, so a loader can rebuild the module."""
+    torch.save({"config": model.cfg.to_dict(), "state_dict": model.state_dict()}, path)
+
+
+def write_version(
+    root: str,
+    *,
+    data: Dataset,
+    two_tower: TwoTower,
+    ranker: Ranker,
+    item_vecs: np.ndarray,
+    index,
+    index_spec: IndexSpec,
+    covisit: CoVisitation,
+    popularity: Popularity,
+    recall_config: RecallConfig,
+    info: dict,
+) -> str:
+    """Write a complete new version under ``root`` and make it current.
+
+    Args:
+        root: the bundle root (created if missing).
+        data, two_tower, ranker, item_vecs, index, index_spec, covisit, popularity,
+            recall_config: the pieces of the bundle.
+        info: extra manifest fields (training data fingerprint, configs, metrics).
+
+    Returns:
+        The new version directory.
+    """
+    version = new_version()
+    stage = _stage_dir(root)
+    data.save(os.path.join(stage, "data"))
+    os.makedirs(os.path.join(stage, "recall"))
+    os.makedirs(os.path.join(stage, "rank"))
+    save_model(two_tower, os.path.join(stage, "recall", "two_tower.pt"))
+    np.save(os.path.join(stage, "recall", "item_vectors.npy"), item_vecs)
+    save_index(index, os.path.join(stage, INDEX_FILE))
+    sp.save_npz(os.path.join(stage, "recall", "covisit.npz"), covisit.graph)
+    np.save(os.path.join(stage, "recall", "popularity.npy"), popularity.counts)
+    save_model(ranker, os.path.join(stage, "rank", "ranker.pt"))
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "model_version": version,
+        "index_version": version,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "index_spec": str(index_spec),
+        "recall_config": recall_config.to_dict(),
+        "two_tower_config": two_tower.cfg.to_dict(),
+        "ranker_config": ranker.cfg.to_dict(),
+        "counts": {"users": len(data.users), "items": len(data.items), "categories": len(data.categories), "events": int(len(data.seqs))},
+        **info,
+    }
+    return _publish(root, stage, version, manifest)
+
+
+def replace_index(root: str, index, index_spec: IndexSpec, info: dict | None = None) -> str:
+    """Publish a new version that shares everything with the current one except the index.
+
+    Unchanged files are hard-linked (copied where links are not possible), so a
+    rebuild costs only the new index.
+
+    Returns:
+        The new version directory.
+    """
+    current = resolve(root)
+    manifest = read_manifest(current)
+    if os.path.abspath(current) == os.path.abspath(root):
+        raise BundleError(f"{root} is a single version directory; rebuilding needs a bundle root with {CURRENT}")
+    stage = _stage_dir(root)
+    for name in manifest["files"]:
+        if name == INDEX_FILE:
+            continue
+        os.makedirs(os.path.dirname(os.path.join(stage, name)), exist_ok=True)
+        _link_or_copy(os.path.join(current, name), os.path.join(stage, name))
+    os.makedirs(os.path.join(stage, "recall"), exist_ok=True)
+    save_index(index, os.path.join(stage, INDEX_FILE))
+    version = new_version()
+    manifest = {k: v for k, v in manifest.items() if k != "files"}
+    manifest.update(index_version=version, index_spec=str(index_spec), previous_version=os.path.basename(current), **(info or {}))
+    return _publish(root, stage, version, manifest)
+
+
+def _stage_dir(root: str) -> str:
+    os.makedirs(os.path.join(root, "versions"), exist_ok=True)
+    return tempfile.mkdtemp(prefix=".staging-", dir=os.path.join(root, "versions"))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _publish(root: str, stage: str, version: str, manifest: dict) -> str:
+    manifest["files"] = {
+        os.path.relpath(os.path.join(d, f), stage): os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(stage) for f in files
+    }
+    _write_atomic(os.path.join(stage, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
+    final = os.path.join(root, "versions", version)
+    os.replace(stage, final)
+    _write_atomic(os.path.join(root, CURRENT), version + "\n")
+    return final
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:6]}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(version_dir: str) -> dict:
+    """Parse and check a version's manifest: known format, every file present with its recorded size."""
+    path = os.path.join(version_dir, MANIFEST)
+    try:
+        with open(path) as fh:
+            manifest = json.load(fh)
+    except (OSError, json.JSONDecodeError) as err:
+        raise BundleError(f"{path}: unreadable manifest ({err})") from err
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format {manifest.get('format_version')!r}, this Funnel reads {FORMAT_VERSION}")
+    for name, size in manifest.get("files", {}).items():
+        full = os.path.join(version_dir, name)
+        if not os.path.isfile(full):
+            raise BundleError(f"{version_dir}: {name} is missing")
+        if os.path.getsize(full) != size:
+            raise BundleError(f"{version_dir}: {name} is {os.path.getsize(full)} bytes, the manifest says {size}")
+    return manifest
+
+
+def _load_model(path: str, cls, config_cls):
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = cls(config_cls(**ckpt["config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def load_bundle(path: str, device: str = "cpu") -> Bundle:
+    """Load and validate a bundle (root or version directory).
+
+    Raises:
+        BundleError: when anything is missing, truncated or inconsistent.
+    """
+    version_dir = resolve(path)
+    manifest = read_manifest(version_dir)
+    join = lambda *p: os.path.join(version_dir, *p)
+    try:
+        data = Dataset.load(join("data"))
+        two_tower = _load_model(join("recall", "two_tower.pt"), TwoTower, TwoTowerConfig).to(device)
+        ranker = _load_model(join("rank", "ranker.pt"), Ranker, RankerConfig).to(device)
+        item_vecs = np.load(join("recall", "item_vectors.npy"))
+        spec = IndexSpec.parse(manifest["index_spec"])
+        index = load_index(join(INDEX_FILE), spec)
+        covisit = CoVisitation(sp.load_npz(join("recall", "covisit.npz")).tocsr())
+        counts = np.load(join("recall", "popularity.npy"))
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        raise BundleError(f"{version_dir}: cannot load bundle ({err})") from err
+    sizes = {"item vectors": len(item_vecs), "two-tower items": two_tower.cfg.num_items, "ranker items": ranker.cfg.num_items, "popularity": len(counts)}
+    if len(set(sizes.values()) | {data.items.size}) != 1:
+        raise BundleError(f"{version_dir}: item id spaces disagree: {sizes}, vocabulary {data.items.size}")
+    if index.ntotal != data.items.size - 1:
+        raise BundleError(f"{version_dir}: index holds {index.ntotal} vectors for {data.items.size - 1} items")
+    return Bundle(
+        version_dir, manifest, data, two_tower, ranker, item_vecs, index, spec, covisit, Popularity.from_counts(counts), RecallConfig(**manifest["recall_config"])
+    )

@@ -1,0 +1,126 @@
+"""``funnel train``: behaviour log → trained two-tower, index, channels and ranker → bundle."""
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+
+import numpy as np
+
+from events.dataset import Dataset, file_fingerprint
+from events.readers import FORMATS, read_events
+from events.split import SPLITS, make_split
+from rank.train import RankerTrainConfig, train_ranker
+from recall.channels import CoVisitation, Popularity
+from recall.index import IndexSpec, build_index
+from recall.retriever import RecallConfig, Retriever
+from recall.train import TwoTowerTrainConfig, item_vectors, train_two_tower
+from server.bundle import write_version
+
+log = logging.getLogger("funnel.train")
+
+
+def train(
+    *,
+    events: str,
+    out: str,
+    fmt: str = "taobao",
+    split: str = "leave-last-out",
+    on_error: str = "fail",
+    index: str = "flat",
+    seed: int = 0,
+    two_tower: TwoTowerTrainConfig | None = None,
+    ranker: RankerTrainConfig | None = None,
+    recall: RecallConfig | None = None,
+    progress: bool = True,
+) -> str:
+    """Train the whole pipeline and publish a new bundle version.
+
+    Only training positions and the validation target are used; the test target of
+    the split is never read, so ``funnel evaluate`` on the same log is honest.
+
+    Args:
+        events: the behaviour log (see ``fmt``).
+        out: bundle root; the new version goes to ``out/versions/<v>`` and ``out/CURRENT`` flips to it.
+        fmt: ``taobao``, ``movielens`` or ``parquet``.
+        split: ``leave-last-out`` or ``time``.
+        on_error: ``fail`` or ``skip`` for bad rows.
+        index: index spec string, e.g. ``flat`` or ``ivf:nlist=1024,nprobe=32``.
+        seed: seed for both models (overrides the configs' seeds).
+        two_tower, ranker, recall: stage settings (defaults when omitted).
+        progress: progress bars and per-epoch lines.
+
+    Returns:
+        The new version directory.
+    """
+    started = time.time()
+    spec = IndexSpec.parse(index)
+    log_ = read_events(events, fmt, on_error=on_error, progress=progress)
+    log.info("%s: %s", events, log_.report.summary())
+    data = Dataset.from_log(log_)
+    parts = make_split(data.seqs, split)
+    tt_cfg = dataclasses.replace(two_tower or TwoTowerTrainConfig(), seed=seed)
+    rk_cfg = dataclasses.replace(ranker or RankerTrainConfig(), seed=seed)
+    recall_cfg = recall or RecallConfig()
+
+    model, tt_history = train_two_tower(data, parts, train_config=tt_cfg, progress=progress)
+    vecs = item_vectors(model, data)
+    ann = build_index(vecs[1:], np.arange(1, len(vecs)), spec)
+    # Channels and popularity see only the training part, like the models.
+    mask = parts.train_mask(data.seqs)
+    covisit = CoVisitation.fit(data.seqs, mask, data.items.size)
+    popularity = Popularity.fit(data.seqs, mask, data.items.size)
+    retriever = Retriever(model, vecs, ann, covisit, popularity, data.item_category, recall_cfg)
+    rank_model, rk_history = train_ranker(data, parts, retriever, popularity.counts, train_config=rk_cfg, progress=progress)
+
+    info = {
+        "data": {
+            "source": events,
+            "format": fmt,
+            "fingerprint": file_fingerprint(events),
+            "rows": log_.report.rows,
+            "skipped_rows": dict(log_.report.skipped),
+            "split": split,
+        },
+        "training": {"two_tower": tt_history, "ranker": rk_history, "seconds": round(time.time() - started, 1)},
+    }
+    version = write_version(
+        out,
+        data=data,
+        two_tower=model,
+        ranker=rank_model,
+        item_vecs=vecs,
+        index=ann,
+        index_spec=spec,
+        covisit=covisit,
+        popularity=popularity,
+        recall_config=recall_cfg,
+        info=info,
+    )
+    log.info("bundle written to %s in %.0f s", version, time.time() - started)
+    return version
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--events", required=True, help="behaviour log: a Taobao CSV, a MovieLens directory or a parquet file")
+    parser.add_argument("--format", dest="fmt", choices=FORMATS, default="taobao", help="log format (default: taobao)")
+    parser.add_argument("--split", choices=SPLITS, default="leave-last-out", help="how to hold out validation/test targets (default: leave-last-out)")
+    parser.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="bad rows: stop with file:line (fail, default) or skip and count them")
+    parser.add_argument("--out", required=True, help="bundle root; a new version is written under OUT/versions and OUT/CURRENT flips to it")
+    parser.add_argument("--index", default="flat", help="index spec: flat | ivf:nlist=N,nprobe=P | ivfpq:nlist=N,m=M,nprobe=P | hnsw:m=M,ef_search=E (default: flat)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for both models (default: 0)")
+    parser.add_argument("--epochs", type=int, default=None, help="maximum epochs per model (early stopping usually ends sooner)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    tt, rk = TwoTowerTrainConfig(), RankerTrainConfig()
+    if args.epochs is not None:
+        tt, rk = dataclasses.replace(tt, epochs=args.epochs), dataclasses.replace(rk, epochs=args.epochs)
+    version = train(
+        events=args.events, out=args.out, fmt=args.fmt, split=args.split, on_error=args.on_error, index=args.index,
+        seed=args.seed, two_tower=tt, ranker=rk, progress=not args.no_progress,
+    )
+    print(json.dumps({"bundle": version}))
+    return 0
