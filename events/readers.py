@@ -207,6 +207,10 @@ def _validated_batches(
     Each physical line is read whole (the delimiter is a byte that never occurs) so
     that line numbers stay exact and column counts can be checked per line.
     """
+    if os.path.getsize(path) == 0:
+        if header is not None:
+            raise EventFormatError(f"{path}:1: expected header {header!r}, the file is empty")
+        return
     reader = pcsv.open_csv(
         path,
         read_options=pcsv.ReadOptions(column_names=["line"], block_size=1 << 24),

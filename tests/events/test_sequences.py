@@ -1,0 +1,81 @@
+import numpy as np
+
+from events.dataset import Dataset
+from events.readers import EventLog, ReadReport
+from events.sequences import Sequences
+from events.split import leave_last_out, make_split, time_split
+from events.vocab import Vocab
+import pandas as pd
+import pytest
+
+
+def seqs_of(users, items, ts, num_users):
+    n = len(users)
+    return Sequences.from_encoded(np.array(users), np.array(items), np.ones(n, np.int64), np.ones(n, np.int8), np.array(ts), num_users)
+
+
+def test_from_encoded_groups_by_user_and_orders_by_time_stably():
+    s = seqs_of([2, 1, 2, 2, 1], [10, 11, 12, 13, 14], [5, 9, 5, 1, 3], 3)
+    assert s.offsets.tolist() == [0, 0, 2, 5]
+    assert s.items.tolist() == [14, 11, 13, 10, 12]  # ties (ts 5) keep input order
+
+
+def test_window_is_right_aligned_padded_and_stays_inside_the_user():
+    s = seqs_of([1, 1, 1, 2], [5, 6, 7, 8], [1, 2, 3, 4], 3)
+    w = s.user_window(np.array([1, 2, 0]), 2)
+    assert w.items.tolist() == [[6, 7], [0, 8], [0, 0]]
+    assert w.lengths.tolist() == [2, 1, 0]
+    w = s.user_window(np.array([1]), 4, ends=np.array([2]))
+    assert w.items.tolist() == [[0, 0, 5, 6]]
+    assert w.tail(1).items.tolist() == [[6]]
+
+
+def test_history_matrix_marks_items_before_end():
+    s = seqs_of([1, 1, 1, 2], [5, 6, 5, 8], [1, 2, 3, 4], 3)
+    m = s.history_matrix(np.array([1, 2]), np.array([3, 3]), 10).toarray()
+    assert m[0].nonzero()[0].tolist() == [5, 6] and m[0, 5] == 1
+    assert m[1].sum() == 0
+
+
+def test_leave_last_out_and_train_targets():
+    s = seqs_of([1] * 5 + [2] * 2, [1, 2, 3, 4, 5, 6, 7], list(range(7)), 3)
+    split = leave_last_out(s)
+    users, pos = split.targets("test")
+    assert users.tolist() == [1] and pos.tolist() == [4]
+    assert split.targets("valid")[1].tolist() == [3]
+    tu, tp = split.train_targets(s)
+    # user 1 trains on positions 1, 2 (3 is validation); user 2 (2 events) keeps both for training
+    assert list(zip(tu.tolist(), tp.tolist())) == [(1, 1), (1, 2), (2, 6)]
+    assert split.train_mask(s).tolist() == [True, True, True, False, False, True, True]
+
+
+def test_time_split_uses_global_cutoffs():
+    s = seqs_of([1] * 10, list(range(1, 11)), list(range(10)), 2)
+    split = time_split(s, 0.2, 0.2)
+    assert split.train_end[1] == 6 or split.train_end[1] == 7
+    assert split.valid_pos[1] == split.train_end[1]
+    assert split.test_pos[1] > split.valid_pos[1]
+    with pytest.raises(ValueError):
+        make_split(s, "random")
+
+
+def test_dataset_round_trip(tmp_path):
+    events = pd.DataFrame({"user": ["u1", "u1", "u2"], "item": ["a", "b", "a"], "category": ["c1", "c2", "c1"], "behavior": np.int8([1, 4, 1]), "ts": [3, 4, 5]})
+    items = pd.DataFrame({"item": ["a", "b", "z"], "category": ["c1", "c2", "c3"], "title": ["A", "B", "Z"]})
+    data = Dataset.from_log(EventLog(events, items, "x", ReadReport()))
+    assert len(data.items) == 3 and data.item_title[data.items.encode(["z"])[0]] == "Z"
+    data.save(str(tmp_path))
+    back = Dataset.load(str(tmp_path))
+    assert back.seqs.items.tolist() == data.seqs.items.tolist()
+    assert back.item_category.tolist() == data.item_category.tolist()
+
+
+def test_vocab_encode_decode_unknown_and_persistence(tmp_path):
+    v = Vocab.fit(pd.Series(["x", "y", "x", "z"]))
+    assert v.encode(["y", "nope", "x"]).tolist() == [2, 0, 1]
+    assert v.decode(np.array([3, 0])).tolist() == ["z", ""]
+    assert v.size == 4
+    v2 = v.extend(["z", "w"])
+    assert v2.encode(["x", "w"]).tolist() == [1, 4]
+    v.save(str(tmp_path / "v.parquet"))
+    assert Vocab.load(str(tmp_path / "v.parquet")).encode(["z"]).tolist() == [3]

@@ -1,0 +1,52 @@
+"""The ``funnel`` command: a thin argparse layer over the tools' keyword-argument functions."""
+
+import argparse
+import logging
+import sys
+
+from events.readers import EventFormatError
+from server.bundle import BundleError
+
+COMMANDS = {
+    "demo": ("tools.demo", "generate data, train, serve and query once: the quickstart"),
+    "synth": ("tools.synth", "write a synthetic Taobao-format behaviour log with planted structure"),
+    "train": ("tools.train", "train both stages on a behaviour log and publish a bundle"),
+    "evaluate": ("tools.evaluate", "full-ranking evaluation of a bundle (recall, channels, final, baselines)"),
+    "rebuild-index": ("tools.rebuild_index", "rebuild a bundle's FAISS index with another spec, verify its recall, swap it in"),
+    "serve": ("tools.serve", "serve a bundle over gRPC (funnel.v1.Recommender)"),
+    "recommend": ("tools.recommend", "call a running server's Recommend and print the ranked items"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="funnel",
+        description="Funnel: a two-stage recommender. Behaviour log in, ranked items out of one gRPC call.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        mod = __import__(module, fromlist=["add_arguments"])
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip())
+        mod.add_arguments(p)
+        p.set_defaults(run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``funnel`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    try:
+        return args.run(args)
+    except (EventFormatError, BundleError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
