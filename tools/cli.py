@@ -9,7 +9,7 @@ from server.bundle import BundleError
 
 COMMANDS = {
     "demo": ("tools.demo", "generate data, train, serve and query once: the quickstart"),
-    "synth": ("tools.synth", "write a synthetic Taobao-format behaviour log with planted structure"),
+    "synth": ("events.synth", "write a synthetic Taobao-format behaviour log with planted structure"),
     "train": ("tools.train", "train both stages on a behaviour log and publish a bundle"),
     "evaluate": ("tools.evaluate", "full-ranking evaluation of a bundle (recall, channels, final, baselines)"),
     "rebuild-index": ("tools.rebuild_index", "rebuild a bundle's FAISS index with another spec, verify its recall, swap it in"),
