@@ -1,0 +1,125 @@
+import math
+
+import numpy as np
+import pytest
+
+from events.metrics import (
+    auc,
+    gauc,
+    hit_at_k_multi,
+    hit_rate,
+    logloss,
+    mrr,
+    ndcg,
+    overlap_recall,
+    recall_at_k,
+    summarize,
+    target_ranks,
+)
+
+
+def test_target_ranks_present_absent_and_padding():
+    topk = np.array([[5, 3, 9], [1, 2, -1], [4, -1, -1], [7, 8, 6]])
+    targets = np.array([3, 9, -1, 6])
+    # user 0: at position 1; user 1: absent; user 2: target -1 must not match padding; user 3: last.
+    assert target_ranks(topk, targets).tolist() == [1, 3, 3, 2]
+
+
+def test_target_ranks_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        target_ranks(np.zeros((2, 3), int), np.zeros(3, int))
+
+
+def test_rank_metrics_hand_example():
+    # K = 3, ranks [0, 2, 3(=not found)], k = 3:
+    #   hr   = (1 + 1 + 0) / 3 = 2/3
+    #   ndcg = (1/log2(2) + 1/log2(4) + 0) / 3 = (1 + 0.5) / 3
+    #   mrr  = (1/1 + 1/3 + 0) / 3
+    ranks = np.array([0, 2, 3])
+    assert hit_rate(ranks, 3) == pytest.approx(2 / 3)
+    assert ndcg(ranks, 3) == pytest.approx((1 + 1 / math.log2(4)) / 3)
+    assert mrr(ranks, 3) == pytest.approx((1 + 1 / 3) / 3)
+    # k = 2 drops the rank-2 hit.
+    assert hit_rate(ranks, 2) == pytest.approx(1 / 3)
+    assert ndcg(ranks, 2) == pytest.approx(1 / 3)
+    assert mrr(ranks, 2) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("fn", [hit_rate, ndcg, mrr])
+@pytest.mark.parametrize("k", [0, -1])
+def test_rank_metrics_reject_non_positive_k(fn, k):
+    with pytest.raises(ValueError):
+        fn(np.array([0, 1]), k)
+
+
+def test_recall_and_hit_multi_hand_example():
+    topk = np.array([[1, 2, 3, 4], [5, 6, -1, -1], [7, 8, 9, 10], [1, 2, 3, 4]])
+    targets = [np.array([2, 4, 99]), np.array([6]), np.array([11, 12]), np.array([], dtype=np.int64)]
+    # k = 2 (user 3 has no targets and is left out):
+    #   user 0: top-2 {1, 2} holds 2 of {2, 4, 99} -> 1/3; user 1: 6 in {5, 6} -> 1; user 2: 0.
+    #   recall = (1/3 + 1 + 0) / 3, hit = (1 + 1 + 0) / 3
+    assert recall_at_k(topk, targets, 2) == pytest.approx((1 / 3 + 1) / 3)
+    assert hit_at_k_multi(topk, targets, 2) == pytest.approx(2 / 3)
+    # k = 4: user 0 gets 4 as well -> 2/3.
+    assert recall_at_k(topk, targets, 4) == pytest.approx((2 / 3 + 1) / 3)
+    with pytest.raises(ValueError):
+        recall_at_k(topk, targets, 5)
+    with pytest.raises(ValueError):
+        hit_at_k_multi(topk, targets, 0)
+
+
+def test_auc_hand_example_with_tie():
+    # positives score 0.8 and 0.4, negatives 0.4 and 0.1: pairs (0.8>0.4)=1, (0.8>0.1)=1,
+    # (0.4=0.4)=0.5, (0.4>0.1)=1 -> 3.5 / 4.
+    assert auc([1, 1, 0, 0], [0.8, 0.4, 0.4, 0.1]) == pytest.approx(3.5 / 4)
+    assert auc([0, 1], [0.9, 0.1]) == 0.0
+    assert auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
+
+
+def test_auc_matches_pair_counting_on_random_data():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    scores = rng.integers(0, 20, 300).astype(float)  # coarse scores force many ties
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    brute = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+    assert auc(labels, scores) == pytest.approx(brute)
+
+
+def test_auc_needs_both_classes():
+    with pytest.raises(ValueError):
+        auc([1, 1, 1], [0.1, 0.2, 0.3])
+
+
+def test_gauc_weights_by_size_and_skips_one_class_groups():
+    groups = np.array([7, 7, 7, 7, 3, 3, 5, 5, 5])
+    labels = np.array([1, 0, 0, 1, 1, 0, 1, 1, 1])
+    scores = np.array([0.9, 0.8, 0.1, 0.5, 0.2, 0.6, 0.3, 0.2, 0.1])
+    # group 7: positives 0.9, 0.5 vs negatives 0.8, 0.1 -> wins 1+1+0+1 = 3/4, size 4
+    # group 3: positive 0.2 < negative 0.6 -> 0, size 2
+    # group 5: positives only -> skipped
+    # gauc = (4 * 0.75 + 2 * 0) / 6 = 0.5
+    assert gauc(groups, labels, scores) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        gauc(np.array([1, 2]), np.array([1, 0]), np.array([0.3, 0.4]))
+
+
+def test_logloss_hand_value_and_clipping():
+    # -(log 0.8 + log(1 - 0.4)) / 2
+    assert logloss([1, 0], [0.8, 0.4]) == pytest.approx(-(math.log(0.8) + math.log(0.6)) / 2)
+    assert logloss([1], [0.0], eps=1e-7) == pytest.approx(-math.log(1e-7))
+
+
+def test_overlap_recall_hand_example():
+    exact = np.array([[1, 2, 3, 4], [5, 6, -1, -1], [-1, -1, -1, -1]])
+    approx = np.array([[4, 9, 1, -1], [6, 5, 7, 8], [1, 2, 3, 4]])
+    # query 0: {1, 4} of 4 -> 0.5; query 1: both valid ids -> 1; query 2: no valid exact ids, left out.
+    assert overlap_recall(approx, exact) == pytest.approx(0.75)
+    assert overlap_recall(exact[:2], exact[:2]) == 1.0
+
+
+def test_summarize_keys_and_rounding():
+    out = summarize(np.array([0, 2, 50]), ks=(10, 50))
+    assert list(out) == ["hr@10", "ndcg@10", "mrr@10", "hr@50", "ndcg@50", "mrr@50"]
+    assert out["hr@10"] == round(2 / 3, 6)
+    assert out["mrr@50"] == round((1 + 1 / 3) / 3, 6)
+    assert all(isinstance(v, float) for v in out.values())
