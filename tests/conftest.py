@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny synthetic log (generated, never read from ../shared) and a bundle trained on it."""
+
+import pytest
+
+from events.dataset import Dataset
+from events.readers import read_events
+
+
+@pytest.fixture(scope="session")
+def tiny_log_path(tmp_path_factory) -> str:
+    from events.synth import SynthConfig, generate
+
+    path = str(tmp_path_factory.mktemp("data") / "events.csv")
+    generate(path, SynthConfig(n_users=150, n_items=400, n_categories=8, events_per_user=30.0, seed=7), progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_log_path) -> Dataset:
+    return Dataset.from_log(read_events(tiny_log_path))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_log_path, tmp_path_factory) -> str:
+    """A bundle root trained on the tiny log with short schedules."""
+    from rank.train import RankerTrainConfig
+    from recall.train import TwoTowerTrainConfig
+    from tools.train import train
+
+    root = str(tmp_path_factory.mktemp("bundle"))
+    train(
+        events=tiny_log_path,
+        out=root,
+        two_tower=TwoTowerTrainConfig(epochs=3, batch_size=128, uniform_negatives=64),
+        ranker=RankerTrainConfig(epochs=2, batch_size=128),
+        progress=False,
+    )
+    return root
