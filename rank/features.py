@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from events.sequences import Window
+from events.timegap import gap_buckets
 
 NUM_DENSE = 4
 """recall score, log item popularity, share of the history in the candidate's category, log user activity."""
@@ -36,23 +37,6 @@ class RankFeatures:
 
     def to_torch(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         return {f.name: torch.from_numpy(np.ascontiguousarray(getattr(self, f.name))).to(device) for f in fields(self)}
-
-
-def gap_buckets(now: np.ndarray, ts: np.ndarray, valid: np.ndarray, num_buckets: int) -> np.ndarray:
-    """Bucket the time from each event to ``now`` on a log2 scale of minutes.
-
-    Args:
-        now: [B] request (or target) times in seconds.
-        ts: [B, L] event times.
-        valid: [B, L] which events are real.
-        num_buckets: bucket count including 0 (padding).
-
-    Returns:
-        int64 [B, L] in ``1..num_buckets-1`` for real events, 0 for padding.
-    """
-    minutes = np.maximum(now[:, None] - ts, 0) / 60.0
-    bucket = np.floor(np.log2(1.0 + minutes)).astype(np.int64) + 1
-    return np.where(valid, np.clip(bucket, 1, num_buckets - 1), 0)
 
 
 def build_features(

@@ -95,5 +95,5 @@ class TwoStage:
         Returns:
             The recall candidates (recall order) and the ranked list.
         """
-        candidates = self.retriever.retrieve(window.tail(self.retriever.model.cfg.history), exclude, category)
+        candidates = self.retriever.retrieve(window.tail(self.retriever.model.cfg.history), now, exclude, category)
         return candidates, self.rank(window, now, user_activity, candidates)

@@ -59,7 +59,7 @@ def make_groups(data: Dataset, retriever: Retriever, users: np.ndarray, position
     n = retriever.model.cfg.history
     for lo in tqdm(range(0, len(users), batch), desc="recall for ranker training", disable=not progress, leave=False):
         u, p = users[lo : lo + batch], positions[lo : lo + batch]
-        cand = retriever.retrieve(seqs.window(p, n, seqs.offsets[u]), seqs.history_matrix(u, p, num_items))
+        cand = retriever.retrieve(seqs.window(p, n, seqs.offsets[u]), seqs.ts[p], seqs.history_matrix(u, p, num_items))
         target = seqs.items[p]
         hit = cand.items == target[:, None]  # [b, C]
         keep = hit.any(1)

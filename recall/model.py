@@ -6,11 +6,14 @@ searches with is exactly the cosine similarity the model trained on.
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from events.schema import NUM_BEHAVIOR_CODES
+from events.sequences import Window
+from events.timegap import GAP_BUCKETS, gap_buckets
 
 
 @dataclass
@@ -21,6 +24,7 @@ class TwoTowerConfig:
     num_categories: int
     dim: int = 64
     history: int = 50
+    short: int = 5
     hidden: int = 256
     dropout: float = 0.1
     temperature: float = 0.07
@@ -50,36 +54,53 @@ class ItemTower(nn.Module):
 
 
 class UserTower(nn.Module):
-    """Pooled recent behaviour → MLP → normalised user vector.
+    """Multi-scale, time-aware encoder of the recent behaviour → normalised user vector.
 
-    Each event in the window is weighted by a learned behaviour-type weight (a buy
-    says more than a view) and a learned recency weight per position from the end;
-    the weighted mean (long view) and the last event (short view) feed an MLP.
+    Every event is its item and category embedding (shared with the item tower) plus
+    a behaviour-type embedding (a buy says more than a view) and an embedding of its
+    log-scale time gap to the request. Two views are pooled from it: short-term, the
+    last ``short`` events attended with the latest event as query (what the user is
+    doing now), and long-term, attention pooling over the whole window with a learned
+    query (what the user likes). A learned gate mixes the two per dimension, and an
+    MLP refines the mix together with the latest event.
     """
 
     def __init__(self, cfg: TwoTowerConfig, item_tower: ItemTower):
         super().__init__()
+        d = cfg.dim
+        self.cfg = cfg
         self.items = item_tower
-        self.behavior_weight = nn.Embedding(NUM_BEHAVIOR_CODES, 1)
-        self.position_weight = nn.Parameter(torch.zeros(cfg.history))
-        nn.init.zeros_(self.behavior_weight.weight)
-        self.mlp = nn.Sequential(
-            nn.Linear(2 * cfg.dim, cfg.hidden),
-            nn.GELU(),
-            nn.Dropout(cfg.dropout),
-            nn.Linear(cfg.hidden, cfg.dim),
-        )
+        self.behavior = nn.Embedding(NUM_BEHAVIOR_CODES, d, padding_idx=0)
+        self.gap = nn.Embedding(GAP_BUCKETS, d, padding_idx=0)
+        self.short_query = nn.Linear(d, d, bias=False)
+        self.long_query = nn.Parameter(torch.zeros(d))
+        self.long_key = nn.Linear(d, d)
+        self.gate = nn.Linear(2 * d, d)
+        self.mlp = nn.Sequential(nn.Linear(2 * d, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, d))
+        nn.init.normal_(self.behavior.weight, std=0.02)
+        nn.init.normal_(self.gap.weight, std=0.02)
 
-    def forward(self, items: torch.Tensor, categories: torch.Tensor, behaviors: torch.Tensor) -> torch.Tensor:
-        """Args: right-aligned windows [B, n] (0 = padding). Returns: [B, dim]."""
-        n = items.shape[1]
-        mask = (items > 0).float()  # [B, n]
-        e = self.items.embed(items, categories)  # [B, n, dim]
-        logw = self.behavior_weight(behaviors).squeeze(-1) + self.position_weight[-n:]  # [B, n]
-        w = torch.exp(logw) * mask  # [B, n]
-        pooled = (w.unsqueeze(-1) * e).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)  # [B, dim]
-        last = e[:, -1]  # [B, dim]; padding embeds to zero for empty histories
-        return F.normalize(pooled + self.mlp(torch.cat([pooled, last], dim=-1)), dim=-1)
+    def forward(self, items: torch.Tensor, categories: torch.Tensor, behaviors: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
+        """Args: right-aligned windows [B, n] (0 = padding); gaps are bucket ids. Returns: [B, dim]."""
+        mask = items > 0  # [B, n]
+        e = self.items.embed(items, categories)  # [B, n, d]
+        x = e + self.behavior(behaviors) + self.gap(gaps)  # [B, n, d]
+        last = x[:, -1]  # [B, d]; zero for an empty history
+        s = self.cfg.short
+        short_att = (x[:, -s:] @ self.short_query(last).unsqueeze(-1)).squeeze(-1) / self.cfg.dim**0.5  # [B, s]
+        short = _masked_pool(short_att, mask[:, -s:], x[:, -s:])  # [B, d]
+        long_att = torch.tanh(self.long_key(x)) @ self.long_query  # [B, n]
+        long = _masked_pool(long_att, mask, x)  # [B, d]
+        g = torch.sigmoid(self.gate(torch.cat([short, long], dim=-1)))  # [B, d]
+        fused = g * short + (1 - g) * long  # [B, d]
+        return F.normalize(fused + self.mlp(torch.cat([fused, last], dim=-1)), dim=-1)
+
+
+def _masked_pool(logits: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Softmax-weighted sum over real positions; all-padding rows pool to zero. Returns [B, d]."""
+    w = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)  # [B, n]
+    w = torch.nan_to_num(w, nan=0.0)
+    return (w.unsqueeze(-1) * values).sum(1)
 
 
 class TwoTower(nn.Module):
@@ -97,6 +118,21 @@ class TwoTower(nn.Module):
         out = torch.cat([self.item_tower(ids[i : i + batch], item_category[i : i + batch]) for i in range(0, len(ids), batch)])
         out[0] = 0
         return out
+
+
+def user_tensors(window: Window, now: np.ndarray, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """User-tower inputs from a window of recent behaviour and the request times.
+
+    Args:
+        window: right-aligned [B, n] behaviour.
+        now: [B] request (or target) times, from which time gaps are measured.
+
+    Returns:
+        (items, categories, behaviors, gap buckets), each [B, n] int64 on ``device``.
+    """
+    gaps = gap_buckets(now, window.ts, window.items > 0)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
+    return t(window.items), t(window.categories), t(window.behaviors), t(gaps)
 
 
 def sampled_softmax_loss(

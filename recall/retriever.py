@@ -14,7 +14,7 @@ import torch
 from events.sequences import Window
 from recall.channels import CoVisitation, Popularity, top_per_row
 from recall.index import search
-from recall.model import TwoTower
+from recall.model import TwoTower, user_tensors
 
 CHANNELS: tuple[str, ...] = ("none", "two_tower", "covisit", "popular")
 TWO_TOWER, COVISIT, POPULAR = 1, 2, 3
@@ -71,16 +71,16 @@ class Retriever:
         self.item_category = item_category
         self.config = config or RecallConfig()
 
-    def user_vectors(self, window: Window) -> np.ndarray:
-        """User-tower vectors for a batch of windows. Returns [B, d] float32."""
+    def user_vectors(self, window: Window, now: np.ndarray) -> np.ndarray:
+        """User-tower vectors for a batch of windows as of the request times ``now`` [B]. Returns [B, d] float32."""
         device = next(self.model.parameters()).device
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
         with torch.no_grad():
-            return self.model.user_tower(t(window.items), t(window.categories), t(window.behaviors)).cpu().numpy()
+            return self.model.user_tower(*user_tensors(window, now, device)).cpu().numpy()
 
     def retrieve(
         self,
         window: Window,
+        now: np.ndarray,
         exclude: sp.csr_matrix,
         category: int | None = None,
         channels: tuple[int, ...] = (TWO_TOWER, COVISIT, POPULAR),
@@ -90,6 +90,7 @@ class Retriever:
 
         Args:
             window: the users' recent behaviour, [B, n].
+            now: [B] request times (time gaps are measured to them).
             exclude: [B, M] sparse; non-zero items are never returned (seen or excluded).
             category: keep only items of this category id (all channels).
             channels: which channels to run (evaluation runs them one at a time too).
@@ -100,7 +101,7 @@ class Retriever:
             Merged, de-duplicated candidates sorted by recall score.
         """
         cfg = self.config
-        uv = self.user_vectors(window)
+        uv = self.user_vectors(window, now)
         exclude = exclude.tocsr()
         parts: list[tuple[np.ndarray, int]] = []
         if TWO_TOWER in channels:

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from events.dataset import Dataset
 from events.metrics import summarize, target_ranks
 from events.split import Split
-from recall.model import TwoTower, TwoTowerConfig, sampled_softmax_loss
+from recall.model import TwoTower, TwoTowerConfig, sampled_softmax_loss, user_tensors
 from recall.scoring import exact_topk
 
 
@@ -37,16 +37,20 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def user_vectors(model: TwoTower, data: Dataset, users: np.ndarray, ends: np.ndarray, batch: int = 4096) -> np.ndarray:
-    """User-tower vectors for each user's history before ``ends``. Returns [len(users), dim]."""
+def user_vectors(model: TwoTower, data: Dataset, users: np.ndarray, targets: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """User-tower vectors for each user's history before a target position, as of the target's time.
+
+    Returns:
+        [len(users), dim] float32.
+    """
     device = next(model.parameters()).device
     model.eval()
     out = []
     with torch.no_grad():
         for lo in range(0, len(users), batch):
-            w = data.seqs.user_window(users[lo : lo + batch], model.cfg.history, ends[lo : lo + batch])
-            t = lambda a: torch.from_numpy(a).to(device)
-            out.append(model.user_tower(t(w.items), t(w.categories), t(w.behaviors)).cpu().numpy())
+            e = targets[lo : lo + batch]
+            w = data.seqs.user_window(users[lo : lo + batch], model.cfg.history, e)
+            out.append(model.user_tower(*user_tensors(w, data.seqs.ts[e], device)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.cfg.dim), np.float32)
 
 
@@ -124,7 +128,7 @@ def train_two_tower(
             idx = order[lo : lo + cfg.batch_size]
             w = seqs.window(positions[idx], mcfg.history, seqs.offsets[users[idx]])
             tgt = t(targets[idx])
-            u = model.user_tower(t(w.items), t(w.categories), t(w.behaviors))  # [B, d]
+            u = model.user_tower(*user_tensors(w, seqs.ts[positions[idx]], device))  # [B, d]
             v = model.item_tower(tgt, item_category[tgt])  # [B, d]
             extra = extra_ids = extra_log_q = None
             if n_pool:

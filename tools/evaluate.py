@@ -80,7 +80,7 @@ def evaluate(
         final.append(_top(ranked.items, k))
         recall_window = window.tail(pipe.retriever.model.cfg.history)
         for channel, out in per_channel.items():
-            out.append(_top(pipe.retriever.retrieve(recall_window, exclude, channels=(channel,)).items, k))
+            out.append(_top(pipe.retriever.retrieve(recall_window, seqs.ts[p], exclude, channels=(channel,)).items, k))
 
     targets = seqs.items[pos]
     score = lambda top, ks: summarize(target_ranks(np.concatenate(top), targets), ks=ks)

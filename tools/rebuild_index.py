@@ -55,7 +55,8 @@ def rebuild_index(*, bundle: str, index: str, min_recall: float = 0.95, k: int =
     rng = np.random.default_rng(seed)
     users = np.sort(rng.choice(active, min(sample_users, len(active)), replace=False))
     retriever = b.pipeline().retriever
-    queries = retriever.user_vectors(seqs.user_window(users, b.two_tower.cfg.history))
+    # Each user's current vector: everything they did, as of their latest event.
+    queries = retriever.user_vectors(seqs.user_window(users, b.two_tower.cfg.history), seqs.ts[seqs.offsets[users + 1] - 1])
     k = min(k, len(vecs) - 1)
     t0 = time.perf_counter()
     exact, _ = exact_topk(queries, vecs, k)

@@ -3,7 +3,8 @@ import torch
 
 from events.sequences import Window
 from events.split import leave_last_out
-from rank.features import build_features, gap_buckets
+from events.timegap import gap_buckets
+from rank.features import build_features
 from rank.model import Ranker, RankerConfig, ranking_loss
 from rank.train import RankerTrainConfig, train_ranker
 from recall.channels import CoVisitation, Popularity

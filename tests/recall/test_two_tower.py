@@ -19,7 +19,7 @@ def test_sampled_softmax_masks_duplicate_targets():
 def test_user_tower_handles_empty_history():
     model = TwoTower(TwoTowerConfig(num_items=10, num_categories=3, dim=8, history=4, hidden=16))
     zeros = torch.zeros(2, 4, dtype=torch.long)
-    out = model.user_tower(zeros, zeros, zeros)
+    out = model.user_tower(zeros, zeros, zeros, zeros)
     assert out.shape == (2, 8) and torch.isfinite(out).all()
 
 
