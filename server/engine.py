@@ -70,7 +70,7 @@ class Engine:
         now = np.array([max(self._data_end, int(seqs.ts.max()) if len(seqs) else 0)])
         exclude = self._exclude(query, seqs)
         candidates = self.pipeline.retriever.retrieve(
-            window.tail(self.pipeline.retriever.model.cfg.history), exclude, category, two_tower=query.k
+            window.tail(self.pipeline.retriever.model.cfg.history), now, exclude, category, two_tower=query.k
         )
         recalled = time.perf_counter()
         ranked = self.pipeline.rank(window, now, np.array([len(seqs)]), candidates)
