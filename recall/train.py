@@ -59,7 +59,7 @@ def item_vectors(model: TwoTower, data: Dataset) -> np.ndarray:
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
-        return model.item_vectors(torch.from_numpy(data.item_category).to(device)).cpu().numpy()
+        return model.item_vectors(torch.tensor(data.item_category).to(device)).cpu().numpy()
 
 
 def evaluate_targets(model: TwoTower, data: Dataset, users: np.ndarray, positions: np.ndarray, k: int = 50) -> dict:
@@ -107,7 +107,7 @@ def train_two_tower(
     targets = seqs.items[positions]
     freq = np.bincount(targets, minlength=mcfg.num_items).astype(np.float64)
     log_q_all = torch.from_numpy(np.log(np.maximum(freq, 1.0) / freq.sum() * cfg.batch_size)).float().to(device)
-    item_category = torch.from_numpy(data.item_category).to(device)
+    item_category = torch.tensor(data.item_category).to(device)
     n_pool = min(cfg.uniform_negatives, mcfg.num_items - 1)
     pool_log_q = math.log(n_pool / (mcfg.num_items - 1)) if n_pool else 0.0
 
