@@ -23,6 +23,8 @@ class Dataset:
         item_category: int64 [items.size]; the category id of each item id.
         item_title: object [items.size]; display titles ("" when unknown).
         seqs: time-ordered per-user sequences over the user id space ``users.size``.
+        tags: vocabulary of item side-feature tags (e.g. genres).
+        item_tags: int64 [items.size, T] tag ids per item, 0-padded (T may be 0).
     """
 
     users: Vocab
@@ -31,19 +33,35 @@ class Dataset:
     item_category: np.ndarray
     item_title: np.ndarray
     seqs: Sequences
+    tags: Vocab
+    item_tags: np.ndarray
 
     @classmethod
-    def from_log(cls, log: EventLog) -> "Dataset":
-        """Encode a log, building vocabularies from it (items from events and metadata)."""
+    def from_log(cls, log: EventLog, catalogue: pd.DataFrame | None = None) -> "Dataset":
+        """Encode a log, building vocabularies from it.
+
+        Args:
+            log: the behaviour log (its item metadata included).
+            catalogue: extra item metadata (``item, category, title, tags``), e.g. from
+                :func:`events.readers.read_items`; its items need no interactions and
+                its rows win over the log's for items in both.
+        """
         events = log.events
+        meta = log.items if catalogue is None else pd.concat([log.items, catalogue], ignore_index=True).drop_duplicates("item", keep="last")
         users = Vocab.fit(events["user"])
-        items = Vocab.fit(pd.concat([events["item"], log.items["item"]], ignore_index=True))
-        categories = Vocab.fit(pd.concat([events["category"], log.items["category"]], ignore_index=True))
+        items = Vocab.fit(pd.concat([events["item"], meta["item"]], ignore_index=True))
+        categories = Vocab.fit(pd.concat([events["category"], meta["category"]], ignore_index=True))
         item_category = np.zeros(items.size, dtype=np.int64)
-        item_ids = items.encode(log.items["item"])
-        item_category[item_ids] = categories.encode(log.items["category"])
+        item_ids = items.encode(meta["item"])
+        item_category[item_ids] = categories.encode(meta["category"])
         item_title = np.full(items.size, "", dtype=object)
-        item_title[item_ids] = log.items["title"].to_numpy(dtype=object)
+        item_title[item_ids] = meta["title"].to_numpy(dtype=object)
+        tag_lists = meta["tags"].fillna("").str.split("|").map(lambda t: [x for x in t if x])
+        tags = Vocab.fit(pd.Series([t for ts in tag_lists for t in ts], dtype="string[pyarrow]"))
+        width = int(tag_lists.map(len).max()) if len(tag_lists) else 0
+        item_tags = np.zeros((items.size, width), dtype=np.int64)
+        for row, ts in zip(item_ids, tag_lists):
+            item_tags[row, : len(ts)] = tags.encode(ts)
         seqs = Sequences.from_encoded(
             users.encode(events["user"]),
             items.encode(events["item"]),
@@ -52,7 +70,7 @@ class Dataset:
             events["ts"].to_numpy(),
             users.size,
         )
-        return cls(users, items, categories, item_category, item_title, seqs)
+        return cls(users, items, categories, item_category, item_title, seqs, tags, item_tags)
 
     def encode_log(self, log: EventLog) -> Sequences:
         """Encode another log with this dataset's vocabularies; events on unknown users or items are dropped."""
@@ -70,6 +88,8 @@ class Dataset:
         self.users.save(os.path.join(directory, "users.parquet"))
         self.items.save(os.path.join(directory, "items.parquet"))
         self.categories.save(os.path.join(directory, "categories.parquet"))
+        self.tags.save(os.path.join(directory, "tags.parquet"))
+        np.save(os.path.join(directory, "item_tags.npy"), self.item_tags)
         pd.DataFrame({"category": self.item_category, "title": pd.array(self.item_title, dtype="string[pyarrow]")}).to_parquet(
             os.path.join(directory, "item_meta.parquet")
         )
@@ -81,14 +101,16 @@ class Dataset:
         users = Vocab.load(os.path.join(directory, "users.parquet"))
         items = Vocab.load(os.path.join(directory, "items.parquet"))
         categories = Vocab.load(os.path.join(directory, "categories.parquet"))
+        tags = Vocab.load(os.path.join(directory, "tags.parquet"))
+        item_tags = np.load(os.path.join(directory, "item_tags.npy"))
         meta = pd.read_parquet(os.path.join(directory, "item_meta.parquet"))
         with np.load(os.path.join(directory, "sequences.npz")) as npz:
             seqs = Sequences(**{f: npz[f] for f in _SEQ_FIELDS})
-        if len(meta) != items.size:
+        if len(meta) != items.size or len(item_tags) != items.size:
             raise ValueError(f"{directory}: item metadata has {len(meta)} rows for {items.size} item ids")
         if seqs.num_users != users.size or seqs.offsets[-1] != len(seqs.items):
             raise ValueError(f"{directory}: sequences do not match the user vocabulary")
-        return cls(users, items, categories, meta["category"].to_numpy(np.int64), meta["title"].to_numpy(dtype=object), seqs)
+        return cls(users, items, categories, meta["category"].to_numpy(np.int64), meta["title"].to_numpy(dtype=object), seqs, tags, item_tags)
 
 
 def file_fingerprint(path: str) -> str:

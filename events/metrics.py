@@ -1,4 +1,4 @@
-"""Offline evaluation metrics: full-ranking (HR/NDCG/MRR, multi-target recall), CTR (AUC/GAUC/logloss) and ANN overlap.
+"""Offline evaluation metrics: full-ranking (HR/NDCG/MRR; multi-target Recall/HR/NDCG), CTR (AUC/GAUC/logloss) and ANN overlap.
 
 Everything is vectorised numpy; no function loops over users in Python.
 """
@@ -81,8 +81,8 @@ def mrr(ranks: np.ndarray, k: int) -> float:
     return _mean(np.where(ranks < k, 1.0 / (ranks + 1.0), 0.0))
 
 
-def _multi_target_hits(topk: np.ndarray, targets: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-user count of targets inside the top ``k`` and number of targets, for users with any."""
+def _multi_target_ranks(topk: np.ndarray, targets: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every target's owner (user index) and 0-based rank in the top ``k`` (``k`` = missed), and each user's target count."""
     _check_k(k)
     topk = np.asarray(topk)
     if topk.ndim != 2 or len(targets) != topk.shape[0]:
@@ -93,8 +93,15 @@ def _multi_target_hits(topk: np.ndarray, targets: Sequence[np.ndarray], k: int) 
     flat = np.concatenate([np.asarray(t, dtype=np.int64).ravel() for t in targets]) if len(targets) else np.zeros(0, np.int64)
     owner = np.repeat(np.arange(len(targets)), sizes)
     # Padding is -1 and item ids are non-negative, so padding can never count as a hit.
-    found = (topk[owner, :k] == flat[:, None]).any(axis=1)
-    hits = np.bincount(owner, weights=found, minlength=len(targets))
+    match = topk[owner, :k] == flat[:, None]
+    ranks = np.where(match.any(axis=1), match.argmax(axis=1), k)
+    return owner, ranks, sizes
+
+
+def _multi_target_hits(topk: np.ndarray, targets: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-user count of targets inside the top ``k`` and number of targets, for users with any."""
+    owner, ranks, sizes = _multi_target_ranks(topk, targets, k)
+    hits = np.bincount(owner, weights=ranks < k, minlength=len(sizes))
     keep = sizes > 0
     return hits[keep], sizes[keep]
 
@@ -128,6 +135,31 @@ def hit_at_k_multi(topk: np.ndarray, targets: Sequence[np.ndarray], k: int) -> f
     """
     hits, _ = _multi_target_hits(topk, targets, k)
     return _mean(hits > 0)
+
+
+def ndcg_at_k_multi(topk: np.ndarray, targets: Sequence[np.ndarray], k: int) -> float:
+    """Multi-target NDCG@k: per user DCG of the hits over the DCG of a list with every target on top.
+
+    DCG sums 1/log2(rank + 2) over the targets in the top ``k`` (0-based rank); the ideal
+    DCG puts min(|targets|, k) hits in the first places. ComiRec's released code normalises
+    by an ideal built from the hit count instead (one hit can score 1.0 however many targets
+    were missed), so its NDCG figures are not comparable with these.
+
+    Args:
+        topk: int [U, K] ranked item ids, best first, without repeats; -1 is padding.
+        targets: U int arrays, the distinct held-out items of each user; users with an
+            empty array are left out of the average.
+        k: cut-off, 1 <= k <= K.
+
+    Returns:
+        NDCG@k averaged over users with targets (nan when there are none).
+    """
+    owner, ranks, sizes = _multi_target_ranks(topk, targets, k)
+    gains = np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+    dcg = np.bincount(owner, weights=gains, minlength=len(sizes))
+    ideal = np.cumsum(1.0 / np.log2(np.arange(k) + 2.0))
+    keep = sizes > 0
+    return _mean(dcg[keep] / ideal[np.minimum(sizes[keep], k) - 1])
 
 
 def _group_aucs(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -258,4 +290,23 @@ def summarize(ranks: np.ndarray, ks: Sequence[int] = (10, 50)) -> dict[str, floa
         out[f"hr@{k}"] = round(hit_rate(ranks, k), 6)
         out[f"ndcg@{k}"] = round(ndcg(ranks, k), 6)
         out[f"mrr@{k}"] = round(mrr(ranks, k), 6)
+    return out
+
+
+def summarize_multi(topk: np.ndarray, targets: Sequence[np.ndarray], ks: Sequence[int] = (20, 50)) -> dict[str, float]:
+    """Multi-target Recall, HitRate and NDCG at each cut-off, as a flat dict.
+
+    Args:
+        topk: int [U, K] ranked item ids, best first; -1 is padding.
+        targets: U int arrays, the distinct held-out items of each user.
+        ks: cut-offs, each at most K.
+
+    Returns:
+        ``{"recall@20": ..., "hr@20": ..., "ndcg@20": ..., "recall@50": ...}`` rounded to 6 decimals.
+    """
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"recall@{k}"] = round(recall_at_k(topk, targets, k), 6)
+        out[f"hr@{k}"] = round(hit_at_k_multi(topk, targets, k), 6)
+        out[f"ndcg@{k}"] = round(ndcg_at_k_multi(topk, targets, k), 6)
     return out

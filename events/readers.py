@@ -68,7 +68,8 @@ class EventLog:
     Attributes:
         events: columns ``user``, ``item``, ``category`` (raw string ids), ``behavior``
             (int8 code from :data:`events.schema.BEHAVIOR_CODE`) and ``ts`` (int64 seconds).
-        items: item metadata, one row per item: ``item``, ``category``, ``title``.
+        items: item metadata, one row per item: ``item``, ``category``, ``title`` and
+            ``tags`` (``|``-separated side features such as MovieLens genres, may be empty).
         source: the path the log was read from.
         report: rows kept and skipped.
     """
@@ -157,6 +158,7 @@ def _read_movielens(path: str, on_error: OnError, progress: bool) -> EventLog:
         events["category"] = events["item"].map(genres["category"]).fillna("unknown").astype("string[pyarrow]")
         items = _items_from_events(events)
         items["title"] = items["item"].map(genres["title"]).fillna("").astype("string[pyarrow]")
+        items["tags"] = items["item"].map(genres["genres"]).fillna("").astype("string[pyarrow]")
     else:
         events["category"] = pd.array(["unknown"] * len(events), dtype="string[pyarrow]")
         items = _items_from_events(events)
@@ -172,8 +174,9 @@ def _movie_genres(path: str) -> pd.DataFrame:
     missing = {"movieId", "title", "genres"} - set(movies.columns)
     if missing:
         raise EventFormatError(f"{path}:1: header lacks {', '.join(sorted(missing))}")
+    movies["genres"] = movies["genres"].replace("(no genres listed)", "")
     movies["category"] = movies["genres"].str.split("|").str[0].replace("", "unknown")
-    return movies.set_index("movieId")[["title", "category"]]
+    return movies.set_index("movieId")[["title", "category", "genres"]]
 
 
 def _read_parquet(path: str, on_error: OnError) -> EventLog:
@@ -329,4 +332,39 @@ def _items_from_events(events: pd.DataFrame) -> pd.DataFrame:
     """One row per item; an item seen under several categories keeps its most recent one."""
     last = events.drop_duplicates("item", keep="last")[["item", "category"]].reset_index(drop=True)
     last["title"] = pd.array([""] * len(last), dtype="string[pyarrow]")
+    last["tags"] = pd.array([""] * len(last), dtype="string[pyarrow]")
     return last
+
+
+ITEM_COLUMNS = ("item_id", "category_id")
+"""Required header columns of an items file; ``title`` and ``tags`` are optional."""
+
+
+def read_items(path: str) -> pd.DataFrame:
+    """Read a catalogue file: CSV with a header naming ``item_id``, ``category_id`` and
+    optionally ``title`` and ``tags`` (``|``-separated side features).
+
+    Catalogue items need no interactions: they get vectors from their side features
+    (cold-start items).
+
+    Returns:
+        Item metadata with columns ``item``, ``category``, ``title``, ``tags``.
+
+    Raises:
+        EventFormatError: naming the file and line of a missing id or category.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise EventFormatError(f"{path}: {err}") from err
+    missing = [c for c in ITEM_COLUMNS if c not in frame.columns]
+    if missing:
+        raise EventFormatError(f"{path}:1: header lacks {', '.join(missing)}; expected item_id,category_id[,title][,tags]")
+    blank = (frame["item_id"].str.strip() == "") | (frame["category_id"].str.strip() == "")
+    if blank.any():
+        line = int(np.flatnonzero(blank.to_numpy())[0]) + 2
+        raise EventFormatError(f"{path}:{line}: item_id and category_id must not be empty")
+    string = lambda col: pd.array(frame[col] if col in frame else [""] * len(frame), dtype="string[pyarrow]")
+    return pd.DataFrame({"item": string("item_id"), "category": string("category_id"), "title": string("title"), "tags": string("tags")})

@@ -2,7 +2,7 @@
 
 A split never copies events: it records, per user, where training stops and which
 positions are the validation and test targets. A target's history is every event of
-that user before it.
+that user before it; a multi-target test range shares the history before its first event.
 """
 
 from dataclasses import dataclass
@@ -11,7 +11,7 @@ import numpy as np
 
 from events.sequences import Sequences
 
-SPLITS = ("leave-last-out", "time")
+SPLITS = ("leave-last-out", "time", "comirec")
 
 
 @dataclass
@@ -22,19 +22,35 @@ class Split:
         kind: the split's name.
         train_end: int64 [U]; a user's training positions are ``offsets[u]:train_end[u]``.
         valid_pos: int64 [U]; the validation target's position, -1 if none.
-        test_pos: int64 [U]; the test target's position, -1 if none.
+        test_pos: int64 [U]; the test target's position, -1 if none. With ``test_end``,
+            the first of the user's test targets.
+        test_end: int64 [U] or None; when set, each test user's targets are the positions
+            ``test_pos[u]:test_end[u]``, all scored from the history before ``test_pos[u]``.
+            None means one test target per user.
     """
 
     kind: str
     train_end: np.ndarray
     valid_pos: np.ndarray
     test_pos: np.ndarray
+    test_end: np.ndarray | None = None
+
+    @property
+    def multi_target(self) -> bool:
+        """Whether a test user has a range of targets rather than one."""
+        return self.test_end is not None
 
     def targets(self, which: str) -> tuple[np.ndarray, np.ndarray]:
         """Users with a target in ``which`` ("valid" or "test") and the target positions."""
         pos = {"valid": self.valid_pos, "test": self.test_pos}[which]
         users = np.flatnonzero(pos >= 0)
         return users, pos[users]
+
+    def test_ranges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Users with test targets and each one's target range ``[starts, ends)`` (one position wide without ``test_end``)."""
+        users, starts = self.targets("test")
+        ends = starts + 1 if self.test_end is None else self.test_end[users]
+        return users, starts, ends
 
     def train_targets(self, seqs: Sequences) -> tuple[np.ndarray, np.ndarray]:
         """Every training position that has at least one earlier event, as (users, positions)."""
@@ -95,10 +111,64 @@ def _first_at_or_after(seqs: Sequences, cutoff: float) -> np.ndarray:
     return seqs.offsets[:-1] + cum[seqs.offsets[1:]] - cum[seqs.offsets[:-1]]
 
 
-def make_split(seqs: Sequences, kind: str) -> Split:
-    """Build the split called ``kind`` (one of :data:`SPLITS`)."""
+def comirec_split(seqs: Sequences, seed: int = 0, valid_fraction: float = 0.1, test_fraction: float = 0.1) -> Split:
+    """ComiRec's protocol (Cen et al., KDD 2020): users, not events, are held out.
+
+    Users with at least 2 events are shuffled and cut into train / validation / test users
+    (8:1:1 by default). Train users' whole sequences train; nothing of a validation or test
+    user does, so the channels and popularity see train users only. A held-out user's first
+    80% of events (at least 1) are the history, the rest (at least 1) the targets: the
+    test targets are the range ``test_pos:test_end``, the validation target is the first
+    target only, so early stopping keeps its single-target metrics. Users with fewer than
+    2 events stay in training.
+
+    Args:
+        seqs: the sequences to split.
+        seed: seeds the user shuffle; training and evaluation must use the same one.
+        valid_fraction, test_fraction: share of eligible users held out for each.
+
+    Returns:
+        The split, with ``test_end`` set.
+    """
+    if not (0 < valid_fraction and 0 < test_fraction and valid_fraction + test_fraction < 1):
+        raise ValueError("fractions must be positive and sum to less than 1")
+    starts, ends = seqs.offsets[:-1], seqs.offsets[1:]
+    lengths = ends - starts
+    eligible = np.random.default_rng(seed).permutation(np.flatnonzero(lengths >= 2))
+    n = len(eligible)
+    # Cut points as in ComiRec's preprocessing: floor of the cumulative shares.
+    n_train = int(n * (1 - valid_fraction - test_fraction))
+    n_valid = int(n * (1 - test_fraction)) - n_train
+    valid = np.zeros(seqs.num_users, dtype=bool)
+    test = np.zeros(seqs.num_users, dtype=bool)
+    valid[eligible[n_train : n_train + n_valid]] = True
+    test[eligible[n_train + n_valid :]] = True
+    # ComiRec's int(0.8 * n): for n >= 2 it leaves at least one history event and one target.
+    first_target = starts + lengths * 4 // 5
+    return Split(
+        kind="comirec",
+        train_end=np.where(valid | test, starts, ends),
+        valid_pos=np.where(valid, first_target, -1),
+        test_pos=np.where(test, first_target, -1),
+        test_end=np.where(test, ends, -1),
+    )
+
+
+def make_split(seqs: Sequences, kind: str, seed: int = 0) -> Split:
+    """Build the split called ``kind`` (one of :data:`SPLITS`).
+
+    Args:
+        seqs: the sequences to split.
+        kind: the split's name.
+        seed: seeds the splits that draw at random (``comirec``).
+
+    Returns:
+        The split.
+    """
     if kind == "leave-last-out":
         return leave_last_out(seqs)
     if kind == "time":
         return time_split(seqs)
+    if kind == "comirec":
+        return comirec_split(seqs, seed)
     raise ValueError(f"unknown split {kind!r}; expected one of {', '.join(SPLITS)}")

@@ -22,11 +22,13 @@ class TwoTowerConfig:
 
     num_items: int
     num_categories: int
+    num_tags: int = 1
     dim: int = 64
     history: int = 50
     short: int = 5
     hidden: int = 256
     dropout: float = 0.1
+    id_dropout: float = 0.1
     temperature: float = 0.07
 
     def to_dict(self) -> dict:
@@ -34,22 +36,31 @@ class TwoTowerConfig:
 
 
 class ItemTower(nn.Module):
-    """item id + category embeddings → normalised item vector."""
+    """Item id + category + side-feature tags (e.g. genres) → normalised item vector.
+
+    The id embedding is dropped for a share of training examples (``id_dropout``) and
+    for items never seen in training, so an item with no interactions still gets a
+    useful vector from its category and tags alone (cold start).
+    """
 
     def __init__(self, cfg: TwoTowerConfig):
         super().__init__()
         self.item = nn.Embedding(cfg.num_items, cfg.dim, padding_idx=0)
         self.category = nn.Embedding(cfg.num_categories, cfg.dim, padding_idx=0)
+        self.tags = nn.Embedding(max(cfg.num_tags, 1), cfg.dim, padding_idx=0)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
-        nn.init.normal_(self.item.weight, std=0.05)
-        nn.init.normal_(self.category.weight, std=0.05)
+        for emb in (self.item, self.category, self.tags):
+            nn.init.normal_(emb.weight, std=0.05)
 
     def embed(self, items: torch.Tensor, categories: torch.Tensor) -> torch.Tensor:
         """Input-side embedding shared with the user tower's history encoder."""
         return self.item(items) + self.category(categories)  # [..., dim]
 
-    def forward(self, items: torch.Tensor, categories: torch.Tensor) -> torch.Tensor:
-        e = self.embed(items, categories)  # [..., dim]
+    def forward(self, items: torch.Tensor, categories: torch.Tensor, tags: torch.Tensor, use_id: torch.Tensor) -> torch.Tensor:
+        """Args: items, categories, use_id [...]; tags [..., T] (0 = padding). Returns [..., dim]."""
+        real = (tags > 0).unsqueeze(-1)  # [..., T, 1]
+        side = self.category(categories) + (self.tags(tags) * real).sum(-2) / real.sum(-2).clamp_min(1)  # [..., dim]
+        e = side + self.item(items) * use_id.unsqueeze(-1)  # [..., dim]
         return F.normalize(e + self.proj(e), dim=-1)
 
 
@@ -112,10 +123,24 @@ class TwoTower(nn.Module):
         self.item_tower = ItemTower(cfg)
         self.user_tower = UserTower(cfg, self.item_tower)
 
-    def item_vectors(self, item_category: torch.Tensor, batch: int = 65536) -> torch.Tensor:
-        """Vectors of every item id (row 0 = padding, a zero vector). Returns [num_items, dim]."""
-        ids = torch.arange(self.cfg.num_items, device=item_category.device)
-        out = torch.cat([self.item_tower(ids[i : i + batch], item_category[i : i + batch]) for i in range(0, len(ids), batch)])
+    def item_vectors(self, item_category: torch.Tensor, item_tags: torch.Tensor, known: torch.Tensor, batch: int = 65536) -> torch.Tensor:
+        """Vectors of every item id (row 0 = padding, a zero vector).
+
+        Args:
+            item_category: [M] category per item id.
+            item_tags: [M, T] tag ids per item id.
+            known: [M] bool; items seen in training use their id embedding, the others
+                (and ids beyond the embedding table) their side features only.
+
+        Returns:
+            [M, dim].
+        """
+        ids = torch.arange(len(item_category), device=item_category.device)
+        use_id = known & (ids < self.cfg.num_items)
+        ids = torch.where(use_id, ids, torch.zeros_like(ids))
+        out = torch.cat(
+            [self.item_tower(ids[i : i + batch], item_category[i : i + batch], item_tags[i : i + batch], use_id[i : i + batch]) for i in range(0, len(ids), batch)]
+        )
         out[0] = 0
         return out
 

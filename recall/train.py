@@ -54,20 +54,38 @@ def user_vectors(model: TwoTower, data: Dataset, users: np.ndarray, targets: np.
     return np.concatenate(out) if out else np.zeros((0, model.cfg.dim), np.float32)
 
 
-def item_vectors(model: TwoTower, data: Dataset) -> np.ndarray:
-    """Item-tower vectors for every item id (row 0 = padding). Returns [items.size, dim]."""
+def item_vectors(model: TwoTower, data: Dataset, known: np.ndarray) -> np.ndarray:
+    """Item-tower vectors for every item id (row 0 = padding).
+
+    Args:
+        known: bool [items.size]; items seen in training (the others are cold: side features only).
+
+    Returns:
+        [items.size, dim] float32.
+    """
     device = next(model.parameters()).device
     model.eval()
+    t = lambda a: torch.tensor(a).to(device)
     with torch.no_grad():
-        return model.item_vectors(torch.tensor(data.item_category).to(device)).cpu().numpy()
+        return model.item_vectors(t(data.item_category), t(data.item_tags), t(known)).cpu().numpy()
 
 
-def evaluate_targets(model: TwoTower, data: Dataset, users: np.ndarray, positions: np.ndarray, k: int = 50) -> dict:
+def known_items(data: Dataset, split: Split) -> np.ndarray:
+    """bool [items.size]: items that occur in the training part (their id embedding was trained)."""
+    return np.bincount(data.seqs.items[split.train_mask(data.seqs)], minlength=data.items.size) > 0
+
+
+def evaluate_targets(model: TwoTower, data: Dataset, users: np.ndarray, positions: np.ndarray, known: np.ndarray, k: int = 50) -> dict:
     """Full-ranking HR/NDCG/MRR of the two-tower alone for (user, target position) pairs, seen items masked."""
     uv = user_vectors(model, data, users, positions)
     seen = data.seqs.history_matrix(users, positions, data.items.size)
-    top, _ = exact_topk(uv, item_vectors(model, data), k, exclude=seen)
+    top, _ = exact_topk(uv, item_vectors(model, data, known), k, exclude=seen)
     return summarize(target_ranks(top, data.seqs.items[positions]), ks=(10, k))
+
+
+def _keep_id(ids: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Randomly drop id embeddings so the tower also learns to embed items from side features alone."""
+    return torch.rand(ids.shape, device=ids.device) >= dropout
 
 
 def train_two_tower(
@@ -93,7 +111,7 @@ def train_two_tower(
         validation metrics.
     """
     cfg = train_config or TwoTowerTrainConfig()
-    mcfg = model_config or TwoTowerConfig(num_items=data.items.size, num_categories=data.categories.size)
+    mcfg = model_config or TwoTowerConfig(num_items=data.items.size, num_categories=data.categories.size, num_tags=data.tags.size)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -108,6 +126,8 @@ def train_two_tower(
     freq = np.bincount(targets, minlength=mcfg.num_items).astype(np.float64)
     log_q_all = torch.from_numpy(np.log(np.maximum(freq, 1.0) / freq.sum() * cfg.batch_size)).float().to(device)
     item_category = torch.tensor(data.item_category).to(device)
+    item_tags = torch.tensor(data.item_tags).to(device)
+    known = known_items(data, split)
     n_pool = min(cfg.uniform_negatives, mcfg.num_items - 1)
     pool_log_q = math.log(n_pool / (mcfg.num_items - 1)) if n_pool else 0.0
 
@@ -129,11 +149,11 @@ def train_two_tower(
             w = seqs.window(positions[idx], mcfg.history, seqs.offsets[users[idx]])
             tgt = t(targets[idx])
             u = model.user_tower(*user_tensors(w, seqs.ts[positions[idx]], device))  # [B, d]
-            v = model.item_tower(tgt, item_category[tgt])  # [B, d]
+            v = model.item_tower(tgt, item_category[tgt], item_tags[tgt], _keep_id(tgt, mcfg.id_dropout))  # [B, d]
             extra = extra_ids = extra_log_q = None
             if n_pool:
                 extra_ids = torch.randint(1, mcfg.num_items, (n_pool,), device=device)
-                extra = model.item_tower(extra_ids, item_category[extra_ids])  # [P, d]
+                extra = model.item_tower(extra_ids, item_category[extra_ids], item_tags[extra_ids], _keep_id(extra_ids, mcfg.id_dropout))  # [P, d]
                 extra_log_q = torch.full((n_pool,), pool_log_q, device=device)
             loss = sampled_softmax_loss(u, v, tgt, log_q_all[tgt], mcfg.temperature, extra, extra_ids, extra_log_q)
             opt.zero_grad(set_to_none=True)
@@ -141,7 +161,7 @@ def train_two_tower(
             opt.step()
             total += loss.item()
             steps += 1
-        metrics = evaluate_targets(model, data, valid_users, valid_pos) if len(valid_users) else {}
+        metrics = evaluate_targets(model, data, valid_users, valid_pos, known) if len(valid_users) else {}
         score = metrics.get("ndcg@10", -total / steps)
         history["epochs"].append({"epoch": epoch + 1, "loss": round(total / steps, 5), "valid": metrics})
         if progress:

@@ -45,7 +45,7 @@ def rebuild_index(*, bundle: str, index: str, min_recall: float = 0.95, k: int =
     """
     b = load_bundle(bundle)
     spec = IndexSpec.parse(index)
-    vecs = item_vectors(b.two_tower, b.data)
+    vecs = item_vectors(b.two_tower, b.data, b.popularity.counts > 0)
     started = time.perf_counter()
     ann = build_index(vecs[1:], np.arange(1, len(vecs)), spec)
     build_s = time.perf_counter() - started

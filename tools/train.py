@@ -9,13 +9,13 @@ import time
 import numpy as np
 
 from events.dataset import Dataset, file_fingerprint
-from events.readers import FORMATS, read_events
+from events.readers import FORMATS, read_events, read_items
 from events.split import SPLITS, make_split
 from rank.train import RankerTrainConfig, train_ranker
 from recall.channels import CoVisitation, Popularity
 from recall.index import IndexSpec, build_index
 from recall.retriever import RecallConfig, Retriever
-from recall.train import TwoTowerTrainConfig, item_vectors, train_two_tower
+from recall.train import TwoTowerTrainConfig, item_vectors, known_items, train_two_tower
 from server.bundle import write_version
 
 log = logging.getLogger("funnel.train")
@@ -26,6 +26,7 @@ def train(
     events: str,
     out: str,
     fmt: str = "taobao",
+    items: str | None = None,
     split: str = "leave-last-out",
     on_error: str = "fail",
     index: str = "flat",
@@ -44,7 +45,10 @@ def train(
         events: the behaviour log (see ``fmt``).
         out: bundle root; the new version goes to ``out/versions/<v>`` and ``out/CURRENT`` flips to it.
         fmt: ``taobao``, ``movielens`` or ``parquet``.
-        split: ``leave-last-out`` or ``time``.
+        items: optional catalogue CSV (``item_id,category_id[,title][,tags]``); its items
+            are recommendable even with no interactions (vectors from side features).
+        split: ``leave-last-out``, ``time`` or ``comirec`` (held-out users; see
+            :func:`events.split.comirec_split`).
         on_error: ``fail`` or ``skip`` for bad rows.
         index: index spec string, e.g. ``flat`` or ``ivf:nlist=1024,nprobe=32``.
         seed: seed for both models (overrides the configs' seeds).
@@ -58,14 +62,14 @@ def train(
     spec = IndexSpec.parse(index)
     log_ = read_events(events, fmt, on_error=on_error, progress=progress)
     log.info("%s: %s", events, log_.report.summary())
-    data = Dataset.from_log(log_)
+    data = Dataset.from_log(log_, read_items(items) if items else None)
     parts = make_split(data.seqs, split)
     tt_cfg = dataclasses.replace(two_tower or TwoTowerTrainConfig(), seed=seed)
     rk_cfg = dataclasses.replace(ranker or RankerTrainConfig(), seed=seed)
     recall_cfg = recall or RecallConfig()
 
     model, tt_history = train_two_tower(data, parts, train_config=tt_cfg, progress=progress)
-    vecs = item_vectors(model, data)
+    vecs = item_vectors(model, data, known_items(data, parts))
     ann = build_index(vecs[1:], np.arange(1, len(vecs)), spec)
     # Channels and popularity see only the training part, like the models.
     mask = parts.train_mask(data.seqs)
@@ -79,6 +83,7 @@ def train(
             "source": events,
             "format": fmt,
             "fingerprint": file_fingerprint(events),
+            "items_file": items,
             "rows": log_.report.rows,
             "skipped_rows": dict(log_.report.skipped),
             "split": split,
@@ -105,6 +110,7 @@ def train(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", required=True, help="behaviour log: a Taobao CSV, a MovieLens directory or a parquet file")
     parser.add_argument("--format", dest="fmt", choices=FORMATS, default="taobao", help="log format (default: taobao)")
+    parser.add_argument("--items", default=None, help="optional catalogue CSV with header item_id,category_id[,title][,tags]: items recommendable before their first interaction")
     parser.add_argument("--split", choices=SPLITS, default="leave-last-out", help="how to hold out validation/test targets (default: leave-last-out)")
     parser.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="bad rows: stop with file:line (fail, default) or skip and count them")
     parser.add_argument("--out", required=True, help="bundle root; a new version is written under OUT/versions and OUT/CURRENT flips to it")
@@ -119,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         tt, rk = dataclasses.replace(tt, epochs=args.epochs), dataclasses.replace(rk, epochs=args.epochs)
     version = train(
-        events=args.events, out=args.out, fmt=args.fmt, split=args.split, on_error=args.on_error, index=args.index,
+        events=args.events, out=args.out, fmt=args.fmt, items=args.items, split=args.split, on_error=args.on_error, index=args.index,
         seed=args.seed, two_tower=tt, ranker=rk, progress=not args.no_progress,
     )
     print(json.dumps({"bundle": version}))

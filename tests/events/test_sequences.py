@@ -61,13 +61,15 @@ def test_time_split_uses_global_cutoffs():
 
 def test_dataset_round_trip(tmp_path):
     events = pd.DataFrame({"user": ["u1", "u1", "u2"], "item": ["a", "b", "a"], "category": ["c1", "c2", "c1"], "behavior": np.int8([1, 4, 1]), "ts": [3, 4, 5]})
-    items = pd.DataFrame({"item": ["a", "b", "z"], "category": ["c1", "c2", "c3"], "title": ["A", "B", "Z"]})
+    items = pd.DataFrame({"item": ["a", "b", "z"], "category": ["c1", "c2", "c3"], "title": ["A", "B", "Z"], "tags": ["x|y", "", "y"]})
     data = Dataset.from_log(EventLog(events, items, "x", ReadReport()))
     assert len(data.items) == 3 and data.item_title[data.items.encode(["z"])[0]] == "Z"
     data.save(str(tmp_path))
     back = Dataset.load(str(tmp_path))
     assert back.seqs.items.tolist() == data.seqs.items.tolist()
     assert back.item_category.tolist() == data.item_category.tolist()
+    z = data.items.encode(["a", "z"])
+    assert [list(data.tags.decode(back.item_tags[i][back.item_tags[i] > 0])) for i in z] == [["x", "y"], ["y"]]
 
 
 def test_vocab_encode_decode_unknown_and_persistence(tmp_path):

@@ -10,7 +10,7 @@ from rank.train import RankerTrainConfig, train_ranker
 from recall.channels import CoVisitation, Popularity
 from recall.index import IndexSpec, build_index
 from recall.retriever import Retriever
-from recall.train import TwoTowerTrainConfig, item_vectors, train_two_tower
+from recall.train import TwoTowerTrainConfig, item_vectors, known_items, train_two_tower
 
 
 def test_gap_buckets_log_scale_and_padding():
@@ -53,7 +53,7 @@ def test_ranker_forward_masks_empty_history():
 def test_ranker_loss_falls_on_tiny_data(tiny_data):
     split = leave_last_out(tiny_data.seqs)
     tt, _ = train_two_tower(tiny_data, split, train_config=TwoTowerTrainConfig(epochs=2, batch_size=128, uniform_negatives=64), progress=False)
-    vecs = item_vectors(tt, tiny_data)
+    vecs = item_vectors(tt, tiny_data, known_items(tiny_data, split))
     mask = split.train_mask(tiny_data.seqs)
     pop = Popularity.fit(tiny_data.seqs, mask, tiny_data.items.size)
     retriever = Retriever(

@@ -3,7 +3,7 @@ import torch
 
 from events.split import leave_last_out
 from recall.model import TwoTower, TwoTowerConfig, sampled_softmax_loss
-from recall.train import TwoTowerTrainConfig, evaluate_targets, train_two_tower
+from recall.train import TwoTowerTrainConfig, evaluate_targets, known_items, train_two_tower
 
 
 def test_sampled_softmax_masks_duplicate_targets():
@@ -30,6 +30,6 @@ def test_two_tower_loss_falls_and_beats_chance(tiny_data):
     losses = [e["loss"] for e in history["epochs"]]
     assert losses[-1] < losses[0]
     users, pos = split.targets("valid")
-    metrics = evaluate_targets(model, tiny_data, users, pos, k=50)
+    metrics = evaluate_targets(model, tiny_data, users, pos, known_items(tiny_data, split), k=50)
     chance = 50 / len(tiny_data.items)
     assert metrics["hr@50"] > 2 * chance

@@ -1,0 +1,46 @@
+"""A catalogue item with no interactions is recommendable from its side features alone."""
+
+import numpy as np
+
+from rank.train import RankerTrainConfig
+from recall.retriever import RecallConfig, Retriever, TWO_TOWER
+from recall.train import TwoTowerTrainConfig
+from server.bundle import load_bundle
+from tools.train import train
+
+
+def test_cold_item_reaches_users_of_its_category(tiny_log_path, tiny_data, tmp_path):
+    seqs = tiny_data.seqs
+    # A user whose recent behaviour sits in one category: the new item goes there.
+    user = int(np.argmax(seqs.lengths))
+    lo, hi = seqs.offsets[user], seqs.offsets[user + 1]
+    category = tiny_data.categories.decode(np.array([np.bincount(seqs.categories[hi - 10 : hi]).argmax()]))[0]
+    catalogue = tmp_path / "items.csv"
+    catalogue.write_text(f"item_id,category_id,title\ncold-1,{category},Brand new\n")
+    version = train(
+        events=tiny_log_path,
+        out=str(tmp_path / "bundle"),
+        items=str(catalogue),
+        two_tower=TwoTowerTrainConfig(epochs=4, batch_size=128, uniform_negatives=64),
+        ranker=RankerTrainConfig(epochs=1, batch_size=128),
+        progress=False,
+    )
+    b = load_bundle(version)
+    data = b.data
+    cold = int(data.items.encode(["cold-1"])[0])
+    assert cold > 0 and b.popularity.counts[cold] == 0 and data.item_title[cold] == "Brand new"
+
+    user_id = tiny_data.users.decode(np.array([user]))[0]
+    u = int(data.users.encode([user_id])[0])
+    window = data.seqs.user_window(np.array([u]), b.two_tower.cfg.history)
+    now = data.seqs.ts[data.seqs.offsets[u + 1] - 1 : data.seqs.offsets[u + 1]]
+    retriever = Retriever(b.two_tower, b.item_vecs, b.index, b.covisit, b.popularity, data.item_category, RecallConfig(two_tower=50))
+    seen = data.seqs.history_matrix(np.array([u]), data.seqs.offsets[u + 1 : u + 2], data.items.size)
+    candidates = retriever.retrieve(window, now, seen, channels=(TWO_TOWER,))
+    assert cold in candidates.items[0]
+
+    # And it outscores almost every item of the other categories for this user.
+    uv = retriever.user_vectors(window, now)[0]
+    scores = b.item_vecs @ uv
+    others = np.flatnonzero((data.item_category != data.item_category[cold]) & (np.arange(len(scores)) > 0))
+    assert scores[cold] > np.quantile(scores[others], 0.9)
