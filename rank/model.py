@@ -8,6 +8,7 @@ from torch import nn
 
 from events.schema import NUM_BEHAVIOR_CODES
 from rank.features import NUM_DENSE
+from recall.model import lookup
 
 
 @dataclass
@@ -66,9 +67,9 @@ class Ranker(nn.Module):
         """
         hist_mask = f["hist_items"] > 0  # [B, L]
         keys = (
-            self.item(f["hist_items"]) + self.category(f["hist_categories"]) + self.behavior(f["hist_behaviors"]) + self.gap(f["hist_gaps"])
+            lookup(self.item, f["hist_items"]) + lookup(self.category, f["hist_categories"]) + self.behavior(f["hist_behaviors"]) + self.gap(f["hist_gaps"])
         )  # [B, L, d]
-        target = self.item(f["cand_items"]) + self.category(f["cand_categories"])  # [B, C, d]
+        target = lookup(self.item, f["cand_items"]) + lookup(self.category, f["cand_categories"])  # [B, C, d]
         att = self.query(target) @ self.key(keys).transpose(1, 2) / self.cfg.dim**0.5  # [B, C, L]
         att = att.masked_fill(~hist_mask[:, None, :], float("-inf"))
         weights = torch.nan_to_num(torch.softmax(att, dim=-1), nan=0.0)  # [B, C, L]; empty history → zeros

@@ -35,6 +35,17 @@ class TwoTowerConfig:
         return asdict(self)
 
 
+def clip_ids(ids: torch.Tensor, size: int) -> torch.Tensor:
+    """Ids past an embedding table (items, categories or tags added to the catalogue after
+    training) become padding, so they contribute nothing instead of failing."""
+    return torch.where(ids < size, ids, torch.zeros_like(ids))
+
+
+def lookup(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """Embedding lookup that tolerates ids added after training (see :func:`clip_ids`)."""
+    return table(clip_ids(ids, table.num_embeddings))
+
+
 class ItemTower(nn.Module):
     """Item id + category + side-feature tags (e.g. genres) → normalised item vector.
 
@@ -54,13 +65,14 @@ class ItemTower(nn.Module):
 
     def embed(self, items: torch.Tensor, categories: torch.Tensor) -> torch.Tensor:
         """Input-side embedding shared with the user tower's history encoder."""
-        return self.item(items) + self.category(categories)  # [..., dim]
+        return lookup(self.item, items) + lookup(self.category, categories)  # [..., dim]
 
     def forward(self, items: torch.Tensor, categories: torch.Tensor, tags: torch.Tensor, use_id: torch.Tensor) -> torch.Tensor:
         """Args: items, categories, use_id [...]; tags [..., T] (0 = padding). Returns [..., dim]."""
+        tags = clip_ids(tags, self.tags.num_embeddings)
         real = (tags > 0).unsqueeze(-1)  # [..., T, 1]
-        side = self.category(categories) + (self.tags(tags) * real).sum(-2) / real.sum(-2).clamp_min(1)  # [..., dim]
-        e = side + self.item(items) * use_id.unsqueeze(-1)  # [..., dim]
+        side = lookup(self.category, categories) + (self.tags(tags) * real).sum(-2) / real.sum(-2).clamp_min(1)  # [..., dim]
+        e = side + lookup(self.item, items) * use_id.unsqueeze(-1)  # [..., dim]
         return F.normalize(e + self.proj(e), dim=-1)
 
 
@@ -137,7 +149,6 @@ class TwoTower(nn.Module):
         """
         ids = torch.arange(len(item_category), device=item_category.device)
         use_id = known & (ids < self.cfg.num_items)
-        ids = torch.where(use_id, ids, torch.zeros_like(ids))
         out = torch.cat(
             [self.item_tower(ids[i : i + batch], item_category[i : i + batch], item_tags[i : i + batch], use_id[i : i + batch]) for i in range(0, len(ids), batch)]
         )

@@ -30,6 +30,8 @@ FORMAT_VERSION = 1
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 INDEX_FILE = "recall/index.faiss"
+VECTORS_FILE = "recall/item_vectors.npy"
+POPULARITY_FILE = "recall/popularity.npy"
 
 
 class BundleError(ValueError):
@@ -134,10 +136,10 @@ def write_version(
     os.makedirs(os.path.join(stage, "recall"))
     os.makedirs(os.path.join(stage, "rank"))
     save_model(two_tower, os.path.join(stage, "recall", "two_tower.pt"))
-    np.save(os.path.join(stage, "recall", "item_vectors.npy"), item_vecs)
+    np.save(os.path.join(stage, VECTORS_FILE), item_vecs)
     save_index(index, os.path.join(stage, INDEX_FILE))
     sp.save_npz(os.path.join(stage, "recall", "covisit.npz"), covisit.graph)
-    np.save(os.path.join(stage, "recall", "popularity.npy"), popularity.counts)
+    np.save(os.path.join(stage, POPULARITY_FILE), popularity.counts)
     save_model(ranker, os.path.join(stage, "rank", "ranker.pt"))
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -154,11 +156,28 @@ def write_version(
     return _publish(root, stage, version, manifest)
 
 
-def replace_index(root: str, index, index_spec: IndexSpec, info: dict | None = None) -> str:
-    """Publish a new version that shares everything with the current one except the index.
+def replace_index(
+    root: str,
+    *,
+    index,
+    index_spec: IndexSpec,
+    item_vecs: np.ndarray,
+    data: Dataset | None = None,
+    item_counts: np.ndarray | None = None,
+    info: dict | None = None,
+) -> str:
+    """Publish a new version with a new index (and, when the catalogue grew, new item data).
 
-    Unchanged files are hard-linked (copied where links are not possible), so a
-    rebuild costs only the new index.
+    Files that do not change are hard-linked (copied where links are not possible),
+    so a rebuild costs only what it rewrites; the models are shared unchanged.
+
+    Args:
+        root: bundle root with ``CURRENT``.
+        index, index_spec: the new index and how it was built.
+        item_vecs: [M, d] item vectors the index holds.
+        data: the dataset with an extended catalogue, when new items were added.
+        item_counts: [M] training counts matching ``data`` (new items count 0).
+        info: extra manifest fields.
 
     Returns:
         The new version directory.
@@ -167,14 +186,20 @@ def replace_index(root: str, index, index_spec: IndexSpec, info: dict | None = N
     manifest = read_manifest(current)
     if os.path.abspath(current) == os.path.abspath(root):
         raise BundleError(f"{root} is a single version directory; rebuilding needs a bundle root with {CURRENT}")
+    rewritten = {INDEX_FILE, VECTORS_FILE} | ({POPULARITY_FILE} if data is not None else set())
     stage = _stage_dir(root)
     for name in manifest["files"]:
-        if name == INDEX_FILE:
+        if name in rewritten or (data is not None and name.startswith("data/")):
             continue
         os.makedirs(os.path.dirname(os.path.join(stage, name)), exist_ok=True)
         _link_or_copy(os.path.join(current, name), os.path.join(stage, name))
     os.makedirs(os.path.join(stage, "recall"), exist_ok=True)
     save_index(index, os.path.join(stage, INDEX_FILE))
+    np.save(os.path.join(stage, VECTORS_FILE), item_vecs)
+    if data is not None:
+        data.save(os.path.join(stage, "data"))
+        np.save(os.path.join(stage, POPULARITY_FILE), item_counts)
+        manifest["counts"] = {**manifest.get("counts", {}), "items": len(data.items), "categories": len(data.categories)}
     version = new_version()
     manifest = {k: v for k, v in manifest.items() if k != "files"}
     manifest.update(index_version=version, index_spec=str(index_spec), previous_version=os.path.basename(current), **(info or {}))
@@ -252,16 +277,18 @@ def load_bundle(path: str, device: str = "cpu") -> Bundle:
         data = Dataset.load(join("data"))
         two_tower = _load_model(join("recall", "two_tower.pt"), TwoTower, TwoTowerConfig).to(device)
         ranker = _load_model(join("rank", "ranker.pt"), Ranker, RankerConfig).to(device)
-        item_vecs = np.load(join("recall", "item_vectors.npy"))
+        item_vecs = np.load(join(VECTORS_FILE))
         spec = IndexSpec.parse(manifest["index_spec"])
         index = load_index(join(INDEX_FILE), spec)
         covisit = CoVisitation(sp.load_npz(join("recall", "covisit.npz")).tocsr())
-        counts = np.load(join("recall", "popularity.npy"))
+        counts = np.load(join(POPULARITY_FILE))
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise BundleError(f"{version_dir}: cannot load bundle ({err})") from err
-    sizes = {"item vectors": len(item_vecs), "two-tower items": two_tower.cfg.num_items, "ranker items": ranker.cfg.num_items, "popularity": len(counts)}
-    if len(set(sizes.values()) | {data.items.size}) != 1:
-        raise BundleError(f"{version_dir}: item id spaces disagree: {sizes}, vocabulary {data.items.size}")
+    # The catalogue may have grown after training (rebuild-index --items); the models'
+    # tables may be smaller than it, never larger.
+    sizes = {"item vectors": len(item_vecs), "popularity": len(counts), "vocabulary": data.items.size}
+    if len(set(sizes.values())) != 1 or max(two_tower.cfg.num_items, ranker.cfg.num_items) > data.items.size:
+        raise BundleError(f"{version_dir}: item id spaces disagree: {sizes}, model tables {two_tower.cfg.num_items}/{ranker.cfg.num_items}")
     if index.ntotal != data.items.size - 1:
         raise BundleError(f"{version_dir}: index holds {index.ntotal} vectors for {data.items.size - 1} items")
     return Bundle(
