@@ -7,7 +7,6 @@ positions whose positive was recalled are used: at serving the ranker only ever
 sees recalled items, and their recall score and channel must look the same here.
 """
 
-import copy
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -21,7 +20,7 @@ from rank.features import build_features
 from rank.model import Ranker, RankerConfig, ranking_loss
 from rank.pipeline import TwoStage
 from recall.retriever import Retriever
-from recall.train import pick_device
+from recall.train import EarlyStopping, pick_device
 
 
 @dataclass
@@ -161,7 +160,7 @@ def train_ranker(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     pipeline = TwoStage(retriever, model, item_counts)
     history: dict = {"epochs": [], "config": asdict(cfg), "examples": int(len(groups.users)), "candidates_recall_rate": round(len(groups.users) / max(len(users), 1), 4)}
-    best, best_state, bad_epochs = -1.0, None, 0
+    stopper = EarlyStopping(cfg.patience)
     for epoch in range(cfg.epochs):
         model.train()
         order = rng.permutation(len(groups.users))
@@ -196,12 +195,7 @@ def train_ranker(
         history["epochs"].append({"epoch": epoch + 1, "loss": round(total / steps, 5), "valid": metrics})
         if progress:
             tqdm.write(f"ranker epoch {epoch + 1}: loss {total / steps:.4f} valid {metrics}")
-        if score > best:
-            best, best_state, bad_epochs = score, copy.deepcopy(model.state_dict()), 0
-        else:
-            bad_epochs += 1
-            if bad_epochs >= cfg.patience:
-                break
-    model.load_state_dict(best_state)
-    history["best_valid_ndcg@10"] = best
-    return model.eval(), history
+        if stopper.step(score, model):
+            break
+    history["best_valid_ndcg@10"] = stopper.best
+    return stopper.restore(model), history

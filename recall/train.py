@@ -30,6 +30,33 @@ class TwoTowerTrainConfig:
     device: str = "auto"
 
 
+class EarlyStopping:
+    """Keeps the best weights by a validation score and says when to stop.
+
+    Args:
+        patience: epochs without improvement before stopping.
+    """
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best = float("-inf")
+        self.state: dict | None = None
+        self.bad_epochs = 0
+
+    def step(self, score: float, model: torch.nn.Module) -> bool:
+        """Record an epoch's score; returns True when training should stop."""
+        if score > self.best:
+            self.best, self.state, self.bad_epochs = score, copy.deepcopy(model.state_dict()), 0
+            return False
+        self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+    def restore(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Load the best weights back into ``model`` (eval mode)."""
+        model.load_state_dict(self.state)
+        return model.eval()
+
+
 def pick_device(name: str) -> torch.device:
     """``"auto"`` → CUDA when available, else CPU."""
     if name == "auto":
@@ -137,7 +164,7 @@ def train_two_tower(
         valid_users, valid_pos = valid_users[pick], valid_pos[pick]
 
     history: dict = {"epochs": [], "config": asdict(cfg)}
-    best, best_state, bad_epochs = -1.0, None, 0
+    stopper = EarlyStopping(cfg.patience)
     t = lambda a: torch.from_numpy(a).to(device)
     for epoch in range(cfg.epochs):
         model.train()
@@ -166,12 +193,7 @@ def train_two_tower(
         history["epochs"].append({"epoch": epoch + 1, "loss": round(total / steps, 5), "valid": metrics})
         if progress:
             tqdm.write(f"two-tower epoch {epoch + 1}: loss {total / steps:.4f} valid {metrics}")
-        if score > best:
-            best, best_state, bad_epochs = score, copy.deepcopy(model.state_dict()), 0
-        else:
-            bad_epochs += 1
-            if bad_epochs >= cfg.patience:
-                break
-    model.load_state_dict(best_state)
-    history["best_valid_ndcg@10"] = best
-    return model.eval(), history
+        if stopper.step(score, model):
+            break
+    history["best_valid_ndcg@10"] = stopper.best
+    return stopper.restore(model), history
