@@ -3,7 +3,8 @@
 Every index searches by inner product, the similarity the towers trained on, and
 stores item ids (not row numbers) so new items can be added without a rebuild.
 A spec is written as a short string, e.g. ``flat``, ``ivf:nlist=1024,nprobe=32``,
-``ivfpq:nlist=1024,m=16,nprobe=32`` or ``hnsw:m=32,ef_search=128``.
+``ivfpq:nlist=1024,m=16,nprobe=32`` or ``hnsw:m=32,ef_search=128``; IVF settings left
+out are sized to the catalogue (plain ``ivf`` is the tested choice up to a million items).
 """
 
 import math
@@ -17,12 +18,12 @@ KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 
 @dataclass(frozen=True)
 class IndexSpec:
-    """What index to build; ``0`` for ``nlist`` means "pick from the catalogue size".
+    """What index to build; ``0`` for ``nlist`` or ``nprobe`` means "pick from the catalogue size".
 
     Attributes:
         kind: one of :data:`KINDS`.
-        nlist: IVF cells.
-        nprobe: IVF cells visited per query.
+        nlist: IVF cells (0: :func:`auto_nlist`).
+        nprobe: IVF cells visited per query (0: :func:`auto_nprobe`).
         m: PQ sub-quantisers (ivfpq) or graph degree (hnsw).
         nbits: bits per PQ code.
         ef_search, ef_construction: HNSW search / build breadth.
@@ -31,7 +32,7 @@ class IndexSpec:
 
     kind: str = "flat"
     nlist: int = 0
-    nprobe: int = 16
+    nprobe: int = 0
     m: int = 32
     nbits: int = 8
     ef_search: int = 128
@@ -72,9 +73,28 @@ class IndexSpec:
         return asdict(self)
 
 
+# k-means on this many points per cell places the centroids about as well as on the
+# whole catalogue (faiss warns below 39) while bounding the training cost at 1M items.
+TRAIN_POINTS_PER_CELL = 64
+MAX_AUTO_NLIST = 4096
+# Share of the cells visited when nprobe is left to auto_nprobe: top-200 results spill
+# over many neighbouring cells, so a fixed nprobe would lose recall as nlist grows.
+AUTO_NPROBE_SHARE = 1 / 48
+MIN_AUTO_NPROBE = 16
+
+
 def auto_nlist(n: int) -> int:
-    """About 4·√n cells, but never fewer than 39 training points per cell."""
-    return max(1, min(int(4 * math.sqrt(n)), n // 39))
+    """About 4·√n cells, never fewer than 39 training points per cell, at most :data:`MAX_AUTO_NLIST`.
+
+    The cap keeps training and assigning a million items within seconds on two cores;
+    beyond it more cells buy little query speed at the recall depth the recall stage uses.
+    """
+    return max(1, min(int(4 * math.sqrt(n)), n // 39, MAX_AUTO_NLIST))
+
+
+def auto_nprobe(nlist: int) -> int:
+    """Cells visited per query when the spec leaves ``nprobe`` at 0: a fixed share of ``nlist``."""
+    return min(nlist, max(MIN_AUTO_NPROBE, math.ceil(nlist * AUTO_NPROBE_SHARE)))
 
 
 def gpu_available() -> bool:
@@ -115,18 +135,28 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, spec: IndexSpec) -> faiss.
         faiss.downcast_index(index.index).hnsw.efConstruction = spec.ef_construction
     index = _to_gpu(index, spec)
     if not index.is_trained:
-        index.train(vectors)
+        index.train(_training_sample(vectors, spec))
     index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
     configure(index, spec)
     return index
 
 
 def resolve(spec: IndexSpec, n: int) -> IndexSpec:
-    """Fill in catalogue-dependent defaults (``nlist``) and clamp to what ``n`` items allow."""
+    """Fill in catalogue-dependent defaults (``nlist``, ``nprobe``) and clamp to what ``n`` items allow."""
     if spec.kind in ("ivf", "ivfpq"):
         nlist = min(spec.nlist or auto_nlist(n), n)
-        return replace(spec, nlist=nlist, nprobe=min(spec.nprobe, nlist))
+        return replace(spec, nlist=nlist, nprobe=min(spec.nprobe or auto_nprobe(nlist), nlist))
     return spec
+
+
+def _training_sample(vectors: np.ndarray, spec: IndexSpec) -> np.ndarray:
+    # A fixed seed keeps rebuilds of the same catalogue identical.
+    centroids = max(spec.nlist, 2**spec.nbits if spec.kind == "ivfpq" else 0)
+    size = TRAIN_POINTS_PER_CELL * centroids
+    if size >= len(vectors):
+        return vectors
+    rows = np.sort(np.random.default_rng(0).choice(len(vectors), size, replace=False))
+    return vectors[rows]
 
 
 def _factory_string(spec: IndexSpec, dim: int) -> str:
@@ -150,7 +180,8 @@ def _to_gpu(index: faiss.Index, spec: IndexSpec) -> faiss.Index:
 def configure(index: faiss.Index, spec: IndexSpec) -> None:
     """Apply search-time parameters (``nprobe``, ``efSearch``) to a built or loaded index."""
     if spec.kind in ("ivf", "ivfpq"):
-        faiss.extract_index_ivf(index).nprobe = spec.nprobe
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = min(spec.nprobe or auto_nprobe(ivf.nlist), ivf.nlist)
     elif spec.kind == "hnsw":
         faiss.downcast_index(faiss.downcast_index(index).index).hnsw.efSearch = spec.ef_search
 
@@ -159,6 +190,69 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     """Top-k item ids and inner products; missing results have id -1. Returns ([q, k], [q, k])."""
     scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     return ids, scores
+
+
+def add_items(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, *, replace: bool = False) -> None:
+    """Add item vectors to a built index without rebuilding it.
+
+    IVF indexes file each new vector under its nearest existing cell; the cells are not
+    retrained, so once new items are a large share of the catalogue (or drift away from
+    it), rebuild instead. Flat and HNSW indexes add through their id map.
+
+    Args:
+        index: an index from :func:`build_index` or :func:`load_index`.
+        vectors: [n, d] float32 item vectors.
+        ids: [n] distinct int64 item ids.
+        replace: when True, ids already in the index get the new vectors (other ids are
+            simply added). That needs an index that can remove vectors: flat, ivf and
+            ivfpq on the CPU; HNSW graphs and GPU indexes cannot. When False, an id
+            already in the index is an error.
+
+    Raises:
+        ValueError: shapes disagree, ids repeat, or an id is already stored and ``replace`` is False.
+        NotImplementedError: ``replace`` on an index that cannot remove vectors.
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if vectors.ndim != 2 or vectors.shape[1] != index.d or ids.shape != (len(vectors),):
+        raise ValueError(f"expected vectors [n, {index.d}] and ids [n], got {vectors.shape} and {ids.shape}")
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("ids repeat within one add_items call")
+    if replace:
+        if not _can_remove(index):
+            raise NotImplementedError(f"{type(_base_index(index)).__name__} cannot remove vectors, so stored items cannot be replaced; rebuild the index instead")
+        index.remove_ids(ids)
+    else:
+        stored = _stored_ids(index)
+        if stored is not None and np.isin(ids, stored).any():
+            raise ValueError(f"ids already in the index: {ids[np.isin(ids, stored)][:10].tolist()}; pass replace=True to change their vectors")
+    index.add_with_ids(vectors, ids)
+
+
+def _base_index(index: faiss.Index) -> faiss.Index:
+    # The index under an id map, which decides what the whole index can do.
+    index = faiss.downcast_index(index)
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+
+
+def _can_remove(index: faiss.Index) -> bool:
+    base = _base_index(index)
+    on_gpu = hasattr(faiss, "GpuIndex") and isinstance(base, faiss.GpuIndex)
+    return not on_gpu and not isinstance(base, faiss.IndexHNSW)
+
+
+def _stored_ids(index: faiss.Index) -> np.ndarray | None:
+    # None where the ids cannot be listed without copying the index off the GPU.
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIDMap):
+        return faiss.vector_to_array(index.id_map)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return None
+    lists = ivf.invlists
+    sizes = [lists.list_size(i) for i in range(ivf.nlist)]
+    chunks = [faiss.rev_swig_ptr(lists.get_ids(i), size).copy() for i, size in enumerate(sizes) if size]
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
 
 
 def save_index(index: faiss.Index, path: str) -> None:

@@ -1,7 +1,8 @@
+import faiss
 import numpy as np
 import pytest
 
-from recall.index import IndexSpec, build_index, load_index, resolve, save_index, search
+from recall.index import IndexSpec, add_items, auto_nprobe, build_index, load_index, resolve, save_index, search
 from recall.scoring import exact_topk
 
 
@@ -47,6 +48,21 @@ def test_spec_parse_round_trip_and_errors():
     assert resolve(IndexSpec.parse("ivf"), 10_000).nlist == 256
 
 
+def test_auto_ivf_settings_scale_with_the_catalogue():
+    small, big = resolve(IndexSpec.parse("ivf"), 10_000), resolve(IndexSpec.parse("ivf"), 1_000_000)
+    assert small.nprobe == auto_nprobe(small.nlist) <= small.nlist
+    assert big.nlist > small.nlist and big.nprobe == auto_nprobe(big.nlist) > small.nprobe
+    assert resolve(IndexSpec.parse("ivf:nlist=8,nprobe=64"), 1000).nprobe == 8
+
+
+def test_auto_nprobe_is_applied_to_a_loaded_index(tmp_path):
+    x, _ = clustered(n=2000)
+    index = build_index(x, np.arange(len(x)), IndexSpec.parse("ivf:nlist=64"))
+    save_index(index, str(tmp_path / "i.faiss"))
+    back = load_index(str(tmp_path / "i.faiss"), IndexSpec.parse("ivf"))
+    assert faiss.extract_index_ivf(back).nprobe == auto_nprobe(64) > 0
+
+
 def test_save_and_load_keep_ids_and_search_params(tmp_path):
     x, q = clustered(n=500)
     spec = IndexSpec.parse("ivf:nlist=8,nprobe=8")
@@ -56,3 +72,39 @@ def test_save_and_load_keep_ids_and_search_params(tmp_path):
     a, _ = search(index, q, 5)
     b, _ = search(back, q, 5)
     assert (a == b).all() and a.min() >= 100
+
+
+@pytest.mark.parametrize("text,min_found", [("flat", 1.0), ("ivf:nlist=32,nprobe=2", 0.95), ("ivfpq:nlist=32,m=8,nprobe=2", 0.8), ("hnsw:m=16,ef_search=64", 0.95)])
+def test_add_items_makes_new_ids_searchable_by_their_own_vectors(text, min_found):
+    x, _ = clustered(n=3000)
+    old, new = x[:2500], x[2500:]
+    index = build_index(old, np.arange(1, 2501), IndexSpec.parse(text))
+    add_items(index, new, np.arange(2501, 3001))
+    got, _ = search(index, new, 10)
+    assert index.ntotal == 3000
+    assert (got == np.arange(2501, 3001)[:, None]).any(axis=1).mean() >= min_found
+
+
+@pytest.mark.parametrize("text", ["flat", "ivf:nlist=32,nprobe=32"])
+def test_add_items_replaces_stored_vectors_where_the_index_can_remove(text):
+    x, q = clustered(n=1000)
+    index = build_index(x, np.arange(1, 1001), IndexSpec.parse(text))
+    with pytest.raises(ValueError, match="already in the index"):
+        add_items(index, q[:2], np.array([5, 1234]))
+    add_items(index, q[:2], np.array([5, 6]), replace=True)
+    got, _ = search(index, q[:2], 1)
+    assert index.ntotal == 1000 and got[:, 0].tolist() == [5, 6]
+    old, _ = search(index, x[4:6], 1)
+    assert not np.isin(old[:, 0], [5, 6]).any()  # the old vectors are gone
+
+
+def test_add_items_refuses_replacement_on_hnsw_and_bad_input():
+    x, q = clustered(n=500)
+    index = build_index(x, np.arange(500), IndexSpec.parse("hnsw:m=8"))
+    with pytest.raises(NotImplementedError, match="cannot remove vectors"):
+        add_items(index, q[:1], np.array([3]), replace=True)
+    with pytest.raises(ValueError, match="repeat"):
+        add_items(index, q[:2], np.array([900, 900]))
+    with pytest.raises(ValueError, match="expected vectors"):
+        add_items(index, q[:2, :4], np.array([900, 901]))
+    assert index.ntotal == 500
