@@ -4,6 +4,10 @@ Every item in the catalogue competes for every user (items the user interacted w
 before the target are masked). Reported: the merged recall candidates in recall-score
 order, each recall channel alone, the final ranked list, and two non-learned
 baselines (popularity, cosine ItemKNN) under the same protocol.
+
+Single-target splits report HR/NDCG/MRR. The ``comirec`` split holds out a range of
+targets per test user: one list is ranked from the history before the first target and
+scored with multi-target Recall/HR/NDCG against the distinct target items.
 """
 
 import argparse
@@ -11,15 +15,17 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
 from tqdm import tqdm
 
-from events.metrics import summarize, target_ranks
+from events.metrics import summarize, summarize_multi, target_ranks
 from events.readers import FORMATS, read_events
 from events.sequences import Sequences
-from events.split import SPLITS, make_split
+from events.split import SPLITS, Split, make_split
+from rank.pipeline import TwoStage
 from recall.baselines import itemknn_topk, popularity_topk
 from recall.retriever import CHANNELS, COVISIT, POPULAR, TWO_TOWER
 from server.bundle import load_bundle
@@ -28,6 +34,11 @@ log = logging.getLogger("funnel.evaluate")
 
 RECALL_KS = (10, 50, 200)
 FINAL_KS = (10, 50)
+# ComiRec reports @20 and @50; @10 stays comparable with the leave-last-out tables.
+COMIREC_RECALL_KS = (10, 20, 50, 200)
+COMIREC_FINAL_KS = (10, 20, 50)
+COLUMNS = ("hr@10", "ndcg@10", "mrr@10", "hr@50", "ndcg@50", "hr@200")
+COMIREC_COLUMNS = ("recall@20", "ndcg@20", "hr@20", "recall@50", "ndcg@50", "hr@50")
 
 
 def evaluate(
@@ -52,7 +63,9 @@ def evaluate(
         progress: progress bar.
 
     Returns:
-        The report: ``users``, ``items``, ``recall``, ``recall_channels``, ``final``, ``baselines``.
+        The report: ``users``, ``items``, ``recall``, ``recall_channels``, ``final``,
+        ``baselines``; multi-target splits add ``"protocol": "comirec"`` and report
+        ``recall@K``, ``hr@K``, ``ndcg@K`` instead of ``hr``/``ndcg``/``mrr``.
     """
     started = time.time()
     b = load_bundle(bundle)
@@ -63,12 +76,58 @@ def evaluate(
     if dropped:
         log.warning("%d events name users or items the bundle does not know; they are left out", dropped)
     parts = make_split(seqs, split)
-    users, pos = parts.targets("test")
+    users, pos, ends = parts.test_ranges()
     if len(users) == 0:
         raise ValueError(f"{events}: no user has a test target under the {split} split")
     num_items = b.data.items.size
-    k = max(RECALL_KS)
+    score, first_target, recall_ks, final_ks = _protocol(parts, seqs, pos, ends)
+    k = max(recall_ks)
+    merged, final, per_channel = _ranked_lists(pipe, seqs, users, pos, num_items, k, batch, progress)
+    history = _pre_test_matrix(seqs, first_target, num_items)
+    report = {
+        "users": int(len(users)),
+        "items": int(num_items - 1),
+        "split": split,
+        "bundle": {"path": b.path, "model_version": b.model_version, "index_version": b.index_version},
+        "recall": score(merged, recall_ks),
+        "recall_channels": {CHANNELS[c]: score(top, recall_ks) for c, top in per_channel.items()},
+        "final": score(final, final_ks),
+        "baselines": {
+            "pop": score(popularity_topk(history, history, k, users), recall_ks),
+            "itemcf": score(itemknn_topk(history, history, k, users), recall_ks),
+        },
+    }
+    if parts.multi_target:
+        report["protocol"] = "comirec"
+    report["seconds"] = round(time.time() - started, 1)
+    if json_out:
+        _write_json(json_out, report)
+    return report
 
+
+def _protocol(parts: Split, seqs: Sequences, pos: np.ndarray, ends: np.ndarray) -> tuple[Callable[[np.ndarray, Sequence[int]], dict], np.ndarray, tuple[int, ...], tuple[int, ...]]:
+    """How the split's test targets are scored.
+
+    Returns:
+        ``score(topk, ks)`` for the test users' ranked lists, every user's first held-out
+        position (-1 if none; the baselines' history stops there), and the cut-offs for the
+        recall and the final lists.
+    """
+    if parts.multi_target:
+        targets = _distinct_targets(seqs, pos, ends)
+        # Valid and test users are disjoint, so this is each held-out user's first target.
+        first_target = np.where(parts.valid_pos >= 0, parts.valid_pos, parts.test_pos)
+        return lambda top, ks: summarize_multi(top, targets, ks=ks), first_target, COMIREC_RECALL_KS, COMIREC_FINAL_KS
+    single = seqs.items[pos]
+    return lambda top, ks: summarize(target_ranks(top, single), ks=ks), parts.test_pos, RECALL_KS, FINAL_KS
+
+
+def _ranked_lists(pipe: TwoStage, seqs: Sequences, users: np.ndarray, pos: np.ndarray, num_items: int, k: int, batch: int, progress: bool) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+    """Top-``k`` merged recall, final list and each channel alone, from each user's history before ``pos``.
+
+    Returns:
+        int64 [U, k] merged candidates, [U, k] final list and {channel: [U, k]}; padding is -1.
+    """
     merged, final = [], []
     per_channel: dict[int, list[np.ndarray]] = {TWO_TOWER: [], COVISIT: [], POPULAR: []}
     for lo in tqdm(range(0, len(users), batch), desc="evaluating", disable=not progress, leave=False):
@@ -81,27 +140,12 @@ def evaluate(
         recall_window = window.tail(pipe.retriever.model.cfg.history)
         for channel, out in per_channel.items():
             out.append(_top(pipe.retriever.retrieve(recall_window, seqs.ts[p], exclude, channels=(channel,)).items, k))
+    return np.concatenate(merged), np.concatenate(final), {c: np.concatenate(top) for c, top in per_channel.items()}
 
-    targets = seqs.items[pos]
-    score = lambda top, ks: summarize(target_ranks(np.concatenate(top), targets), ks=ks)
-    history = _pre_test_matrix(seqs, parts.test_pos, num_items)
-    report = {
-        "users": int(len(users)),
-        "items": int(num_items - 1),
-        "split": split,
-        "bundle": {"path": b.path, "model_version": b.model_version, "index_version": b.index_version},
-        "recall": score(merged, RECALL_KS),
-        "recall_channels": {CHANNELS[c]: score(top, RECALL_KS) for c, top in per_channel.items()},
-        "final": score(final, FINAL_KS),
-        "baselines": {
-            "pop": summarize(target_ranks(popularity_topk(history, history, k, users), targets), ks=RECALL_KS),
-            "itemcf": summarize(target_ranks(itemknn_topk(history, history, k, users), targets), ks=RECALL_KS),
-        },
-    }
-    report["seconds"] = round(time.time() - started, 1)
-    if json_out:
-        _write_json(json_out, report)
-    return report
+
+def _distinct_targets(seqs: Sequences, starts: np.ndarray, ends: np.ndarray) -> list[np.ndarray]:
+    """Each user's distinct target items in positions ``starts[i]:ends[i]``."""
+    return [np.unique(seqs.items[lo:hi]) for lo, hi in zip(starts, ends)]
 
 
 def _top(items: np.ndarray, k: int) -> np.ndarray:
@@ -112,10 +156,10 @@ def _top(items: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def _pre_test_matrix(seqs: Sequences, test_pos: np.ndarray, num_items: int) -> sp.csr_matrix:
-    """[U, M] every user's events before their test target (all events for users without one)."""
+def _pre_test_matrix(seqs: Sequences, first_target: np.ndarray, num_items: int) -> sp.csr_matrix:
+    """[U, M] every user's events before their first held-out target (all events for users without one)."""
     users = np.arange(seqs.num_users)
-    ends = np.where(test_pos >= 0, test_pos, seqs.offsets[1:])
+    ends = np.where(first_target >= 0, first_target, seqs.offsets[1:])
     return seqs.history_matrix(users, ends, num_items)
 
 
@@ -132,7 +176,7 @@ def format_report(report: dict) -> str:
     rows += [(f"  {name}", m) for name, m in report["recall_channels"].items()]
     rows += [("final (ranked)", report["final"])]
     rows += [(f"baseline {name}", m) for name, m in report["baselines"].items()]
-    cols = ["hr@10", "ndcg@10", "mrr@10", "hr@50", "ndcg@50", "hr@200"]
+    cols = COMIREC_COLUMNS if report.get("protocol") == "comirec" else COLUMNS
     lines = [f"{report['users']:,} users, {report['items']:,} items, split {report['split']}", f"{'':18}" + "".join(f"{c:>10}" for c in cols)]
     for name, m in rows:
         lines.append(f"{name:18}" + "".join(f"{m[c]:>10.4f}" if c in m else f"{'-':>10}" for c in cols))

@@ -11,9 +11,11 @@ from events.metrics import (
     logloss,
     mrr,
     ndcg,
+    ndcg_at_k_multi,
     overlap_recall,
     recall_at_k,
     summarize,
+    summarize_multi,
     target_ranks,
 )
 
@@ -66,6 +68,32 @@ def test_recall_and_hit_multi_hand_example():
         recall_at_k(topk, targets, 5)
     with pytest.raises(ValueError):
         hit_at_k_multi(topk, targets, 0)
+
+
+def test_ndcg_multi_hand_example():
+    topk = np.array([[1, 2, 3, 4], [5, 6, -1, -1], [7, 8, 9, 10], [1, 2, 3, 4]])
+    targets = [np.array([2, 4, 99]), np.array([6]), np.array([11, 12]), np.array([], dtype=np.int64)]
+    # k = 4 (user 3 has no targets and is left out):
+    #   user 0: hits at ranks 1 and 3 -> DCG 1/log2(3) + 1/log2(5); 3 targets -> IDCG 1 + 1/log2(3) + 1/log2(4)
+    #   user 1: hit at rank 1 -> DCG 1/log2(3); 1 target -> IDCG 1
+    #   user 2: no hit -> 0
+    user0 = (1 / math.log2(3) + 1 / math.log2(5)) / (1 + 1 / math.log2(3) + 1 / math.log2(4))
+    user1 = 1 / math.log2(3)
+    assert ndcg_at_k_multi(topk, targets, 4) == pytest.approx((user0 + user1) / 3)
+    # k = 2: user 0 keeps only the rank-1 hit and the ideal has 2 places (min(3, 2)).
+    user0_at2 = (1 / math.log2(3)) / (1 + 1 / math.log2(3))
+    assert ndcg_at_k_multi(topk, targets, 2) == pytest.approx((user0_at2 + user1) / 3)
+    # Every target on top scores 1.
+    assert ndcg_at_k_multi(np.array([[3, 1, 2]]), [np.array([1, 3])], 3) == pytest.approx(1.0)
+
+
+def test_summarize_multi_keys_and_values():
+    topk = np.array([[1, 2, 3], [4, 5, 6]])
+    targets = [np.array([1, 9]), np.array([7])]
+    out = summarize_multi(topk, targets, ks=(1, 3))
+    assert set(out) == {"recall@1", "hr@1", "ndcg@1", "recall@3", "hr@3", "ndcg@3"}
+    assert out["recall@3"] == pytest.approx(0.25) and out["hr@1"] == pytest.approx(0.5)
+    assert out["ndcg@1"] == pytest.approx(0.5)
 
 
 def test_auc_hand_example_with_tie():
