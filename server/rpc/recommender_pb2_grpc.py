@@ -41,6 +41,16 @@ class RecommenderStub:
                 request_serializer=funnel_dot_v1_dot_recommender__pb2.RecommendRequest.SerializeToString,
                 response_deserializer=funnel_dot_v1_dot_recommender__pb2.RecommendResponse.FromString,
                 _registered_method=True)
+        self.LogEvents = channel.unary_unary(
+                '/funnel.v1.Recommender/LogEvents',
+                request_serializer=funnel_dot_v1_dot_recommender__pb2.LogEventsRequest.SerializeToString,
+                response_deserializer=funnel_dot_v1_dot_recommender__pb2.LogEventsResponse.FromString,
+                _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/funnel.v1.Recommender/Reload',
+                request_serializer=funnel_dot_v1_dot_recommender__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=funnel_dot_v1_dot_recommender__pb2.ReloadResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -55,6 +65,24 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LogEvents(self, request, context):
+        """Appends behaviour to users' sequences. Returns once the events are durable
+        (on disk, or in the shared state store); the next Recommend for those
+        users sees them in both stages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reload(self, request, context):
+        """Admin: load the bundle the bundle root's CURRENT names now (if it
+        changed), validate it and swap it in. A bundle that fails validation is
+        refused (FAILED_PRECONDITION with the reason) and the old one keeps serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +90,16 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.Recommend,
                     request_deserializer=funnel_dot_v1_dot_recommender__pb2.RecommendRequest.FromString,
                     response_serializer=funnel_dot_v1_dot_recommender__pb2.RecommendResponse.SerializeToString,
+            ),
+            'LogEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogEvents,
+                    request_deserializer=funnel_dot_v1_dot_recommender__pb2.LogEventsRequest.FromString,
+                    response_serializer=funnel_dot_v1_dot_recommender__pb2.LogEventsResponse.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=funnel_dot_v1_dot_recommender__pb2.ReloadRequest.FromString,
+                    response_serializer=funnel_dot_v1_dot_recommender__pb2.ReloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,6 +131,60 @@ class Recommender:
             '/funnel.v1.Recommender/Recommend',
             funnel_dot_v1_dot_recommender__pb2.RecommendRequest.SerializeToString,
             funnel_dot_v1_dot_recommender__pb2.RecommendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/funnel.v1.Recommender/LogEvents',
+            funnel_dot_v1_dot_recommender__pb2.LogEventsRequest.SerializeToString,
+            funnel_dot_v1_dot_recommender__pb2.LogEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/funnel.v1.Recommender/Reload',
+            funnel_dot_v1_dot_recommender__pb2.ReloadRequest.SerializeToString,
+            funnel_dot_v1_dot_recommender__pb2.ReloadResponse.FromString,
             options,
             channel_credentials,
             insecure,
