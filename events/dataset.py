@@ -25,6 +25,8 @@ class Dataset:
         seqs: time-ordered per-user sequences over the user id space ``users.size``.
         tags: vocabulary of item side-feature tags (e.g. genres).
         item_tags: int64 [items.size, T] tag ids per item, 0-padded (T may be 0).
+        item_listed: bool [items.size]; items from a catalogue file, recommendable
+            before their first interaction.
     """
 
     users: Vocab
@@ -35,6 +37,7 @@ class Dataset:
     seqs: Sequences
     tags: Vocab
     item_tags: np.ndarray
+    item_listed: np.ndarray
 
     @classmethod
     def from_log(cls, log: EventLog, catalogue: pd.DataFrame | None = None) -> "Dataset":
@@ -56,6 +59,9 @@ class Dataset:
         item_category[item_ids] = categories.encode(meta["category"])
         item_title = np.full(items.size, "", dtype=object)
         item_title[item_ids] = meta["title"].to_numpy(dtype=object)
+        item_listed = np.zeros(items.size, dtype=bool)
+        if catalogue is not None:
+            item_listed[items.encode(catalogue["item"])] = True
         tag_lists = meta["tags"].fillna("").str.split("|").map(lambda t: [x for x in t if x])
         tags = Vocab.fit(pd.Series([t for ts in tag_lists for t in ts], dtype="string[pyarrow]"))
         width = int(tag_lists.map(len).max()) if len(tag_lists) else 0
@@ -70,7 +76,7 @@ class Dataset:
             events["ts"].to_numpy(),
             users.size,
         )
-        return cls(users, items, categories, item_category, item_title, seqs, tags, item_tags)
+        return cls(users, items, categories, item_category, item_title, seqs, tags, item_tags, item_listed)
 
     def encode_log(self, log: EventLog) -> Sequences:
         """Encode another log with this dataset's vocabularies; events on unknown users or items are dropped."""
@@ -90,7 +96,9 @@ class Dataset:
         self.categories.save(os.path.join(directory, "categories.parquet"))
         self.tags.save(os.path.join(directory, "tags.parquet"))
         np.save(os.path.join(directory, "item_tags.npy"), self.item_tags)
-        pd.DataFrame({"category": self.item_category, "title": pd.array(self.item_title, dtype="string[pyarrow]")}).to_parquet(
+        pd.DataFrame(
+            {"category": self.item_category, "title": pd.array(self.item_title, dtype="string[pyarrow]"), "listed": self.item_listed}
+        ).to_parquet(
             os.path.join(directory, "item_meta.parquet")
         )
         np.savez(os.path.join(directory, "sequences.npz"), **{f: getattr(self.seqs, f) for f in _SEQ_FIELDS})
@@ -110,7 +118,9 @@ class Dataset:
             raise ValueError(f"{directory}: item metadata has {len(meta)} rows for {items.size} item ids")
         if seqs.num_users != users.size or seqs.offsets[-1] != len(seqs.items):
             raise ValueError(f"{directory}: sequences do not match the user vocabulary")
-        return cls(users, items, categories, meta["category"].to_numpy(np.int64), meta["title"].to_numpy(dtype=object), seqs, tags, item_tags)
+        return cls(
+            users, items, categories, meta["category"].to_numpy(np.int64), meta["title"].to_numpy(dtype=object), seqs, tags, item_tags, meta["listed"].to_numpy(bool)
+        )
 
 
 def file_fingerprint(path: str) -> str:

@@ -51,7 +51,11 @@ class Candidates:
 
 
 class Retriever:
-    """Runs the recall channels for a batch of users and merges their candidates."""
+    """Runs the recall channels for a batch of users and merges their candidates.
+
+    ``recommendable`` (bool [M], default every item but padding) names the items the
+    index holds; the exact per-category path keeps to the same set.
+    """
 
     def __init__(
         self,
@@ -62,6 +66,7 @@ class Retriever:
         popularity: Popularity,
         item_category: np.ndarray,
         config: RecallConfig | None = None,
+        recommendable: np.ndarray | None = None,
     ):
         self.model = model.eval()
         self.item_vecs = item_vecs
@@ -70,6 +75,8 @@ class Retriever:
         self.popularity = popularity
         self.item_category = item_category
         self.config = config or RecallConfig()
+        # The exact category path must return only what the index holds.
+        self.recommendable = recommendable if recommendable is not None else np.arange(len(item_vecs)) > 0
 
     def user_vectors(self, window: Window, now: np.ndarray) -> np.ndarray:
         """User-tower vectors for a batch of windows as of the request times ``now`` [B]. Returns [B, d] float32."""
@@ -117,7 +124,7 @@ class Retriever:
     def _two_tower(self, uv: np.ndarray, exclude: sp.csr_matrix, category: int | None, k: int) -> np.ndarray:
         if category is not None:
             # A category is a small slice of the catalogue: score it exactly.
-            pool = np.flatnonzero(self.item_category == category)
+            pool = np.flatnonzero((self.item_category == category) & self.recommendable)
             scores = uv @ self.item_vecs[pool].T  # [B, |pool|]
             ids = np.broadcast_to(pool, scores.shape)
             scores[_is_excluded(ids, exclude)] = -np.inf

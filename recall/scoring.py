@@ -5,7 +5,9 @@ import scipy.sparse as sp
 import torch
 
 
-def exact_topk(user_vecs: np.ndarray, item_vecs: np.ndarray, k: int, exclude: sp.csr_matrix | None = None, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def exact_topk(
+    user_vecs: np.ndarray, item_vecs: np.ndarray, k: int, exclude: sp.csr_matrix | None = None, batch: int = 1024, among: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Inner-product top-k over the whole catalogue (item row 0 is padding and never returned).
 
     Args:
@@ -14,10 +16,17 @@ def exact_topk(user_vecs: np.ndarray, item_vecs: np.ndarray, k: int, exclude: sp
         k: results per user.
         exclude: optional [U, M] sparse matrix; non-zero entries are never returned.
         batch: users scored at a time (bounds memory at batch × M floats).
+        among: optional bool [M]; only these items compete (e.g. the recommendable ones).
 
     Returns:
         (ids [U, k] int64, scores [U, k] float32), best first.
     """
+    if among is not None:
+        # Score the subset only, then map its rows back to item ids; row 0 stays padding.
+        rows = np.concatenate([[0], np.flatnonzero(among[1:]) + 1])
+        sub = exclude.tocsc()[:, rows].tocsr() if exclude is not None else None
+        ids, scores = exact_topk(user_vecs, item_vecs[rows], k, sub, batch)
+        return rows[ids], scores
     items = torch.from_numpy(np.ascontiguousarray(item_vecs, dtype=np.float32))
     k = min(k, len(item_vecs) - 1)
     ids, scores = [], []

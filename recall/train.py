@@ -102,11 +102,23 @@ def known_items(data: Dataset, split: Split) -> np.ndarray:
     return np.bincount(data.seqs.items[split.train_mask(data.seqs)], minlength=data.items.size) > 0
 
 
+def recommendable_items(data: Dataset, known: np.ndarray) -> np.ndarray:
+    """bool [items.size]: items the recall stage may return.
+
+    Items seen in training or listed in the catalogue. Items that only occur in held-out
+    events are not: they would be indexed from side features alone and, being exactly
+    the held-out targets, leak the answer into evaluation.
+    """
+    out = known | data.item_listed
+    out[0] = False
+    return out
+
+
 def evaluate_targets(model: TwoTower, data: Dataset, users: np.ndarray, positions: np.ndarray, known: np.ndarray, k: int = 50) -> dict:
     """Full-ranking HR/NDCG/MRR of the two-tower alone for (user, target position) pairs, seen items masked."""
     uv = user_vectors(model, data, users, positions)
     seen = data.seqs.history_matrix(users, positions, data.items.size)
-    top, _ = exact_topk(uv, item_vectors(model, data, known), k, exclude=seen)
+    top, _ = exact_topk(uv, item_vectors(model, data, known), k, exclude=seen, among=recommendable_items(data, known))
     return summarize(target_ranks(top, data.seqs.items[positions]), ks=(10, k))
 
 

@@ -25,6 +25,7 @@ from recall.channels import CoVisitation, Popularity
 from recall.index import IndexSpec, load_index, save_index
 from recall.model import TwoTower, TwoTowerConfig
 from recall.retriever import RecallConfig, Retriever
+from recall.train import recommendable_items
 
 FORMAT_VERSION = 1
 CURRENT = "CURRENT"
@@ -74,9 +75,16 @@ class Bundle:
     def index_version(self) -> str:
         return self.manifest["index_version"]
 
+    @property
+    def recommendable(self) -> np.ndarray:
+        """bool [M]: items the index holds (seen in training, or listed in the catalogue)."""
+        return recommendable_items(self.data, self.popularity.counts > 0)
+
     def pipeline(self) -> TwoStage:
         """The two stages wired together for serving or evaluation."""
-        retriever = Retriever(self.two_tower, self.item_vecs, self.index, self.covisit, self.popularity, self.data.item_category, self.recall_config)
+        retriever = Retriever(
+            self.two_tower, self.item_vecs, self.index, self.covisit, self.popularity, self.data.item_category, self.recall_config, self.recommendable
+        )
         return TwoStage(retriever, self.ranker, self.popularity.counts)
 
 
@@ -289,8 +297,10 @@ def load_bundle(path: str, device: str = "cpu") -> Bundle:
     sizes = {"item vectors": len(item_vecs), "popularity": len(counts), "vocabulary": data.items.size}
     if len(set(sizes.values())) != 1 or max(two_tower.cfg.num_items, ranker.cfg.num_items) > data.items.size:
         raise BundleError(f"{version_dir}: item id spaces disagree: {sizes}, model tables {two_tower.cfg.num_items}/{ranker.cfg.num_items}")
-    if index.ntotal != data.items.size - 1:
-        raise BundleError(f"{version_dir}: index holds {index.ntotal} vectors for {data.items.size - 1} items")
-    return Bundle(
+    bundle = Bundle(
         version_dir, manifest, data, two_tower, ranker, item_vecs, index, spec, covisit, Popularity.from_counts(counts), RecallConfig(**manifest["recall_config"])
     )
+    recommendable = int(bundle.recommendable.sum())
+    if index.ntotal != recommendable:
+        raise BundleError(f"{version_dir}: index holds {index.ntotal} vectors for {recommendable} recommendable items")
+    return bundle

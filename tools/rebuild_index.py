@@ -61,16 +61,18 @@ def rebuild_index(*, bundle: str, index: str, min_recall: float = 0.95, k: int =
     started = time.perf_counter()
     vecs = item_vectors(b.two_tower, b.data, b.popularity.counts > 0)
     embedded = time.perf_counter()
-    spec = resolve(IndexSpec.parse(index), len(vecs) - 1)
-    ann = build_index(vecs[1:], np.arange(1, len(vecs)), spec)
+    recommendable = b.recommendable
+    ids = np.flatnonzero(recommendable)
+    spec = resolve(IndexSpec.parse(index), len(ids))
+    ann = build_index(vecs[ids], ids, spec)
     built = time.perf_counter()
     queries = _validation_queries(b, sample_users, seed)
-    k = min(k, len(vecs) - 1)
-    recall, speeds = _validate(ann, queries, vecs, k)
+    k = min(k, len(ids))
+    recall, speeds = _validate(ann, queries, vecs, recommendable, k)
     done = time.perf_counter()
     report = {
         "index": str(spec),
-        "items": len(vecs) - 1,
+        "items": len(ids),
         "dim": int(vecs.shape[1]),
         "k": k,
         "queries": len(queries),
@@ -97,15 +99,19 @@ def _validation_queries(b: Bundle, sample_users: int, seed: int) -> np.ndarray:
     return b.pipeline().retriever.user_vectors(seqs.user_window(users, b.two_tower.cfg.history), seqs.ts[seqs.offsets[users + 1] - 1])
 
 
-def _validate(ann: faiss.Index, queries: np.ndarray, vecs: np.ndarray, k: int) -> tuple[float, dict]:
-    """Recall@k of ``ann`` against exact search, and both speeds in one batch and one query at a time."""
+def _validate(ann: faiss.Index, queries: np.ndarray, vecs: np.ndarray, among: np.ndarray, k: int) -> tuple[float, dict]:
+    """Recall@k of ``ann`` against exact search over the items it holds (``among``), and both speeds in one batch and one query at a time."""
+    # Exact search scans the same items as the index, gathered once outside the timings.
+    rows = np.concatenate([[0], np.flatnonzero(among[1:]) + 1])
+    held = np.ascontiguousarray(vecs[rows])
     t0 = time.perf_counter()
-    exact, exact_scores = exact_topk(queries, vecs, k)
+    exact, exact_scores = exact_topk(queries, held, k)
+    exact = rows[exact]
     exact_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     approx, _ = search(ann, queries, k)
     ann_s = time.perf_counter() - t0
-    exact_single = queries_per_second(lambda q: exact_topk(q, vecs, k), queries, 1, SINGLE_QUERY_BUDGET_S)
+    exact_single = queries_per_second(lambda q: exact_topk(q, held, k), queries, 1, SINGLE_QUERY_BUDGET_S)
     index_single = queries_per_second(lambda q: search(ann, q, k), queries, 1, SINGLE_QUERY_BUDGET_S)
     return float(overlap_recall(approx, exact)), {
         "tie_aware_recall_at_k": round(_tie_aware_recall(queries, vecs, approx, exact_scores[:, -1]), 5),

@@ -15,7 +15,7 @@ from rank.train import RankerTrainConfig, train_ranker
 from recall.channels import CoVisitation, Popularity
 from recall.index import IndexSpec, build_index
 from recall.retriever import RecallConfig, Retriever
-from recall.train import TwoTowerTrainConfig, item_vectors, known_items, train_two_tower
+from recall.train import TwoTowerTrainConfig, item_vectors, known_items, recommendable_items, train_two_tower
 from server.bundle import write_version
 
 log = logging.getLogger("funnel.train")
@@ -69,13 +69,16 @@ def train(
     recall_cfg = recall or RecallConfig()
 
     model, tt_history = train_two_tower(data, parts, train_config=tt_cfg, progress=progress)
-    vecs = item_vectors(model, data, known_items(data, parts))
-    ann = build_index(vecs[1:], np.arange(1, len(vecs)), spec)
+    known = known_items(data, parts)
+    vecs = item_vectors(model, data, known)
+    recommendable = recommendable_items(data, known)
+    ids = np.flatnonzero(recommendable)
+    ann = build_index(vecs[ids], ids, spec)
     # Channels and popularity see only the training part, like the models.
     mask = parts.train_mask(data.seqs)
     covisit = CoVisitation.fit(data.seqs, mask, data.items.size)
     popularity = Popularity.fit(data.seqs, mask, data.items.size)
-    retriever = Retriever(model, vecs, ann, covisit, popularity, data.item_category, recall_cfg)
+    retriever = Retriever(model, vecs, ann, covisit, popularity, data.item_category, recall_cfg, recommendable)
     rank_model, rk_history = train_ranker(data, parts, retriever, popularity.counts, train_config=rk_cfg, progress=progress)
 
     info = {
