@@ -1,6 +1,8 @@
 """Ranking features for (user, candidate) pairs, one function for training, evaluation and serving.
 
-Using the same function everywhere is what keeps offline and online features equal.
+Using the same function everywhere is what keeps offline and online features equal:
+training, ``funnel evaluate`` and the server all reach :func:`build_features` with
+the tables of one bundle (:class:`FeatureTables`).
 """
 
 from dataclasses import dataclass, fields
@@ -8,11 +10,51 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from events.schema import BEHAVIOR_CODE
 from events.sequences import Window
 from events.timegap import gap_buckets
+from rank.business import ITEM_FEATURES, POPULARITY_WINDOWS_S, USER_FEATURES, BusinessTables, user_business_features
+from recall.channels import CoVisitation
 
-NUM_DENSE = 4
-"""recall score, log item popularity, share of the history in the candidate's category, log user activity."""
+CANDIDATE_FEATURES = (
+    "recall_score",
+    "recall_rank",
+    "log_count",
+    "category_share",
+    "category_share_short",
+    "covisit_recent",
+    "covisit_last",
+    "seen_share",
+    "seen_hours",
+    "seen_cart_fav",
+    "seen_buy",
+) + tuple(f"popularity_{w // 86_400}d" for w in POPULARITY_WINDOWS_S) + ("popularity_before",)
+DENSE_FEATURES = CANDIDATE_FEATURES + ITEM_FEATURES + ("user_activity",) + USER_FEATURES
+"""Names of the columns of :attr:`RankFeatures.dense`, in order."""
+NUM_DENSE = len(DENSE_FEATURES)
+
+SHORT_SCALE = 10
+"""Events in the short-term category share."""
+COVISIT_RECENT = 5
+"""Recent events the co-visitation feature looks at (the latest weighs most)."""
+_MAX_RANK = 1024.0
+
+
+@dataclass
+class FeatureTables:
+    """Per-bundle statistics the features read (all from the training part of the log).
+
+    Attributes:
+        item_category: [M] category id per item id.
+        item_counts: [M] training interactions per item id.
+        business: item/category funnel statistics and time-aware popularity.
+        covisit: the co-visitation graph of the recall channel.
+    """
+
+    item_category: np.ndarray
+    item_counts: np.ndarray
+    business: BusinessTables
+    covisit: CoVisitation
 
 
 @dataclass
@@ -23,7 +65,7 @@ class RankFeatures:
         hist_items, hist_categories, hist_behaviors, hist_gaps: [B, L] recent behaviour,
             right-aligned, 0 = padding; gaps are log-time buckets to the request time.
         cand_items, cand_categories, cand_channels: [B, C] candidates, 0 = padding.
-        dense: [B, C, NUM_DENSE] float32 numeric features.
+        dense: [B, C, NUM_DENSE] float32 numeric features named by :data:`DENSE_FEATURES`.
     """
 
     hist_items: np.ndarray
@@ -45,10 +87,10 @@ def build_features(
     cand_items: np.ndarray,
     cand_scores: np.ndarray,
     cand_channels: np.ndarray,
+    cand_ranks: np.ndarray,
     *,
-    item_category: np.ndarray,
-    item_counts: np.ndarray,
     user_activity: np.ndarray,
+    tables: FeatureTables,
     num_gap_buckets: int,
 ) -> RankFeatures:
     """Assemble ranking features.
@@ -58,35 +100,104 @@ def build_features(
         now: [B] request times.
         cand_items, cand_scores, cand_channels: [B, C] candidates with their recall
             scores and channels (padding: item 0).
-        item_category: [M] category id per item id.
-        item_counts: [M] training interactions per item id.
+        cand_ranks: [B, C] each candidate's position in the recall-ordered list (0 = best).
         user_activity: [B] number of events in each user's whole history.
+        tables: the bundle's statistics.
         num_gap_buckets: time-gap bucket count (the ranker's config).
 
     Returns:
         The features, ready for :meth:`RankFeatures.to_torch`.
     """
+    now = np.asarray(now, np.int64)
     valid = window.items > 0
-    cand_categories = item_category[cand_items]
-    same = (window.categories[:, None, :] == cand_categories[:, :, None]) & valid[:, None, :]  # [B, C, L]
-    share = same.sum(-1) / np.maximum(valid.sum(-1), 1)[:, None]
-    scores = np.where(cand_items > 0, cand_scores, 0.0)
-    dense = np.stack(
+    real = cand_items > 0
+    cand_categories = tables.item_category[np.where(cand_items < len(tables.item_category), cand_items, 0)]
+    b, c = cand_items.shape
+    same_cat = (window.categories[:, None, :] == cand_categories[:, :, None]) & valid[:, None, :]  # [B, C, L]
+    share = same_cat.sum(-1) / np.maximum(valid.sum(-1), 1)[:, None]
+    short_valid = valid[:, -SHORT_SCALE:]
+    share_short = same_cat[:, :, -SHORT_SCALE:].sum(-1) / np.maximum(short_valid.sum(-1), 1)[:, None]
+    same_item = (window.items[:, None, :] == cand_items[:, :, None]) & valid[:, None, :]  # [B, C, L]
+    seen = same_item.any(-1)
+    last_seen = np.where(same_item, window.ts[:, None, :], np.iinfo(np.int64).min).max(-1)  # [B, C]
+    seen_hours = np.where(seen, np.log1p(np.maximum(now[:, None] - last_seen, 0) / 3600.0) / 10.0, 0.0)
+    beh = window.behaviors[:, None, :]
+    cart_fav = (same_item & ((beh == BEHAVIOR_CODE["cart"]) | (beh == BEHAVIOR_CODE["fav"]))).any(-1)
+    bought = (same_item & (beh == BEHAVIOR_CODE["buy"])).any(-1)
+    counts = tables.item_counts[np.where(cand_items < len(tables.item_counts), cand_items, 0)]
+    candidate = np.stack(
         [
-            scores,
-            np.log1p(item_counts[cand_items]) / 10.0,
+            np.where(real, cand_scores, 0.0),
+            np.log1p(np.minimum(cand_ranks, _MAX_RANK)) / np.log1p(_MAX_RANK),
+            np.log1p(counts) / 10.0,
             share,
-            np.broadcast_to(np.log1p(user_activity)[:, None] / 10.0, cand_items.shape),
+            share_short,
+            np.log1p(covisit_scores(tables.covisit, window.items[:, -COVISIT_RECENT:], cand_items)),
+            np.log1p(covisit_scores(tables.covisit, window.items[:, -1:], cand_items)),
+            same_item.sum(-1) / np.maximum(valid.sum(-1), 1)[:, None],
+            seen_hours,
+            cart_fav,
+            bought,
+        ],
+        axis=-1,
+    )  # [B, C, 11]
+    user = np.concatenate([np.log1p(np.asarray(user_activity, np.float64))[:, None] / 10.0, user_business_features(window, now)], axis=-1)  # [B, U]
+    dense = np.concatenate(
+        [
+            candidate,
+            tables.business.popularity(cand_items, now),
+            tables.business.item_features(cand_items),
+            np.broadcast_to(user[:, None, :], (b, c, user.shape[1])),
         ],
         axis=-1,
     ).astype(np.float32)
+    dense[~real] = 0.0
     return RankFeatures(
         hist_items=window.items,
         hist_categories=window.categories,
         hist_behaviors=window.behaviors,
         hist_gaps=gap_buckets(now, window.ts, valid, num_gap_buckets),
         cand_items=cand_items,
-        cand_categories=cand_categories,
+        cand_categories=np.where(real, cand_categories, 0),
         cand_channels=cand_channels.astype(np.int64),
         dense=dense,
     )
+
+
+def covisit_scores(covisit: CoVisitation, recent: np.ndarray, cand_items: np.ndarray) -> np.ndarray:
+    """Co-visitation score of each candidate with the recent items (as the recall channel weighs them).
+
+    Args:
+        covisit: the co-visitation graph.
+        recent: [B, n] latest item ids, most recent last, 0 = padding.
+        cand_items: [B, C] candidate ids.
+
+    Returns:
+        float32 [B, C]; 0 where the graph links no recent item to the candidate.
+    """
+    width = covisit.graph.shape[0]
+    scores = covisit.scores(np.where(recent < width, recent, 0)).tocoo()
+    if scores.nnz == 0:
+        return np.zeros(cand_items.shape, np.float32)
+    keys = scores.row.astype(np.int64) * width + scores.col
+    order = np.argsort(keys)
+    keys, vals = keys[order], scores.data[order]
+    query = np.arange(len(cand_items))[:, None] * width + np.where((cand_items > 0) & (cand_items < width), cand_items, 0)
+    at = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+    return np.where((keys[at] == query) & (cand_items > 0), vals[at], 0.0).astype(np.float32)
+
+
+def recall_ranks(scores: np.ndarray, list_scores: np.ndarray) -> np.ndarray:
+    """Where items with recall ``scores`` would stand in a recall-ordered candidate list.
+
+    Args:
+        scores: [B, G] recall scores.
+        list_scores: [B, C] the list's scores, best first (-inf for padding).
+
+    Returns:
+        int64 [B, G]: how many list entries score strictly higher.
+    """
+    out = np.zeros(scores.shape, np.int64)
+    for i, (row, s) in enumerate(zip(list_scores, scores)):
+        out[i] = np.searchsorted(-row, -s, side="left")  # -row ascends; padding (-inf) sorts last
+    return out

@@ -1,6 +1,18 @@
-"""DIN-style ranking model: target attention of each candidate over the recent behaviour."""
+"""Ranking model: short- and long-term target attention, a cross network, and one head per behaviour.
 
-from dataclasses import asdict, dataclass
+Each candidate attends (DIN-style) over the user's recent events, built from item,
+category, behaviour-type and time-gap embeddings, twice: once over the last ``short``
+events (what the user is doing now) and once over the whole ``history`` window (what
+the user likes), with separate projections, so the two interests are separate inputs.
+Those interests, the candidate's embedding, its recall channel and the dense features
+(recall score and rank, co-visitation, popularity, business features) feed a DCN-v2
+cross network beside a deep MLP; their joint output is a shared bottom for the heads.
+
+Heads (ESMM-style, so the sparse deeper behaviours borrow the click head's signal):
+``p_click = σ(z_click)``, ``p_cart_fav = p_click · σ(z_cart_fav)``, ``p_buy = p_click · σ(z_buy)``.
+"""
+
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -10,32 +22,96 @@ from events.schema import NUM_BEHAVIOR_CODES
 from rank.features import NUM_DENSE
 from recall.model import lookup
 
+HEADS: tuple[str, ...] = ("click", "cart_fav", "buy")
+"""Head names in order; single-behaviour logs train only ``click``."""
+
+DEFAULT_HEAD_WEIGHTS: dict[str, float] = {"click": 1.0, "cart_fav": 2.0, "buy": 4.0}
+"""Default weights of :func:`combine_heads`: a buy is worth more than a cart/fav, which is worth more than a click."""
+
 
 @dataclass
 class RankerConfig:
-    """Hyper-parameters; saved inside every checkpoint so a loader can rebuild the model."""
+    """Hyper-parameters; saved inside every checkpoint so a loader can rebuild the model.
+
+    Attributes:
+        num_items, num_categories: embedding table sizes.
+        num_channels: recall channel ids (0 = none).
+        num_dense: dense feature count (:data:`rank.features.NUM_DENSE`).
+        dim: embedding width.
+        history: events in the long-term window (the model's input length).
+        short: the latest events in the short-term window.
+        gap_buckets: time-gap buckets.
+        cross_layers: DCN-v2 cross layers.
+        hidden: width of the deep tower.
+        dropout: dropout in the deep tower and on the attention interests.
+        heads: which heads the model has (a prefix-free subset of :data:`HEADS`, ``click`` first).
+        head_weights: default weights of the final score (:func:`combine_heads`).
+    """
 
     num_items: int
     num_categories: int
     num_channels: int = 4
-    dim: int = 48
-    history: int = 50
+    num_dense: int = NUM_DENSE
+    dim: int = 32
+    history: int = 100
+    short: int = 10
     gap_buckets: int = 24
+    cross_layers: int = 2
     hidden: int = 128
-    dropout: float = 0.1
+    dropout: float = 0.2
+    heads: tuple[str, ...] = ("click",)
+    head_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_HEAD_WEIGHTS))
+
+    def __post_init__(self):
+        self.heads = tuple(self.heads)
+        if not self.heads or self.heads[0] != "click" or any(h not in HEADS for h in self.heads):
+            raise ValueError(f"heads must start with 'click' and name only {HEADS}, got {self.heads}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-class Ranker(nn.Module):
-    """Scores candidates for a user.
+class CrossNetwork(nn.Module):
+    """DCN-v2 cross layers: ``x_{l+1} = x_0 ⊙ (W_l x_l + b_l) + x_l`` (explicit feature interactions)."""
 
-    Each candidate attends over the user's recent events (item, category, behaviour
-    type and time gap), giving a candidate-specific interest vector; a long-term mean
-    of the whole window, the dense features (recall score, popularity, category share,
-    activity) and the recall channel join it in an MLP that outputs a click logit.
-    """
+    def __init__(self, width: int, layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        for layer in self.layers:
+            nn.init.zeros_(layer.bias)
+            nn.init.normal_(layer.weight, std=0.01)
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        """Args: x0 [..., width]. Returns [..., width]."""
+        x = x0
+        for layer in self.layers:
+            x = x0 * layer(x) + x
+        return x
+
+
+class TargetAttention(nn.Module):
+    """Scaled dot-product attention of candidates over events, with its own projections."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query = nn.Linear(dim, dim, bias=False)
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.scale = dim**-0.5
+
+    def forward(self, target: torch.Tensor, events: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: target [B, C, d], events [B, L, d], mask [B, L].
+
+        Returns:
+            (interest [B, C, d], weights [B, C, L]; all zero for an empty history).
+        """
+        att = self.query(target) @ self.key(events).transpose(1, 2) * self.scale  # [B, C, L]
+        att = att.masked_fill(~mask[:, None, :], float("-inf"))
+        weights = torch.nan_to_num(torch.softmax(att, dim=-1), nan=0.0)  # [B, C, L]
+        return weights @ events, weights
+
+
+class Ranker(nn.Module):
+    """Scores candidates for a user; see the module docstring for the architecture."""
 
     def __init__(self, cfg: RankerConfig):
         super().__init__()
@@ -45,17 +121,21 @@ class Ranker(nn.Module):
         self.category = nn.Embedding(cfg.num_categories, d, padding_idx=0)
         self.behavior = nn.Embedding(NUM_BEHAVIOR_CODES, d, padding_idx=0)
         self.gap = nn.Embedding(cfg.gap_buckets, d, padding_idx=0)
-        self.channel = nn.Embedding(cfg.num_channels, 8)
-        self.query = nn.Linear(d, d, bias=False)
-        self.key = nn.Linear(d, d, bias=False)
-        self.mlp = nn.Sequential(
-            nn.Linear(4 * d + 8 + NUM_DENSE, cfg.hidden),
+        self.channel = nn.Embedding(cfg.num_channels, 4)
+        self.short_att = TargetAttention(d)
+        self.long_att = TargetAttention(d)
+        self.dense_norm = nn.LayerNorm(cfg.num_dense)
+        width = 5 * d + 4 + cfg.num_dense
+        self.cross = CrossNetwork(width, cfg.cross_layers)
+        self.deep = nn.Sequential(
+            nn.Linear(width, cfg.hidden),
             nn.GELU(),
             nn.Dropout(cfg.dropout),
             nn.Linear(cfg.hidden, cfg.hidden // 2),
             nn.GELU(),
-            nn.Linear(cfg.hidden // 2, 1),
         )
+        self.drop = nn.Dropout(cfg.dropout)
+        self.heads = nn.Linear(width + cfg.hidden // 2, len(cfg.heads))
         for emb in (self.item, self.category, self.behavior, self.gap):
             nn.init.normal_(emb.weight, std=0.05)
 
@@ -63,40 +143,71 @@ class Ranker(nn.Module):
         """Args: tensors from :meth:`rank.features.RankFeatures.to_torch`.
 
         Returns:
-            (logits [B, C], attention weights [B, C, L] over the history).
+            (logits [B, C, H] per head in ``cfg.heads`` order, attention [B, C, L]: the
+            mean of the short-term weights (on the last ``short`` events) and the
+            long-term weights over the window).
         """
-        hist_mask = f["hist_items"] > 0  # [B, L]
-        keys = (
+        s = self.cfg.short
+        mask = f["hist_items"] > 0  # [B, L]
+        events = (
             lookup(self.item, f["hist_items"]) + lookup(self.category, f["hist_categories"]) + self.behavior(f["hist_behaviors"]) + self.gap(f["hist_gaps"])
         )  # [B, L, d]
         target = lookup(self.item, f["cand_items"]) + lookup(self.category, f["cand_categories"])  # [B, C, d]
-        att = self.query(target) @ self.key(keys).transpose(1, 2) / self.cfg.dim**0.5  # [B, C, L]
-        att = att.masked_fill(~hist_mask[:, None, :], float("-inf"))
-        weights = torch.nan_to_num(torch.softmax(att, dim=-1), nan=0.0)  # [B, C, L]; empty history → zeros
-        interest = weights @ keys  # [B, C, d]
-        long_term = (keys * hist_mask[..., None]).sum(1) / hist_mask.sum(1, keepdim=True).clamp_min(1)  # [B, d]
-        x = torch.cat(
-            [
-                target,
-                interest,
-                target * interest,
-                long_term[:, None, :].expand_as(target),
-                self.channel(f["cand_channels"]),
-                f["dense"],
-            ],
-            dim=-1,
-        )  # [B, C, 4d + 8 + NUM_DENSE]
-        return self.mlp(x).squeeze(-1), weights
+        short, w_short = self.short_att(target, events[:, -s:], mask[:, -s:])  # [B, C, d], [B, C, s]
+        long, w_long = self.long_att(target, events, mask)  # [B, C, d], [B, C, L]
+        short, long = self.drop(short), self.drop(long)
+        x0 = torch.cat(
+            [target, short, long, target * short, target * long, self.channel(f["cand_channels"]), self.dense_norm(f["dense"])], dim=-1
+        )  # [B, C, 5d + 4 + num_dense]
+        logits = self.heads(torch.cat([self.cross(x0), self.deep(x0)], dim=-1))  # [B, C, H]
+        attention = 0.5 * (F.pad(w_short, (w_long.shape[-1] - w_short.shape[-1], 0)) + w_long)  # [B, C, L]
+        return logits, attention
 
 
-def ranking_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Pointwise log-loss (calibrated probabilities) plus a listwise softmax term per group.
+def head_probabilities(logits: torch.Tensor, heads: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Per-head probabilities from :meth:`Ranker.forward` logits [B, C, H] (ESMM chain through ``click``)."""
+    click = torch.sigmoid(logits[..., 0])  # [B, C]
+    return {name: click if i == 0 else click * torch.sigmoid(logits[..., i]) for i, name in enumerate(heads)}
+
+
+def combine_heads(probs: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """The final score: ``Σ_h w_h · p_h / Σ_h w_h`` over the model's heads.
+
+    Heads missing from ``weights`` weigh 0; if every weight is 0 the click head decides.
 
     Args:
-        logits: [B, G] scores of each group's items.
-        labels: [B, G] 1 for the positive, 0 for negatives; each row has one positive.
-        mask: [B, G] real (non-padding) entries.
+        probs: head name -> [B, C] probabilities.
+        weights: head name -> non-negative weight.
+
+    Returns:
+        [B, C] scores in [0, 1].
     """
-    pointwise = F.binary_cross_entropy_with_logits(logits[mask], labels[mask].float())
-    listwise = F.cross_entropy(logits.masked_fill(~mask, float("-inf")), labels.float().argmax(1))
-    return pointwise + listwise
+    bad = {h: w for h, w in weights.items() if not w >= 0}
+    if bad:
+        raise ValueError(f"head weights must be non-negative numbers, got {bad}")
+    used = {h: float(weights.get(h, 0.0)) for h in probs}
+    total = sum(used.values())
+    if total == 0:
+        return probs["click"]
+    return sum(w * probs[h] for h, w in used.items() if w) / total
+
+
+def ranking_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, heads: tuple[str, ...], listwise_weight: float = 1.0) -> torch.Tensor:
+    """Listwise softmax over each group on the click logit plus pointwise log-loss on every head.
+
+    Args:
+        logits: [B, G, H] scores of each group's items.
+        labels: [B, G, H] 0/1 per head; column 0 of the group (the positive) is the
+            only item with a click label.
+        mask: [B, G] real (non-padding) entries.
+        heads: head names in ``logits`` order.
+        listwise_weight: weight of the listwise term.
+
+    Returns:
+        The scalar loss.
+    """
+    probs = head_probabilities(logits, heads)
+    pointwise = sum(F.binary_cross_entropy(probs[h][mask].clamp(1e-7, 1 - 1e-7), labels[..., i][mask].float()) for i, h in enumerate(heads))
+    click = logits[..., 0].masked_fill(~mask, float("-inf"))  # [B, G]
+    listwise = F.cross_entropy(click, labels[..., 0].float().argmax(1))
+    return pointwise + listwise_weight * listwise

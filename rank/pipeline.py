@@ -8,8 +8,9 @@ import scipy.sparse as sp
 import torch
 
 from events.sequences import Window
-from rank.features import build_features
-from rank.model import Ranker
+from rank.business import BusinessTables
+from rank.features import FeatureTables, RankFeatures, build_features
+from rank.model import Ranker, combine_heads, head_probabilities
 from recall.retriever import Candidates, Retriever
 
 
@@ -19,9 +20,13 @@ class Ranked:
 
     Attributes:
         items, recall_scores, channels: as in :class:`recall.retriever.Candidates`.
-        scores: ranker probabilities (0 for padding).
+        scores: the final score, the weighted combination of ``head_scores``
+            (:func:`rank.model.combine_heads`; 0 for padding).
+        head_scores: head name ("click", and on behaviour logs "cart_fav", "buy") ->
+            [B, C] probabilities, in the same order as ``items``.
         attention: [B, C, L] the ranker's attention over the user's recent events.
-        history_items: [B, L] the recent events the attention refers to.
+        history_items, history_behaviors, history_ts: [B, L] the recent events the
+            attention refers to (0 = padding).
     """
 
     items: np.ndarray
@@ -30,59 +35,96 @@ class Ranked:
     channels: np.ndarray
     attention: np.ndarray
     history_items: np.ndarray
+    head_scores: dict[str, np.ndarray]
+    history_behaviors: np.ndarray
+    history_ts: np.ndarray
 
 
 class TwoStage:
-    """Retriever + ranker with the statistics the ranking features need."""
+    """Retriever + ranker with the statistics the ranking features need.
 
-    def __init__(self, retriever: Retriever, ranker: Ranker, item_counts: np.ndarray):
+    Args:
+        retriever: the recall stage (its co-visitation graph is also a ranking feature).
+        ranker: the ranking model.
+        item_counts: [M] training interactions per item id.
+        business: the bundle's business tables.
+    """
+
+    def __init__(self, retriever: Retriever, ranker: Ranker, item_counts: np.ndarray, business: BusinessTables):
         self.retriever = retriever
         self.ranker = ranker.eval()
-        self.item_counts = item_counts
+        self.tables = FeatureTables(retriever.item_category, item_counts, business, retriever.covisit)
 
     @property
     def history(self) -> int:
         """Window length that covers both stages."""
         return max(self.retriever.model.cfg.history, self.ranker.cfg.history)
 
-    def rank(self, window: Window, now: np.ndarray, user_activity: np.ndarray, candidates: Candidates) -> Ranked:
-        """Score given candidates and sort them by the ranker.
+    def features(self, window: Window, now: np.ndarray, user_activity: np.ndarray, candidates: Candidates) -> RankFeatures:
+        """The ranking features of recalled candidates, exactly as :meth:`rank` scores them.
+
+        Args:
+            window: recent behaviour, at least ``ranker.cfg.history`` long.
+            now: [B] request times.
+            user_activity: [B] events in each user's whole history.
+            candidates: from :meth:`Retriever.retrieve` (recall order, so a column is a recall rank).
+        """
+        ranks = np.broadcast_to(np.arange(candidates.items.shape[1]), candidates.items.shape)
+        return build_features(
+            window.tail(self.ranker.cfg.history),
+            now,
+            candidates.items,
+            candidates.scores,
+            candidates.channels,
+            ranks,
+            user_activity=user_activity,
+            tables=self.tables,
+            num_gap_buckets=self.ranker.cfg.gap_buckets,
+        )
+
+    def rank(
+        self, window: Window, now: np.ndarray, user_activity: np.ndarray, candidates: Candidates, head_weights: dict[str, float] | None = None
+    ) -> Ranked:
+        """Score given candidates and sort them by the final score.
 
         Args:
             window: recent behaviour, at least ``ranker.cfg.history`` long.
             now: [B] request times.
             user_activity: [B] events in each user's whole history.
             candidates: from :meth:`Retriever.retrieve`.
+            head_weights: per-head weights overriding the ranker's defaults
+                (``ranker.cfg.head_weights``) for the heads they name.
+
+        Returns:
+            The candidates sorted by final score, with per-head scores and attention.
         """
         w = window.tail(self.ranker.cfg.history)
-        feats = build_features(
-            w,
-            now,
-            candidates.items,
-            candidates.scores,
-            candidates.channels,
-            item_category=self.retriever.item_category,
-            item_counts=self.item_counts,
-            user_activity=user_activity,
-            num_gap_buckets=self.ranker.cfg.gap_buckets,
-        )
+        feats = self.features(w, now, user_activity, candidates)
+        cfg = self.ranker.cfg
         device = next(self.ranker.parameters()).device
         with torch.no_grad():
             logits, attention = self.ranker(feats.to_torch(device))
-        probs = torch.sigmoid(logits).cpu().numpy()
-        probs = np.where(candidates.items > 0, probs, -np.inf)
-        order = np.argsort(-probs, axis=1, kind="stable")
+            probs = head_probabilities(logits, cfg.heads)
+            final = combine_heads(probs, {**cfg.head_weights, **(head_weights or {})}).cpu().numpy()
+        real = candidates.items > 0
+        order = np.argsort(np.where(real, -final, np.inf), axis=1, kind="stable")
         take = lambda a: np.take_along_axis(a, order, axis=1)
+        zero_pad = lambda a: np.where(take(real), take(a), 0.0).astype(np.float32)
         return Ranked(
             items=take(candidates.items),
-            scores=np.where(np.isfinite(take(probs)), take(probs), 0.0).astype(np.float32),
+            scores=zero_pad(final),
             recall_scores=take(candidates.scores),
             channels=take(candidates.channels),
             attention=np.take_along_axis(attention.cpu().numpy(), order[..., None], axis=1),
             history_items=w.items,
+            head_scores={h: zero_pad(p.cpu().numpy()) for h, p in probs.items()},
+            history_behaviors=w.behaviors,
+            history_ts=w.ts,
         )
 
-    def recommend(self, window: Window, now: np.ndarray, user_activity: np.ndarray, exclude: sp.csr_matrix, category: int | None = None) -> tuple[Candidates, Ranked]:
+    def recommend(
+        self, window: Window, now: np.ndarray, user_activity: np.ndarray, exclude: sp.csr_matrix, category: int | None = None, head_weights: dict[str, float] | None = None
+    ) -> tuple[Candidates, Ranked]:
         """Both stages for a batch of users.
 
         Args:
@@ -91,9 +133,10 @@ class TwoStage:
             user_activity: [B] events in each user's whole history.
             exclude: [B, M] items never to return (seen, excluded by the caller).
             category: only items of this category id.
+            head_weights: as in :meth:`rank`.
 
         Returns:
             The recall candidates (recall order) and the ranked list.
         """
         candidates = self.retriever.retrieve(window.tail(self.retriever.model.cfg.history), now, exclude, category)
-        return candidates, self.rank(window, now, user_activity, candidates)
+        return candidates, self.rank(window, now, user_activity, candidates, head_weights)

@@ -2,9 +2,11 @@
 
 The logs hold no impressions, so for each training position the positive is the
 event that happened next and the negatives are candidates the recall stage returned
-for that moment that the user did not pick (hard) plus random items (easy). Only
-positions whose positive was recalled are used: at serving the ranker only ever
-sees recalled items, and their recall score and channel must look the same here.
+for that moment that the user did not pick (hard: the top of the list always, more
+drawn from the rest) plus random items (easy). Only positions whose positive was
+recalled are used: at serving the ranker only ever sees recalled items, and their
+recall score, rank and channel must look the same here. Training reads training
+positions only and early-stops on the validation target; the test target is never read.
 """
 
 from dataclasses import asdict, dataclass
@@ -15,44 +17,92 @@ from tqdm import tqdm
 
 from events.dataset import Dataset
 from events.metrics import summarize, target_ranks
+from events.schema import BEHAVIOR_CODE
 from events.split import Split
-from rank.features import build_features
-from rank.model import Ranker, RankerConfig, ranking_loss
+from rank.business import BusinessTables
+from rank.features import FeatureTables, build_features, recall_ranks
+from rank.model import HEADS, Ranker, RankerConfig, ranking_loss
 from rank.pipeline import TwoStage
-from recall.retriever import Retriever
+from recall.retriever import Candidates, Retriever
 from recall.train import EarlyStopping, pick_device
 
 
 @dataclass
 class RankerTrainConfig:
-    """Optimisation and sampling settings."""
+    """Optimisation and sampling settings.
+
+    Attributes:
+        top_negatives: the best-ranked recall candidates the user did not pick, always
+            in the group (the ones the final list is decided among).
+        hard_negatives: further recall candidates, drawn uniformly from the rest of the
+            list (or of its first ``hard_pool`` entries when ``hard_pool`` > 0).
+        random_negatives: uniformly random catalogue items; the hard : random ratio is
+            ``top_negatives + hard_negatives : random_negatives``.
+        recent_positions: train on each user's latest this-many training positions
+            (0 = all): the latest behaviour is the most like the held-out target.
+        max_examples: cap on training groups (a random subset beyond it).
+        listwise_weight: weight of the listwise softmax term against the pointwise log-loss.
+        weight_decay: decoupled L2 (AdamW) on every weight.
+    """
 
     epochs: int = 20
-    batch_size: int = 256
+    batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
-    hard_negatives: int = 16
-    random_negatives: int = 4
-    hard_pool: int = 0  # sample hard negatives among the top this-many candidates; 0 = all
-    patience: int = 2
-    max_examples: int = 300_000
+    top_negatives: int = 16
+    hard_negatives: int = 32
+    random_negatives: int = 8
+    hard_pool: int = 0
+    recent_positions: int = 0
+    patience: int = 3
+    max_examples: int = 200_000
     max_valid_users: int = 5000
+    listwise_weight: float = 1.0
     seed: int = 0
     device: str = "auto"
 
 
 @dataclass
-class _Groups:
-    users: np.ndarray  # [E]
-    positions: np.ndarray  # [E] the positive's position; history is everything before it
-    items: np.ndarray  # [E, G] positive first
-    scores: np.ndarray  # [E, G] recall scores
-    channels: np.ndarray  # [E, G]
+class Groups:
+    """One (positive, negatives) group per training example; [E, G] arrays have the positive in column 0.
+
+    Attributes:
+        users, positions: [E] the example's user and the positive's position (its history is everything before).
+        items, scores, channels, ranks: [E, G] group items (0 = padding) with their recall
+            score, channel and rank in the recall list.
+        behaviors: [E] the positive's behaviour code.
+    """
+
+    users: np.ndarray
+    positions: np.ndarray
+    items: np.ndarray
+    scores: np.ndarray
+    channels: np.ndarray
+    ranks: np.ndarray
+    behaviors: np.ndarray
 
 
-def make_groups(data: Dataset, retriever: Retriever, users: np.ndarray, positions: np.ndarray, cfg: RankerTrainConfig, rng: np.random.Generator, batch: int = 4096, progress: bool = False) -> _Groups:
-    """Recall candidates for every example, then one (positive, negatives) group each."""
+def make_groups(
+    data: Dataset, retriever: Retriever, users: np.ndarray, positions: np.ndarray, cfg: RankerTrainConfig, rng: np.random.Generator, batch: int = 2048, progress: bool = False
+) -> Groups:
+    """Recall candidates for every example, then one (positive, negatives) group each.
+
+    Args:
+        data: the encoded log.
+        retriever: the recall stage.
+        users, positions: [E] training examples (the positive is the event at the position).
+        cfg: sampling settings.
+        rng: random source.
+        batch: examples recalled at a time.
+        progress: show a progress bar.
+
+    Returns:
+        The groups of examples whose positive was recalled.
+
+    Raises:
+        ValueError: if no positive was recalled at all.
+    """
     seqs, num_items = data.seqs, data.items.size
     parts = []
     n = retriever.model.cfg.history
@@ -60,51 +110,125 @@ def make_groups(data: Dataset, retriever: Retriever, users: np.ndarray, position
         u, p = users[lo : lo + batch], positions[lo : lo + batch]
         cand = retriever.retrieve(seqs.window(p, n, seqs.offsets[u]), seqs.ts[p], seqs.history_matrix(u, p, num_items))
         target = seqs.items[p]
-        hit = cand.items == target[:, None]  # [b, C]
-        keep = hit.any(1)
-        if not keep.any():
-            continue
-        u, p, target, hit = u[keep], p[keep], target[keep], hit[keep]
-        c_items, c_scores, c_chan, uv = cand.items[keep], cand.scores[keep], cand.channels[keep], cand.user_vecs[keep]
-        pos_slot = hit.argmax(1)
-        # Negatives come from the whole candidate list (every channel), as the ranker will see at serving.
-        pool = min(cfg.hard_pool or c_items.shape[1], c_items.shape[1])
-        noise = rng.random((len(u), pool))
-        noise[(c_items[:, :pool] == 0) | hit[:, :pool]] = np.inf
-        hard_slot = np.argsort(noise, axis=1)[:, : cfg.hard_negatives]
-        hard_ok = np.isfinite(np.take_along_axis(noise, hard_slot, axis=1))
-        rows = np.arange(len(u))[:, None]
-        rand = rng.integers(1, num_items, (len(u), cfg.random_negatives))
-        rand = np.where(rand == target[:, None], 0, rand)
-        items = np.concatenate([target[:, None], np.where(hard_ok, c_items[rows, hard_slot], 0), rand], axis=1)
-        rand_scores = np.einsum("bd,brd->br", uv, retriever.item_vecs[rand])
-        scores = np.concatenate([c_scores[rows[:, 0], pos_slot][:, None], c_scores[rows, hard_slot], rand_scores], axis=1)
-        channels = np.concatenate([c_chan[rows[:, 0], pos_slot][:, None], c_chan[rows, hard_slot], np.zeros_like(rand)], axis=1)
-        parts.append(_Groups(u, p, items, np.where(items > 0, scores, 0).astype(np.float32), np.where(items > 0, channels, 0)))
+        keep = (cand.items == target[:, None]).any(1)
+        if keep.any():
+            parts.append(_group(cand, keep, u[keep], p[keep], target[keep], seqs.behaviors[p[keep]], retriever.item_vecs, num_items, cfg, rng))
     if not parts:
         raise ValueError("the recall stage recalled no training positive; cannot train the ranker")
-    return _Groups(*(np.concatenate([getattr(g, f) for g in parts]) for f in ("users", "positions", "items", "scores", "channels")))
+    return Groups(*(np.concatenate([getattr(g, f) for g in parts]) for f in Groups.__dataclass_fields__))
 
 
-def evaluate_pipeline(pipeline: TwoStage, data: Dataset, users: np.ndarray, positions: np.ndarray, k: int = 50, batch: int = 1024) -> dict:
+def _group(
+    cand: Candidates, keep: np.ndarray, u: np.ndarray, p: np.ndarray, target: np.ndarray, behaviors: np.ndarray, item_vecs: np.ndarray, num_items: int, cfg: RankerTrainConfig, rng: np.random.Generator
+) -> Groups:
+    items, scores, chans, uv = cand.items[keep], cand.scores[keep], cand.channels[keep], cand.user_vecs[keep]
+    b, c = items.shape
+    rows = np.arange(b)[:, None]
+    hit = items == target[:, None]  # [b, C]
+    pos_slot = hit.argmax(1)
+    # Slot order: the top non-positive candidates in list order, then a uniform draw from the (pooled) rest.
+    negative = (items > 0) & ~hit  # [b, C]
+    is_top = negative & (np.cumsum(negative, axis=1) <= cfg.top_negatives)
+    drawable = negative & ~is_top & (np.arange(c) < min(cfg.hard_pool or c, c))
+    key = np.where(is_top, np.arange(c) / c - 1.0, np.where(drawable, rng.random((b, c)), np.inf))  # top < 0 <= drawn < inf
+    ranked = np.argsort(key, axis=1, kind="stable")
+    top_ok = np.isfinite(np.take_along_axis(key, ranked, axis=1))
+    want = cfg.top_negatives + cfg.hard_negatives
+    slots = ranked[:, :want]
+    ok = top_ok[:, :want]
+    if slots.shape[1] < want:
+        slots = np.pad(slots, ((0, 0), (0, want - slots.shape[1])))
+        ok = np.pad(ok, ((0, 0), (0, want - ok.shape[1])))
+    rand = rng.integers(1, num_items, (b, cfg.random_negatives))
+    rand = np.where((rand == target[:, None]) | _in_rows(rand, items), 0, rand)
+    rand_scores = np.einsum("bd,brd->br", uv, item_vecs[rand]).astype(np.float32)
+    g_items = np.concatenate([target[:, None], np.where(ok, items[rows, slots], 0), rand], axis=1)
+    g_scores = np.concatenate([scores[rows[:, 0], pos_slot][:, None], scores[rows, slots], rand_scores], axis=1)
+    g_chans = np.concatenate([chans[rows[:, 0], pos_slot][:, None], chans[rows, slots], np.zeros_like(rand)], axis=1)
+    g_ranks = np.concatenate([pos_slot[:, None], slots, recall_ranks(rand_scores, scores)], axis=1)
+    real = g_items > 0
+    return Groups(u, p, g_items, np.where(real, g_scores, 0).astype(np.float32), np.where(real, g_chans, 0), np.where(real, g_ranks, 0), behaviors)
+
+
+def _in_rows(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """[b, r] whether each id also appears in the same row of ``rows`` [b, C]."""
+    return (ids[:, :, None] == rows[:, None, :]).any(-1)
+
+
+def head_labels(behaviors: np.ndarray, group_width: int, heads: tuple[str, ...]) -> np.ndarray:
+    """Per-head labels of groups whose positive (column 0) had behaviour ``behaviors``.
+
+    Args:
+        behaviors: [E] behaviour codes of the positives.
+        group_width: G.
+        heads: head names.
+
+    Returns:
+        int64 [E, G, H]: column 0 is 1 for ``click`` and for the head matching the
+        behaviour (cart or fav → ``cart_fav``, buy → ``buy``); negatives are 0.
+    """
+    hit = {
+        "click": np.ones(len(behaviors), bool),
+        "cart_fav": (behaviors == BEHAVIOR_CODE["cart"]) | (behaviors == BEHAVIOR_CODE["fav"]),
+        "buy": behaviors == BEHAVIOR_CODE["buy"],
+    }
+    labels = np.zeros((len(behaviors), group_width, len(heads)), np.int64)
+    for i, h in enumerate(heads):
+        labels[:, 0, i] = hit[h]
+    return labels
+
+
+def heads_for(behaviors: np.ndarray) -> tuple[str, ...]:
+    """The heads a log supports: ``click`` always, ``cart_fav`` and ``buy`` where those behaviours occur."""
+    present = {
+        "cart_fav": bool(np.isin(behaviors, (BEHAVIOR_CODE["cart"], BEHAVIOR_CODE["fav"])).any()),
+        "buy": bool((behaviors == BEHAVIOR_CODE["buy"]).any()),
+    }
+    return tuple(h for h in HEADS if h == "click" or present[h])
+
+
+class ValidationSet:
+    """Recall candidates of validation targets, computed once and re-ranked every epoch.
+
+    Args:
+        pipeline: the two stages (its ranker is what changes between epochs).
+        data: the encoded log.
+        users, positions: the targets.
+        batch: users per ranking call.
+    """
+
+    def __init__(self, pipeline: TwoStage, data: Dataset, users: np.ndarray, positions: np.ndarray, batch: int = 512):
+        seqs = data.seqs
+        self.pipeline = pipeline
+        self.targets = seqs.items[positions]
+        self.batches = []
+        for lo in range(0, len(users), batch):
+            u, p = users[lo : lo + batch], positions[lo : lo + batch]
+            window = seqs.window(p, pipeline.history, seqs.offsets[u])
+            now = seqs.ts[p]
+            cands = pipeline.retriever.retrieve(window.tail(pipeline.retriever.model.cfg.history), now, seqs.history_matrix(u, p, data.items.size))
+            self.batches.append((window, now, p - seqs.offsets[u], cands))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def evaluate(self, k: int = 50) -> dict:
+        """``{"recall": {...}, "final": {...}}`` full-ranking metrics (hr/ndcg/mrr at 10 and ``k``)."""
+        recall_top = [_pad(c.items, k) for *_, c in self.batches]
+        final_top = [_pad(self.pipeline.rank(w, now, act, c).items, k) for w, now, act, c in self.batches]
+        return {
+            "recall": summarize(target_ranks(np.concatenate(recall_top), self.targets), ks=(10, k)),
+            "final": summarize(target_ranks(np.concatenate(final_top), self.targets), ks=(10, k)),
+        }
+
+
+def evaluate_pipeline(pipeline: TwoStage, data: Dataset, users: np.ndarray, positions: np.ndarray, k: int = 50, batch: int = 512) -> dict:
     """Full-ranking metrics of the recall stage and of the final ranked list for targets at ``positions``.
 
     Returns:
         ``{"recall": {...}, "final": {...}}`` with hr/ndcg/mrr at 10 and ``k``.
     """
-    seqs = data.seqs
-    recall_top, final_top = [], []
-    for lo in range(0, len(users), batch):
-        u, p = users[lo : lo + batch], positions[lo : lo + batch]
-        window = seqs.window(p, pipeline.history, seqs.offsets[u])
-        cands, ranked = pipeline.recommend(window, seqs.ts[p], p - seqs.offsets[u], seqs.history_matrix(u, p, data.items.size))
-        recall_top.append(_pad(cands.items, k))
-        final_top.append(_pad(ranked.items, k))
-    targets = seqs.items[positions]
-    return {
-        "recall": summarize(target_ranks(np.concatenate(recall_top), targets), ks=(10, k)),
-        "final": summarize(target_ranks(np.concatenate(final_top), targets), ks=(10, k)),
-    }
+    return ValidationSet(pipeline, data, users, positions, batch).evaluate(k)
 
 
 def _pad(items: np.ndarray, k: int) -> np.ndarray:
@@ -119,6 +243,7 @@ def train_ranker(
     split: Split,
     retriever: Retriever,
     item_counts: np.ndarray,
+    business: BusinessTables,
     *,
     model_config: RankerConfig | None = None,
     train_config: RankerTrainConfig | None = None,
@@ -131,7 +256,9 @@ def train_ranker(
         split: training positions and the validation target (the test target is never read).
         retriever: the trained recall stage (its candidates are the hard negatives).
         item_counts: [M] training interactions per item (a ranking feature).
-        model_config: architecture; sized to the vocabularies when omitted.
+        business: business tables of the training part (ranking features).
+        model_config: architecture; sized to the vocabularies, with heads for the
+            behaviours the training part holds, when omitted.
         train_config: optimisation and sampling settings.
         progress: show progress bars.
 
@@ -139,27 +266,35 @@ def train_ranker(
         The best ranker and a history dict (per-epoch loss, validation metrics).
     """
     cfg = train_config or RankerTrainConfig()
-    mcfg = model_config or RankerConfig(num_items=data.items.size, num_categories=data.categories.size)
+    seqs = data.seqs
+    mcfg = model_config or RankerConfig(num_items=data.items.size, num_categories=data.categories.size, heads=heads_for(seqs.behaviors[split.train_mask(seqs)]))
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    seqs = data.seqs
 
-    users, positions = split.train_targets(seqs)
+    users, positions = _training_positions(split, seqs, cfg.recent_positions)
     if len(users) > cfg.max_examples:
         pick = np.sort(rng.choice(len(users), cfg.max_examples, replace=False))
         users, positions = users[pick], positions[pick]
     groups = make_groups(data, retriever, users, positions, cfg, rng, progress=progress)
 
+    model = Ranker(mcfg).to(device)
+    pipeline = TwoStage(retriever, model, item_counts, business)
+    tables = FeatureTables(data.item_category, item_counts, business, retriever.covisit)
     valid_users, valid_pos = split.targets("valid")
     if len(valid_users) > cfg.max_valid_users:
         pick = np.sort(rng.choice(len(valid_users), cfg.max_valid_users, replace=False))
         valid_users, valid_pos = valid_users[pick], valid_pos[pick]
+    valid = ValidationSet(pipeline, data, valid_users, valid_pos)
 
-    model = Ranker(mcfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    pipeline = TwoStage(retriever, model, item_counts)
-    history: dict = {"epochs": [], "config": asdict(cfg), "examples": int(len(groups.users)), "candidates_recall_rate": round(len(groups.users) / max(len(users), 1), 4)}
+    history: dict = {
+        "epochs": [],
+        "config": asdict(cfg),
+        "heads": list(mcfg.heads),
+        "examples": int(len(groups.users)),
+        "candidates_recall_rate": round(len(groups.users) / max(len(users), 1), 4),
+    }
     stopper = EarlyStopping(cfg.patience)
     for epoch in range(cfg.epochs):
         model.train()
@@ -174,15 +309,14 @@ def train_ranker(
                 groups.items[idx],
                 groups.scores[idx],
                 groups.channels[idx],
-                item_category=data.item_category,
-                item_counts=item_counts,
+                groups.ranks[idx],
                 user_activity=p - seqs.offsets[u],
+                tables=tables,
                 num_gap_buckets=mcfg.gap_buckets,
             ).to_torch(device)
-            logits, _ = model(feats)  # [b, G]
-            labels = torch.zeros_like(logits, dtype=torch.long)
-            labels[:, 0] = 1
-            loss = ranking_loss(logits, labels, feats["cand_items"] > 0)
+            logits, _ = model(feats)  # [b, G, H]
+            labels = torch.from_numpy(head_labels(groups.behaviors[idx], logits.shape[1], mcfg.heads)).to(device)
+            loss = ranking_loss(logits, labels, feats["cand_items"] > 0, mcfg.heads, cfg.listwise_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -190,7 +324,7 @@ def train_ranker(
             total += loss.item()
             steps += 1
         model.eval()
-        metrics = evaluate_pipeline(pipeline, data, valid_users, valid_pos) if len(valid_users) else {}
+        metrics = valid.evaluate() if len(valid) else {}
         score = metrics["final"]["ndcg@10"] if metrics else -total / steps
         history["epochs"].append({"epoch": epoch + 1, "loss": round(total / steps, 5), "valid": metrics})
         if progress:
@@ -199,3 +333,12 @@ def train_ranker(
             break
     history["best_valid_ndcg@10"] = stopper.best
     return stopper.restore(model), history
+
+
+def _training_positions(split: Split, seqs, recent: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training (users, positions), keeping each user's latest ``recent`` (0 = all)."""
+    users, positions = split.train_targets(seqs)
+    if recent > 0:
+        keep = positions >= np.maximum(split.train_end[users] - recent, seqs.offsets[users] + 1)
+        users, positions = users[keep], positions[keep]
+    return users, positions

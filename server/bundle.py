@@ -19,6 +19,7 @@ import scipy.sparse as sp
 import torch
 
 from events.dataset import Dataset
+from rank.business import BusinessTables
 from rank.model import Ranker, RankerConfig
 from rank.pipeline import TwoStage
 from recall.channels import CoVisitation, Popularity
@@ -27,12 +28,13 @@ from recall.model import TwoTower, TwoTowerConfig
 from recall.retriever import RecallConfig, Retriever
 from recall.train import recommendable_items
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: multi-head ranker with business-feature tables
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 INDEX_FILE = "recall/index.faiss"
 VECTORS_FILE = "recall/item_vectors.npy"
 POPULARITY_FILE = "recall/popularity.npy"
+BUSINESS_FILE = "rank/business.npz"
 
 
 class BundleError(ValueError):
@@ -53,6 +55,7 @@ class Bundle:
         index_spec: how the index was built.
         covisit, popularity: the extra recall channels.
         recall_config: candidate counts per channel.
+        business: the ranker's business-feature tables (training part of the log).
     """
 
     path: str
@@ -66,6 +69,7 @@ class Bundle:
     covisit: CoVisitation
     popularity: Popularity
     recall_config: RecallConfig
+    business: BusinessTables
 
     @property
     def model_version(self) -> str:
@@ -85,7 +89,7 @@ class Bundle:
         retriever = Retriever(
             self.two_tower, self.item_vecs, self.index, self.covisit, self.popularity, self.data.item_category, self.recall_config, self.recommendable
         )
-        return TwoStage(retriever, self.ranker, self.popularity.counts)
+        return TwoStage(retriever, self.ranker, self.popularity.counts, self.business)
 
 
 def new_version() -> str:
@@ -125,6 +129,7 @@ def write_version(
     covisit: CoVisitation,
     popularity: Popularity,
     recall_config: RecallConfig,
+    business: BusinessTables,
     info: dict,
 ) -> str:
     """Write a complete new version under ``root`` and make it current.
@@ -132,7 +137,7 @@ def write_version(
     Args:
         root: the bundle root (created if missing).
         data, two_tower, ranker, item_vecs, index, index_spec, covisit, popularity,
-            recall_config: the pieces of the bundle.
+            recall_config, business: the pieces of the bundle.
         info: extra manifest fields (training data fingerprint, configs, metrics).
 
     Returns:
@@ -149,6 +154,7 @@ def write_version(
     sp.save_npz(os.path.join(stage, "recall", "covisit.npz"), covisit.graph)
     np.save(os.path.join(stage, POPULARITY_FILE), popularity.counts)
     save_model(ranker, os.path.join(stage, "rank", "ranker.pt"))
+    business.save(os.path.join(stage, BUSINESS_FILE))
     manifest = {
         "format_version": FORMAT_VERSION,
         "model_version": version,
@@ -266,7 +272,11 @@ def read_manifest(version_dir: str) -> dict:
 
 
 def _load_model(path: str, cls, config_cls):
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file; all mean the same here
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise BundleError(f"{path}: not a readable model checkpoint ({type(err).__name__}: {first_line})") from err
     model = cls(config_cls(**ckpt["config"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
@@ -290,15 +300,16 @@ def load_bundle(path: str, device: str = "cpu") -> Bundle:
         index = load_index(join(INDEX_FILE), spec)
         covisit = CoVisitation(sp.load_npz(join("recall", "covisit.npz")).tocsr())
         counts = np.load(join(POPULARITY_FILE))
+        business = BusinessTables.load(join(BUSINESS_FILE))
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise BundleError(f"{version_dir}: cannot load bundle ({err})") from err
     # The catalogue may have grown after training (rebuild-index --items); the models'
     # tables may be smaller than it, never larger.
     sizes = {"item vectors": len(item_vecs), "popularity": len(counts), "vocabulary": data.items.size}
-    if len(set(sizes.values())) != 1 or max(two_tower.cfg.num_items, ranker.cfg.num_items) > data.items.size:
-        raise BundleError(f"{version_dir}: item id spaces disagree: {sizes}, model tables {two_tower.cfg.num_items}/{ranker.cfg.num_items}")
+    if len(set(sizes.values())) != 1 or max(two_tower.cfg.num_items, ranker.cfg.num_items, len(business.item)) > data.items.size:
+        raise BundleError(f"{version_dir}: item id spaces disagree: {sizes}, model tables {two_tower.cfg.num_items}/{ranker.cfg.num_items}, business table {len(business.item)}")
     bundle = Bundle(
-        version_dir, manifest, data, two_tower, ranker, item_vecs, index, spec, covisit, Popularity.from_counts(counts), RecallConfig(**manifest["recall_config"])
+        version_dir, manifest, data, two_tower, ranker, item_vecs, index, spec, covisit, Popularity.from_counts(counts), RecallConfig(**manifest["recall_config"]), business
     )
     recommendable = int(bundle.recommendable.sum())
     if index.ntotal != recommendable:

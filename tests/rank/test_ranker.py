@@ -1,16 +1,20 @@
 import numpy as np
+import pytest
 import torch
 
 from events.sequences import Window
 from events.split import leave_last_out
 from events.timegap import gap_buckets
-from rank.features import build_features
-from rank.model import Ranker, RankerConfig, ranking_loss
-from rank.train import RankerTrainConfig, train_ranker
+from rank.business import BusinessTables
+from rank.features import DENSE_FEATURES, NUM_DENSE, FeatureTables, build_features, covisit_scores, recall_ranks
+from rank.model import Ranker, RankerConfig, combine_heads, head_probabilities, ranking_loss
+from rank.pipeline import TwoStage
+from rank.train import RankerTrainConfig, head_labels, heads_for, make_groups, train_ranker
 from recall.channels import CoVisitation, Popularity
 from recall.index import IndexSpec, build_index
 from recall.retriever import Retriever
 from recall.train import TwoTowerTrainConfig, item_vectors, known_items, train_two_tower
+from events.sequences import Sequences
 
 
 def test_gap_buckets_log_scale_and_padding():
@@ -22,35 +26,103 @@ def test_gap_buckets_log_scale_and_padding():
     assert b.tolist() == [[0, 2, 1, 8]]
 
 
-def test_features_category_share_and_padding():
+def _tables(item_category, item_counts, num_items) -> FeatureTables:
+    seqs = Sequences.from_encoded(np.array([0, 0]), np.array([1, 3]), item_category[[1, 3]], np.array([1, 1]), np.array([1, 2]), 1)
+    mask = np.ones(len(seqs), bool)
+    return FeatureTables(item_category, item_counts, BusinessTables.fit(seqs, mask, item_category), CoVisitation.fit(seqs, mask, num_items))
+
+
+def test_features_category_share_seen_and_padding():
     w = Window(
-        items=np.array([[0, 1, 2]]), categories=np.array([[0, 1, 2]]), behaviors=np.array([[0, 1, 1]]), ts=np.array([[0, 5, 6]]), lengths=np.array([2])
+        items=np.array([[0, 1, 2]]), categories=np.array([[0, 1, 2]]), behaviors=np.array([[0, 1, 2]]), ts=np.array([[0, 5, 6]]), lengths=np.array([2])
     )
+    cat = np.array([0, 1, 2, 1, 3])
     f = build_features(
-        w, np.array([10]), np.array([[3, 4, 0]]), np.array([[0.5, 0.2, -np.inf]], np.float32), np.array([[1, 2, 0]]),
-        item_category=np.array([0, 1, 2, 1, 3]), item_counts=np.array([0, 1, 1, 3, 7]), user_activity=np.array([2]), num_gap_buckets=8,
+        w, np.array([10]), np.array([[3, 2, 0]]), np.array([[0.5, 0.2, -np.inf]], np.float32), np.array([[1, 2, 0]]), np.array([[0, 1, 2]]),
+        user_activity=np.array([2]), tables=_tables(cat, np.array([0, 1, 1, 3, 7]), 5), num_gap_buckets=8,
     )
-    assert f.cand_categories.tolist() == [[1, 3, 0]]
-    np.testing.assert_allclose(f.dense[0, :, 2], [0.5, 0.0, 0.0])  # half the history is in category 1
-    assert f.dense[0, 2, 0] == 0.0  # padding gets no -inf score
+    col = {name: i for i, name in enumerate(DENSE_FEATURES)}
+    assert f.dense.shape == (1, 3, NUM_DENSE)
+    assert f.cand_categories.tolist() == [[1, 2, 0]]
+    np.testing.assert_allclose(f.dense[0, :, col["category_share"]], [0.5, 0.5, 0.0])  # one of two events in each category
+    np.testing.assert_allclose(f.dense[0, :, col["seen_share"]], [0.0, 0.5, 0.0])  # item 2 is half the history
+    np.testing.assert_allclose(f.dense[0, :, col["seen_cart_fav"]], [0.0, 1.0, 0.0])  # item 2 was carted
+    assert f.dense[0, 1, col["covisit_last"]] == 0.0  # item 2 never co-occurs with anything in the tables
+    assert f.dense[0, 0, col["covisit_last"]] == 0.0  # the latest event is item 2, not linked to item 3
+    assert (f.dense[0, 2] == 0).all()  # padding gets no -inf score nor any other feature
 
 
-def test_ranker_forward_masks_empty_history():
-    cfg = RankerConfig(num_items=6, num_categories=4, dim=8, history=3, hidden=16)
-    model = Ranker(cfg)
-    z = torch.zeros(2, 3, dtype=torch.long)
-    f = {
+def test_covisit_scores_gather_the_channel_scores():
+    seqs = Sequences.from_encoded(np.zeros(3, np.int64), np.array([1, 2, 3]), np.zeros(3, np.int64), np.ones(3, np.int64), np.arange(3), 1)
+    cov = CoVisitation.fit(seqs, np.ones(3, bool), 5)
+    recent = np.array([[1, 2], [0, 0]])
+    cand = np.array([[3, 4, 0], [3, 1, 2]])
+    got = covisit_scores(cov, recent, cand)
+    dense = cov.scores(recent).toarray()
+    np.testing.assert_allclose(got, [[dense[0, 3], dense[0, 4], 0.0], [0.0, 0.0, 0.0]])
+    assert got[0, 0] > 0
+
+
+def test_recall_ranks_of_outside_items():
+    lst = np.array([[0.9, 0.5, 0.1, -np.inf]], np.float32)
+    assert recall_ranks(np.array([[1.0, 0.6, 0.5, -1.0]], np.float32), lst).tolist() == [[0, 1, 1, 3]]
+
+
+def _feature_dict(b, c, n):
+    z = torch.zeros(b, n, dtype=torch.long)
+    return {
         "hist_items": z, "hist_categories": z, "hist_behaviors": z, "hist_gaps": z,
         "cand_items": torch.tensor([[1, 2], [3, 0]]), "cand_categories": torch.tensor([[1, 1], [2, 0]]),
-        "cand_channels": torch.tensor([[1, 2], [1, 0]]), "dense": torch.zeros(2, 2, 4),
+        "cand_channels": torch.tensor([[1, 2], [1, 0]]), "dense": torch.zeros(b, c, NUM_DENSE),
     }
+
+
+def test_ranker_forward_masks_empty_history_and_has_one_logit_per_head():
+    cfg = RankerConfig(num_items=6, num_categories=4, dim=8, history=3, short=2, hidden=16, heads=("click", "cart_fav", "buy"))
+    model = Ranker(cfg).eval()
+    f = _feature_dict(2, 2, 3)
     logits, att = model(f)
-    assert logits.shape == (2, 2) and torch.isfinite(logits).all() and (att == 0).all()
-    labels = torch.tensor([[1, 0], [1, 0]])
-    assert torch.isfinite(ranking_loss(logits, labels, f["cand_items"] > 0))
+    assert logits.shape == (2, 2, 3) and torch.isfinite(logits).all() and (att == 0).all()
+    labels = torch.zeros(2, 2, 3, dtype=torch.long)
+    labels[:, 0, 0] = 1
+    labels[0, 0, 2] = 1
+    assert torch.isfinite(ranking_loss(logits, labels, f["cand_items"] > 0, cfg.heads))
 
 
-def test_ranker_loss_falls_on_tiny_data(tiny_data):
+def test_attention_covers_short_and_long_windows():
+    cfg = RankerConfig(num_items=6, num_categories=4, dim=8, history=4, short=2, hidden=16)
+    model = Ranker(cfg).eval()
+    f = _feature_dict(2, 2, 4)
+    f["hist_items"] = torch.tensor([[0, 1, 2, 3], [5, 4, 3, 2]])
+    _, att = model(f)
+    # Each weight set sums to 1, so their mean does too; padding gets nothing.
+    torch.testing.assert_close(att.sum(-1), torch.ones(2, 2))
+    assert (att[0, :, 0] == 0).all()
+
+
+def test_heads_chain_through_click_and_combine_with_weights():
+    logits = torch.tensor([[[0.0, 0.0, 2.0]]])
+    p = head_probabilities(logits, ("click", "cart_fav", "buy"))
+    assert p["click"].item() == pytest.approx(0.5)
+    assert p["cart_fav"].item() == pytest.approx(0.25)
+    assert p["buy"].item() == pytest.approx(0.5 / (1 + np.exp(-2.0)))
+    both = combine_heads(p, {"click": 1.0, "buy": 3.0})
+    assert both.item() == pytest.approx((p["click"] + 3 * p["buy"]).item() / 4)
+    assert combine_heads(p, {"click": 0.0}).item() == pytest.approx(0.5)  # all-zero weights: the click head decides
+    with pytest.raises(ValueError):
+        combine_heads(p, {"buy": -1.0})
+
+
+def test_head_labels_and_heads_for():
+    labels = head_labels(np.array([1, 2, 4]), 3, ("click", "cart_fav", "buy"))
+    assert labels[:, 0].tolist() == [[1, 0, 0], [1, 1, 0], [1, 0, 1]]
+    assert labels[:, 1:].sum() == 0
+    assert heads_for(np.array([1, 1])) == ("click",)
+    assert heads_for(np.array([1, 3, 4])) == ("click", "cart_fav", "buy")
+
+
+@pytest.fixture(scope="module")
+def tiny_stages(tiny_data):
     split = leave_last_out(tiny_data.seqs)
     tt, _ = train_two_tower(tiny_data, split, train_config=TwoTowerTrainConfig(epochs=2, batch_size=128, uniform_negatives=64), progress=False)
     vecs = item_vectors(tt, tiny_data, known_items(tiny_data, split))
@@ -59,7 +131,43 @@ def test_ranker_loss_falls_on_tiny_data(tiny_data):
     retriever = Retriever(
         tt, vecs, build_index(vecs[1:], np.arange(1, len(vecs)), IndexSpec()), CoVisitation.fit(tiny_data.seqs, mask, tiny_data.items.size), pop, tiny_data.item_category
     )
-    _, history = train_ranker(tiny_data, split, retriever, pop.counts, train_config=RankerTrainConfig(epochs=3, patience=10, batch_size=64), progress=False)
+    return split, retriever, pop, BusinessTables.fit(tiny_data.seqs, mask, tiny_data.item_category)
+
+
+def test_groups_hold_positive_top_and_random_negatives(tiny_data, tiny_stages):
+    split, retriever, *_ = tiny_stages
+    users, positions = split.train_targets(tiny_data.seqs)
+    cfg = RankerTrainConfig(top_negatives=3, hard_negatives=4, random_negatives=2)
+    g = make_groups(tiny_data, retriever, users[:200], positions[:200], cfg, np.random.default_rng(0))
+    assert g.items.shape[1] == 1 + 3 + 4 + 2
+    np.testing.assert_array_equal(g.items[:, 0], tiny_data.seqs.items[g.positions])
+    assert not (g.items[:, 1:] == g.items[:, :1]).any()  # the positive is never its own negative
+    assert (g.positions < split.train_end[g.users]).all()  # training positions only
+    # The top negatives are the best-ranked candidates other than the positive, in list order.
+    top = g.ranks[:, 1:4]
+    assert (np.diff(top, axis=1) > 0).all() and (top[:, 0] <= 1).all()
+
+
+def test_ranker_trains_multi_task_on_tiny_data(tiny_data, tiny_stages):
+    split, retriever, pop, business = tiny_stages
+    model, history = train_ranker(
+        tiny_data, split, retriever, pop.counts, business, train_config=RankerTrainConfig(epochs=3, patience=10, batch_size=64), progress=False
+    )
     losses = [e["loss"] for e in history["epochs"]]
     assert losses[-1] < losses[0]
     assert set(history["epochs"][-1]["valid"]) == {"recall", "final"}
+    assert model.cfg.heads == heads_for(tiny_data.seqs.behaviors[split.train_mask(tiny_data.seqs)])
+    assert len(model.cfg.heads) == 3  # the synthetic log has every behaviour type
+
+    users, pos = split.targets("valid")
+    seqs = tiny_data.seqs
+    pipe = TwoStage(retriever, model, pop.counts, business)
+    window = seqs.window(pos[:8], pipe.history, seqs.offsets[users[:8]])
+    cands, ranked = pipe.recommend(window, seqs.ts[pos[:8]], pos[:8] - seqs.offsets[users[:8]], seqs.history_matrix(users[:8], pos[:8], tiny_data.items.size))
+    real = ranked.items > 0
+    assert set(ranked.head_scores) == set(model.cfg.heads)
+    assert (np.diff(np.where(real, ranked.scores, -1), axis=1) <= 0).all()  # sorted by the final score
+    assert ranked.attention.shape == (*ranked.items.shape, pipe.ranker.cfg.history)
+    assert ranked.history_behaviors.shape == ranked.history_items.shape == ranked.history_ts.shape
+    _, buy_only = pipe.recommend(window, seqs.ts[pos[:8]], pos[:8] - seqs.offsets[users[:8]], seqs.history_matrix(users[:8], pos[:8], tiny_data.items.size), head_weights={"click": 0.0, "cart_fav": 0.0, "buy": 1.0})
+    assert (np.diff(np.where(real, buy_only.head_scores["buy"], -1), axis=1) <= 0).all()  # per-call weights reorder the list

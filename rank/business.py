@@ -1,0 +1,211 @@
+"""Business features: funnel statistics of items and categories from the training log.
+
+Computed once per bundle with pandas from the training part of the log only (the
+validation and test targets never count) and stored in the bundle, so training,
+evaluation and serving read the same numbers. Per-user features are not tabulated
+here: they come from the user's own recent behaviour at request time (see
+:func:`user_business_features`), which is the same at training positions, in
+evaluation and online, and never sees the future.
+"""
+
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from events.schema import BEHAVIOR_CODE
+from events.sequences import Sequences, Window
+
+PV, CART, FAV, BUY = (BEHAVIOR_CODE[b] for b in ("pv", "cart", "fav", "buy"))
+
+ITEM_FEATURES = ("item_conversion", "item_cart_fav_rate", "item_wishlist", "item_repurchase", "item_users", "category_conversion", "category_cart_fav_rate", "category_repurchase")
+"""Columns of :meth:`BusinessTables.item_features` (per candidate item)."""
+
+POPULARITY_WINDOWS_S = (86_400, 7 * 86_400, 30 * 86_400)
+"""Trailing windows (seconds before the request) of the time-aware popularity features."""
+
+USER_FEATURES = ("user_cart_wishlist", "user_repurchase", "user_buy_share", "user_days_active", "user_idle") + tuple(f"user_last_{b}" for b in ("pv", "cart", "fav", "buy"))
+"""Columns of :func:`user_business_features` (per user, from the recent window)."""
+
+_SHIFT = 32  # key = item << 32 | seconds: one sorted int64 array answers "events on item i in [a, b)"
+_SMOOTH = 20.0  # prior weight (pseudo-events) of the smoothed rates
+
+
+@dataclass
+class BusinessTables:
+    """Item and category statistics from the training part of a log.
+
+    Attributes:
+        item: float32 [M, len(ITEM_FEATURES)] per item id (row 0, padding, is zero).
+        event_keys: int64 sorted ``item << 32 | ts`` of every training event, plus each
+            event once more under item 0 so that item 0 counts all events (the
+            denominator of the popularity shares).
+    """
+
+    item: np.ndarray
+    event_keys: np.ndarray
+
+    @classmethod
+    def fit(cls, seqs: Sequences, mask: np.ndarray, item_category: np.ndarray) -> "BusinessTables":
+        """Tabulate the funnel statistics of the masked (training) events.
+
+        Args:
+            seqs: per-user sequences.
+            mask: bool [N]; only these positions count (the training part).
+            item_category: [M] category id per item id.
+
+        Returns:
+            The tables.
+        """
+        num_items = len(item_category)
+        frame = pd.DataFrame({"user": seqs.user_positions()[mask], "item": seqs.items[mask], "behavior": seqs.behaviors[mask]})
+        frame["category"] = item_category[frame["item"].to_numpy()]
+        item = np.zeros((num_items, len(ITEM_FEATURES)), np.float32)
+        by_item = _funnel(frame, "item")
+        by_cat = _funnel(frame, "category")
+        rows = by_item.index.to_numpy()
+        item[rows, 0] = by_item["conversion"]
+        item[rows, 1] = by_item["cart_fav_rate"]
+        item[rows, 2] = by_item["wishlist"]
+        item[rows, 3] = by_item["repurchase"]
+        item[rows, 4] = np.log1p(by_item["users"]) / 10.0
+        cats = np.zeros((max(int(item_category.max(initial=0)) + 1, 1), 3), np.float32)
+        cats[by_cat.index.to_numpy()] = by_cat[["conversion", "cart_fav_rate", "repurchase"]].to_numpy()
+        item[:, 5:8] = cats[item_category]
+        item[0] = 0.0
+        ts = np.clip(seqs.ts[mask], 0, (1 << _SHIFT) - 1)
+        keys = np.concatenate([(seqs.items[mask] << _SHIFT) | ts, ts])
+        return cls(item, np.sort(keys))
+
+    def item_features(self, items: np.ndarray) -> np.ndarray:
+        """float32 [..., len(ITEM_FEATURES)] for item ids ``items`` (unknown or padding ids: zeros)."""
+        return self.item[_clip(items, len(self.item))]
+
+    def popularity(self, items: np.ndarray, now: np.ndarray) -> np.ndarray:
+        """Time-aware popularity: the item's share of all training events in trailing windows before ``now``.
+
+        Only events strictly before the request time count, so a training position
+        never sees the popularity its own future made.
+
+        Args:
+            items: int [B, C] item ids.
+            now: [B] request times (seconds).
+
+        Returns:
+            float32 [B, C, len(POPULARITY_WINDOWS_S) + 1]: per window ``log1p(share * 1e4) / 10``,
+            and the log count of all earlier events; zeros for padding and unknown ids.
+        """
+        items = _clip(items, len(self.item)).astype(np.int64)
+        hi = np.clip(np.asarray(now, np.int64), 0, (1 << _SHIFT) - 1)[:, None]  # [B, 1]
+        end_item = self._count(items, hi)  # [B, C]
+        end_all = self._count(np.zeros_like(hi), hi)  # [B, 1]
+        out = []
+        for w in POPULARITY_WINDOWS_S:
+            lo = np.maximum(hi - w, 0)
+            n_item = end_item - self._count(items, lo)
+            n_all = end_all - self._count(np.zeros_like(hi), lo)
+            out.append(np.log1p(1e4 * n_item / np.maximum(n_all, 1)) / 10.0)
+        out.append(np.log1p(end_item) / 10.0)
+        # Item 0 counts every event (the denominators); as a candidate it is padding.
+        return np.where((items > 0)[..., None], np.stack(out, axis=-1), 0.0).astype(np.float32)
+
+    def _count(self, items: np.ndarray, before: np.ndarray) -> np.ndarray:
+        """Training events on each item with ts < ``before``."""
+        return np.searchsorted(self.event_keys, (items << _SHIFT) | before) - np.searchsorted(self.event_keys, items << _SHIFT)
+
+    def save(self, path: str) -> None:
+        """Write the tables to one ``.npz`` file."""
+        with open(path, "wb") as fh:
+            np.savez(fh, item=self.item, event_keys=self.event_keys)
+
+    @classmethod
+    def load(cls, path: str) -> "BusinessTables":
+        """Read what :meth:`save` wrote."""
+        try:
+            with np.load(path) as npz:
+                tables = cls(npz["item"], npz["event_keys"])
+        except (zipfile.BadZipFile, KeyError, EOFError, ValueError) as err:
+            raise ValueError(f"{path}: unreadable business tables ({err})") from err
+        if tables.item.ndim != 2 or tables.item.shape[1] != len(ITEM_FEATURES):
+            raise ValueError(f"{path}: business table has shape {tables.item.shape}, expected [items, {len(ITEM_FEATURES)}]")
+        return tables
+
+
+def _funnel(frame: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Smoothed funnel rates per ``key`` (item or category).
+
+    ``conversion`` = buys / views and ``cart_fav_rate`` = (carts + favs) / views, where
+    views = pv events (at least as many as the buys, resp. carts + favs, for logs that
+    miss some pv events), both shrunk to the global rate with :data:`_SMOOTH` pseudo-views;
+    ``wishlist`` = share of (user, key) pairs carted but never bought and ``repurchase`` =
+    share of buyers who bought more than once, both shrunk alike; ``users`` = distinct users.
+    """
+    b = frame["behavior"]
+    flags = pd.DataFrame({key: frame[key], "user": frame["user"], "pv": b == PV, "cf": (b == CART) | (b == FAV), "buy": b == BUY, "cart": b == CART})
+    per = flags.groupby(key).agg(pv=("pv", "sum"), cf=("cf", "sum"), buy=("buy", "sum"))
+    buy_views = np.maximum(per["pv"], per["buy"])
+    cf_views = np.maximum(per["pv"], per["cf"])
+    pairs = flags.groupby([key, "user"]).agg(cart=("cart", "any"), buys=("buy", "sum"))
+    wish = (pairs.loc[pairs["cart"], "buys"] == 0).groupby(level=0).agg(["sum", "count"])
+    rep = (pairs.loc[pairs["buys"] > 0, "buys"] > 1).groupby(level=0).agg(["sum", "count"])
+    out = pd.DataFrame(index=per.index)
+    out["conversion"] = _shrunk(per["buy"], buy_views)
+    out["cart_fav_rate"] = _shrunk(per["cf"], cf_views)
+    out["wishlist"] = _shrunk(wish["sum"], wish["count"]).reindex(per.index).fillna(_rate(wish["sum"], wish["count"]))
+    out["repurchase"] = _shrunk(rep["sum"], rep["count"]).reindex(per.index).fillna(_rate(rep["sum"], rep["count"]))
+    out["users"] = pairs.groupby(level=0).size()
+    return out.astype(np.float32)
+
+
+def _rate(hits: pd.Series, trials: pd.Series) -> float:
+    """The global rate ``Σ hits / Σ trials`` (0 without trials)."""
+    return float(hits.sum() / trials.sum()) if trials.sum() else 0.0
+
+
+def _shrunk(hits: pd.Series, trials: pd.Series) -> pd.Series:
+    """``(hits + S·g) / (trials + S)``: each rate shrunk towards the global rate ``g`` with S = :data:`_SMOOTH`."""
+    return (hits + _SMOOTH * _rate(hits, trials)) / (trials + _SMOOTH)
+
+
+def user_business_features(window: Window, now: np.ndarray) -> np.ndarray:
+    """Per-user business features from the recent behaviour window.
+
+    Args:
+        window: [B, L] recent events, right-aligned (0 = padding).
+        now: [B] request times.
+
+    Returns:
+        float32 [B, len(USER_FEATURES)]: share of carted items never bought in the
+        window (cart as wishlist), share of buys on items bought earlier in the window
+        (repurchase), share of events that are buys, distinct active days / 30
+        (capped at 1), log-hours since the latest event / 10, and the latest event's
+        behaviour type one-hot (pv, cart, fav, buy).
+    """
+    items, beh, valid = window.items, window.behaviors, window.items > 0
+    b, n = items.shape
+    same = (items[:, :, None] == items[:, None, :]) & valid[:, :, None]  # [B, L, L] same item
+    bought = same & (beh[:, None, :] == BUY)  # [B, L, L]: event j is a buy of event i's item
+    carts = valid & (beh == CART)
+    cart_no_buy = carts & ~bought.any(-1)
+    buys = valid & (beh == BUY)
+    earlier = np.tril(np.ones((n, n), bool), -1)[None]  # j < i
+    rebuy = buys & (bought & earlier).any(-1)
+    days = np.sort(np.where(valid, window.ts // 86_400, -1), axis=1)  # padding (-1) first
+    distinct_days = ((days[:, 1:] != days[:, :-1]) & (days[:, 1:] >= 0)).sum(1) + (days[:, :1] >= 0).sum(1)
+    last = np.where(window.lengths > 0, beh[:, -1], 0)
+    latest = np.where(window.lengths > 0, window.ts[:, -1], now)
+    hours = np.maximum(np.asarray(now) - latest, 0) / 3600.0
+    cols = [
+        cart_no_buy.sum(1) / np.maximum(carts.sum(1), 1),
+        rebuy.sum(1) / np.maximum(buys.sum(1), 1),
+        buys.sum(1) / np.maximum(valid.sum(1), 1),
+        np.minimum(distinct_days / 30.0, 1.0),
+        np.log1p(hours) / 10.0,
+    ] + [(last == code).astype(np.float32) for code in (PV, CART, FAV, BUY)]
+    return np.stack(cols, axis=-1).astype(np.float32).reshape(b, len(USER_FEATURES))
+
+
+def _clip(ids: np.ndarray, size: int) -> np.ndarray:
+    """Ids past a table (catalogue grown after training) read the padding row."""
+    return np.where((ids >= 0) & (ids < size), ids, 0)
