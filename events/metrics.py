@@ -1,4 +1,4 @@
-"""Offline evaluation metrics: full-ranking (HR/NDCG/MRR; multi-target Recall/HR/NDCG), CTR (AUC/GAUC/logloss) and ANN overlap.
+"""Offline evaluation metrics: full-ranking (HR/NDCG/MRR; multi-target Recall/HR/NDCG; curves over K), CTR (AUC/GAUC/logloss, calibration) and ANN overlap.
 
 Everything is vectorised numpy; no function loops over users in Python.
 """
@@ -247,6 +247,114 @@ def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
     y = np.asarray(labels, dtype=np.float64)
     p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1.0 - eps)
     return _mean(-(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+
+
+def rank_curves(ranks: np.ndarray, max_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """HR@K and NDCG@K for every K in 1..max_k at once, from single-target ranks.
+
+    Args:
+        ranks: int [U] from :func:`target_ranks` (a rank >= max_k is a miss at every K).
+        max_k: largest cut-off, at most the K the ranks were computed with.
+
+    Returns:
+        float64 ([max_k], [max_k]): element ``K - 1`` equals ``hit_rate(ranks, K)`` and
+        ``ndcg(ranks, K)``; nan when there are no users.
+    """
+    _check_k(max_k)
+    ranks = np.asarray(ranks)
+    if not ranks.size:
+        return np.full(max_k, np.nan), np.full(max_k, np.nan)
+    inside = ranks[ranks < max_k]
+    # A user counts from their rank's cut-off onwards, so the curves are cumulative sums.
+    hits = np.cumsum(np.bincount(inside, minlength=max_k))
+    gains = np.cumsum(np.bincount(inside, weights=1.0 / np.log2(inside + 2.0), minlength=max_k))
+    return hits / ranks.size, gains / ranks.size
+
+
+def multi_target_curves(topk: np.ndarray, targets: Sequence[np.ndarray], max_k: int) -> dict[str, np.ndarray]:
+    """Multi-target Recall@K, HitRate@K and NDCG@K for every K in 1..max_k at once.
+
+    Args:
+        topk: int [U, K] ranked item ids, best first, without repeats; -1 is padding.
+        targets: U int arrays of distinct held-out items; users with none are left out.
+        max_k: largest cut-off, 1 <= max_k <= K.
+
+    Returns:
+        ``{"recall": [max_k], "hr": [max_k], "ndcg": [max_k]}``; element ``K - 1`` equals
+        :func:`recall_at_k`, :func:`hit_at_k_multi` and :func:`ndcg_at_k_multi` at K.
+    """
+    owner, ranks, sizes = _multi_target_ranks(topk, targets, max_k)
+    hit = ranks < max_k
+    per_rank = np.zeros((len(sizes), max_k))  # [U, max_k] hits at each position
+    np.add.at(per_rank, (owner[hit], ranks[hit]), 1.0)
+    keep = sizes > 0
+    if not keep.any():
+        return {name: np.full(max_k, np.nan) for name in ("recall", "hr", "ndcg")}
+    per_rank, sizes = per_rank[keep], sizes[keep]
+    hits = np.cumsum(per_rank, axis=1)  # [U', max_k]
+    dcg = np.cumsum(per_rank / np.log2(np.arange(max_k) + 2.0), axis=1)
+    ideal_at = np.cumsum(1.0 / np.log2(np.arange(max_k) + 2.0))
+    ideal = ideal_at[np.minimum(sizes[:, None], np.arange(1, max_k + 1)[None, :]) - 1]  # [U', max_k]
+    return {
+        "recall": (hits / sizes[:, None]).mean(0),
+        "hr": (hits > 0).mean(0),
+        "ndcg": (dcg / ideal).mean(0),
+    }
+
+
+def calibration_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10, strategy: str = "uniform") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reliability diagram data: probability bins with their mean prediction and observed positive rate.
+
+    Args:
+        labels: [N] binary labels (non-zero is positive).
+        probs: [N] predicted probabilities in [0, 1].
+        n_bins: number of bins.
+        strategy: ``uniform``: bin ``i`` holds ``i/n <= p < (i+1)/n`` (1.0 goes to the last);
+            ``quantile``: edges at the quantiles of ``probs``, so bins hold about equal
+            counts (useful when predictions crowd a narrow range); a value on an edge goes
+            to the bin above it, the maximum to the last bin, and tied edges leave empty bins.
+
+    Returns:
+        float64 ([n_bins] mean predicted probability, [n_bins] share of positives,
+        int64 [n_bins] sample count); the first two are nan for empty bins.
+    """
+    if n_bins <= 0:
+        raise ValueError(f"n_bins must be positive, got {n_bins}")
+    y = (np.asarray(labels) != 0).astype(np.float64)
+    p = np.asarray(probs, dtype=np.float64)
+    if y.shape != p.shape or y.ndim != 1:
+        raise ValueError(f"labels and probs must be 1-d and equally long, got {y.shape} and {p.shape}")
+    if strategy == "uniform":
+        idx = (p * n_bins).astype(np.int64)
+    elif strategy == "quantile":
+        edges = np.quantile(p, np.linspace(0.0, 1.0, n_bins + 1)) if p.size else np.linspace(0.0, 1.0, n_bins + 1)
+        idx = np.searchsorted(edges, p, side="right") - 1
+    else:
+        raise ValueError(f"strategy must be 'uniform' or 'quantile', got {strategy!r}")
+    idx = np.clip(idx, 0, n_bins - 1)
+    counts = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_prob = np.bincount(idx, weights=p, minlength=n_bins) / counts
+        rate = np.bincount(idx, weights=y, minlength=n_bins) / counts
+    return mean_prob, rate, counts
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> float:
+    """ECE: the count-weighted mean gap between predicted probability and observed positive rate over the bins of :func:`calibration_bins`.
+
+    Args:
+        labels: [N] binary labels.
+        probs: [N] predicted probabilities in [0, 1].
+        n_bins: equal-width bins over [0, 1].
+
+    Returns:
+        The ECE in [0, 1] (nan when there are no samples).
+    """
+    mean_prob, rate, counts = calibration_bins(labels, probs, n_bins)
+    filled = counts > 0
+    if not filled.any():
+        return float("nan")
+    return float((counts[filled] * np.abs(mean_prob[filled] - rate[filled])).sum() / counts.sum())
 
 
 def overlap_recall(approx: np.ndarray, exact: np.ndarray) -> float:

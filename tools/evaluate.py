@@ -8,6 +8,13 @@ baselines (popularity, cosine ItemKNN) under the same protocol.
 Single-target splits report HR/NDCG/MRR. The ``comirec`` split holds out a range of
 targets per test user: one list is ranked from the history before the first target and
 scored with multi-target Recall/HR/NDCG against the distinct target items.
+
+The ranker is also judged as a classifier on held-out pairs: for every test user whose
+target the recall stage found, the target is the positive and every other candidate a
+negative (the same kind of group the ranker trained on). Reported: AUC, GAUC (per-user
+AUC weighted by the user's pair count), logloss and calibration, per-head AUC where the
+ranker has several heads, and the lift table (recall order vs ranked order of the same
+candidates). ``report_dir`` adds an HTML report with metric-vs-K and calibration plots.
 """
 
 import argparse
@@ -16,19 +23,33 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 from tqdm import tqdm
 
-from events.metrics import summarize, summarize_multi, target_ranks
+from events.metrics import (
+    auc,
+    calibration_bins,
+    expected_calibration_error,
+    gauc,
+    logloss,
+    multi_target_curves,
+    rank_curves,
+    summarize,
+    summarize_multi,
+    target_ranks,
+)
 from events.readers import FORMATS, read_events
+from events.schema import BEHAVIOR_CODE, BEHAVIORS
 from events.sequences import Sequences
 from events.split import SPLITS, Split, make_split
 from rank.pipeline import TwoStage
 from recall.baselines import itemknn_topk, popularity_topk
 from recall.retriever import CHANNELS, COVISIT, POPULAR, TWO_TOWER
 from server.bundle import load_bundle
+from tools.report import write_report
 
 log = logging.getLogger("funnel.evaluate")
 
@@ -39,6 +60,10 @@ COMIREC_RECALL_KS = (10, 20, 50, 200)
 COMIREC_FINAL_KS = (10, 20, 50)
 COLUMNS = ("hr@10", "ndcg@10", "mrr@10", "hr@50", "ndcg@50", "hr@200")
 COMIREC_COLUMNS = ("recall@20", "ndcg@20", "hr@20", "recall@50", "ndcg@50", "hr@50")
+LIFT_KEYS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50")
+CALIBRATION_BINS = 10
+HEAD_BEHAVIORS: dict[str, tuple[str, ...]] = {"click": BEHAVIORS, "cart_fav": ("cart", "fav"), "buy": ("buy",)}
+"""Which held-out behaviours count as a positive for each ranker head (a cart or buy implies a click)."""
 
 
 def evaluate(
@@ -49,6 +74,7 @@ def evaluate(
     split: str = "leave-last-out",
     on_error: str = "fail",
     json_out: str | None = None,
+    report_dir: str | None = None,
     batch: int = 512,
     progress: bool = True,
 ) -> dict:
@@ -59,12 +85,15 @@ def evaluate(
         events, fmt, on_error: the log (normally the one the bundle was trained on).
         split: must match training so that test targets were never trained on.
         json_out: where to write the JSON report (atomically); None to skip.
+        report_dir: directory for an HTML report with plots (metric vs K, calibration); None to skip.
         batch: users scored at a time.
         progress: progress bar.
 
     Returns:
         The report: ``users``, ``items``, ``recall``, ``recall_channels``, ``final``,
-        ``baselines``; multi-target splits add ``"protocol": "comirec"`` and report
+        ``baselines``, ``ranker`` (classifier metrics on held-out pairs, see
+        :func:`_ranker_report`) and ``lift`` (recall order vs ranked order of the same
+        candidates); multi-target splits add ``"protocol": "comirec"`` and report
         ``recall@K``, ``hr@K``, ``ndcg@K`` instead of ``hr``/``ndcg``/``mrr``.
     """
     started = time.time()
@@ -80,72 +109,229 @@ def evaluate(
     if len(users) == 0:
         raise ValueError(f"{events}: no user has a test target under the {split} split")
     num_items = b.data.items.size
-    score, first_target, recall_ks, final_ks = _protocol(parts, seqs, pos, ends)
-    k = max(recall_ks)
-    merged, final, per_channel = _ranked_lists(pipe, seqs, users, pos, num_items, k, batch, progress)
-    history = _pre_test_matrix(seqs, first_target, num_items)
+    proto = _protocol(parts, seqs, pos, ends)
+    k = max(proto.recall_ks)
+    lists = _ranked_lists(pipe, seqs, users, pos, ends, num_items, k, batch, progress)
+    history = _pre_test_matrix(seqs, proto.first_target, num_items)
+    baselines = {"pop": popularity_topk(history, history, k, users), "itemcf": itemknn_topk(history, history, k, users)}
     report = {
         "users": int(len(users)),
         "items": int(num_items - 1),
         "split": split,
         "bundle": {"path": b.path, "model_version": b.model_version, "index_version": b.index_version},
-        "recall": score(merged, recall_ks),
-        "recall_channels": {CHANNELS[c]: score(top, recall_ks) for c, top in per_channel.items()},
-        "final": score(final, final_ks),
-        "baselines": {
-            "pop": score(popularity_topk(history, history, k, users), recall_ks),
-            "itemcf": score(itemknn_topk(history, history, k, users), recall_ks),
-        },
+        "recall": proto.score(lists.merged, proto.recall_ks),
+        "recall_channels": {CHANNELS[c]: proto.score(top, proto.recall_ks) for c, top in lists.per_channel.items()},
+        "final": proto.score(lists.final, proto.final_ks),
+        "baselines": {name: proto.score(top, proto.recall_ks) for name, top in baselines.items()},
     }
+    report["lift"] = _lift(report["recall"], report["final"])
+    report["ranker"] = _ranker_report(lists.pairs, len(users))
     if parts.multi_target:
         report["protocol"] = "comirec"
     report["seconds"] = round(time.time() - started, 1)
     if json_out:
         _write_json(json_out, report)
+    if report_dir:
+        lists_by_method = {"recall (merged)": lists.merged, "final (ranked)": lists.final, **{f"baseline {n}": top for n, top in baselines.items()}}
+        curves = {name: proto.curves(top, k) for name, top in lists_by_method.items()}
+        write_report(report_dir, report, curves, format_report(report))
     return report
 
 
-def _protocol(parts: Split, seqs: Sequences, pos: np.ndarray, ends: np.ndarray) -> tuple[Callable[[np.ndarray, Sequence[int]], dict], np.ndarray, tuple[int, ...], tuple[int, ...]]:
-    """How the split's test targets are scored.
+@dataclass
+class _Protocol:
+    """How a split's test targets are scored.
 
-    Returns:
-        ``score(topk, ks)`` for the test users' ranked lists, every user's first held-out
-        position (-1 if none; the baselines' history stops there), and the cut-offs for the
-        recall and the final lists.
+    Attributes:
+        score: ``score(topk, ks)`` → metrics dict for the test users' ranked lists.
+        curves: ``curves(topk, max_k)`` → ``{"hr": [max_k], "ndcg": [max_k]}`` for K = 1..max_k.
+        first_target: every user's first held-out position (-1 if none; the baselines' history stops there).
+        recall_ks, final_ks: cut-offs for the recall and the final lists.
     """
+
+    score: Callable[[np.ndarray, Sequence[int]], dict]
+    curves: Callable[[np.ndarray, int], dict[str, np.ndarray]]
+    first_target: np.ndarray
+    recall_ks: tuple[int, ...]
+    final_ks: tuple[int, ...]
+
+
+def _protocol(parts: Split, seqs: Sequences, pos: np.ndarray, ends: np.ndarray) -> _Protocol:
+    """The scoring protocol of ``parts`` for test users with targets at ``pos:ends``."""
     if parts.multi_target:
         targets = _distinct_targets(seqs, pos, ends)
         # Valid and test users are disjoint, so this is each held-out user's first target.
         first_target = np.where(parts.valid_pos >= 0, parts.valid_pos, parts.test_pos)
-        return lambda top, ks: summarize_multi(top, targets, ks=ks), first_target, COMIREC_RECALL_KS, COMIREC_FINAL_KS
+
+        def multi_curves(top: np.ndarray, max_k: int) -> dict[str, np.ndarray]:
+            c = multi_target_curves(top, targets, max_k)
+            return {"hr": c["hr"], "ndcg": c["ndcg"]}
+
+        return _Protocol(lambda top, ks: summarize_multi(top, targets, ks=ks), multi_curves, first_target, COMIREC_RECALL_KS, COMIREC_FINAL_KS)
     single = seqs.items[pos]
-    return lambda top, ks: summarize(target_ranks(top, single), ks=ks), parts.test_pos, RECALL_KS, FINAL_KS
+
+    def single_curves(top: np.ndarray, max_k: int) -> dict[str, np.ndarray]:
+        hr, nd = rank_curves(target_ranks(top, single), max_k)
+        return {"hr": hr, "ndcg": nd}
+
+    return _Protocol(lambda top, ks: summarize(target_ranks(top, single), ks=ks), single_curves, parts.test_pos, RECALL_KS, FINAL_KS)
 
 
-def _ranked_lists(pipe: TwoStage, seqs: Sequences, users: np.ndarray, pos: np.ndarray, num_items: int, k: int, batch: int, progress: bool) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
-    """Top-``k`` merged recall, final list and each channel alone, from each user's history before ``pos``.
+@dataclass
+class _Pairs:
+    """The ranker's held-out pairs, flat over (user, candidate) for users whose target was recalled.
 
-    Returns:
-        int64 [U, k] merged candidates, [U, k] final list and {channel: [U, k]}; padding is -1.
+    Attributes:
+        groups: int64 [N] test-user index of each pair.
+        labels: bool [N] the candidate is one of the user's targets.
+        scores: float32 [N] the final ranking score.
+        heads: {head: float32 [N]} per-head probabilities.
+        head_labels: {head: bool [N]} the candidate is a target held out with one of the head's behaviours.
     """
-    merged, final = [], []
+
+    groups: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    heads: dict[str, np.ndarray]
+    head_labels: dict[str, np.ndarray]
+
+
+@dataclass
+class _Lists:
+    """Every test user's top-``k`` lists (int64 [U, k], padding -1) and the ranker's held-out pairs."""
+
+    merged: np.ndarray
+    final: np.ndarray
+    per_channel: dict[int, np.ndarray]
+    pairs: _Pairs
+
+
+def _ranked_lists(pipe: TwoStage, seqs: Sequences, users: np.ndarray, pos: np.ndarray, ends: np.ndarray, num_items: int, k: int, batch: int, progress: bool) -> _Lists:
+    """Top-``k`` merged recall, final list and each channel alone, from each user's history before ``pos``, plus the held-out pairs."""
+    merged, final, pairs = [], [], []
     per_channel: dict[int, list[np.ndarray]] = {TWO_TOWER: [], COVISIT: [], POPULAR: []}
     for lo in tqdm(range(0, len(users), batch), desc="evaluating", disable=not progress, leave=False):
-        u, p = users[lo : lo + batch], pos[lo : lo + batch]
+        u, p, e = users[lo : lo + batch], pos[lo : lo + batch], ends[lo : lo + batch]
         window = seqs.window(p, pipe.history, seqs.offsets[u])
         exclude = seqs.history_matrix(u, p, num_items)
         cands, ranked = pipe.recommend(window, seqs.ts[p], p - seqs.offsets[u], exclude)
         merged.append(_top(cands.items, k))
         final.append(_top(ranked.items, k))
+        pairs.append(_batch_pairs(ranked, seqs, p, e, num_items, lo))
         recall_window = window.tail(pipe.retriever.model.cfg.history)
         for channel, out in per_channel.items():
             out.append(_top(pipe.retriever.retrieve(recall_window, seqs.ts[p], exclude, channels=(channel,)).items, k))
-    return np.concatenate(merged), np.concatenate(final), {c: np.concatenate(top) for c, top in per_channel.items()}
+    heads = pairs[0].heads.keys()
+    all_pairs = _Pairs(
+        groups=np.concatenate([q.groups for q in pairs]),
+        labels=np.concatenate([q.labels for q in pairs]),
+        scores=np.concatenate([q.scores for q in pairs]),
+        heads={h: np.concatenate([q.heads[h] for q in pairs]) for h in heads},
+        head_labels={h: np.concatenate([q.head_labels[h] for q in pairs]) for h in heads},
+    )
+    return _Lists(np.concatenate(merged), np.concatenate(final), {c: np.concatenate(top) for c, top in per_channel.items()}, all_pairs)
 
 
-def _distinct_targets(seqs: Sequences, starts: np.ndarray, ends: np.ndarray) -> list[np.ndarray]:
-    """Each user's distinct target items in positions ``starts[i]:ends[i]``."""
-    return [np.unique(seqs.items[lo:hi]) for lo, hi in zip(starts, ends)]
+def _batch_pairs(ranked, seqs: Sequences, starts: np.ndarray, ends: np.ndarray, num_items: int, offset: int) -> _Pairs:
+    """Held-out pairs of one batch: users whose target is among their candidates, every real candidate of theirs.
+
+    Args:
+        ranked: the batch's :class:`rank.pipeline.Ranked`.
+        seqs: the encoded log.
+        starts, ends: [b] each user's target range.
+        num_items: item id space size.
+        offset: test-user index of the batch's first user.
+    """
+    labels = _is_target(ranked.items, _distinct_targets(seqs, starts, ends), num_items)  # [b, C]
+    keep = (ranked.items > 0) & labels.any(axis=1, keepdims=True)
+    rows = np.nonzero(keep)[0]
+    head_labels = {}
+    for head in ranked.head_scores:
+        wanted = [BEHAVIOR_CODE[name] for name in HEAD_BEHAVIORS.get(head, BEHAVIORS)]
+        head_labels[head] = _is_target(ranked.items, _distinct_targets(seqs, starts, ends, wanted), num_items)[keep]
+    return _Pairs(
+        groups=(offset + rows).astype(np.int64),
+        labels=labels[keep],
+        scores=ranked.scores[keep].astype(np.float32),
+        heads={h: s[keep].astype(np.float32) for h, s in ranked.head_scores.items()},
+        head_labels=head_labels,
+    )
+
+
+def _is_target(items: np.ndarray, targets: Sequence[np.ndarray], num_items: int) -> np.ndarray:
+    """bool [B, C]: ``items[b, c]`` is one of ``targets[b]`` (padding never is)."""
+    sizes = np.fromiter((len(t) for t in targets), dtype=np.int64, count=len(targets))
+    flat = np.concatenate(targets) if len(targets) else np.zeros(0, np.int64)
+    owner = np.repeat(np.arange(len(targets)), sizes)
+    # Folding the row into the key turns per-row membership into one np.isin call.
+    rows = np.arange(len(items))[:, None]
+    return np.isin(rows * num_items + items, owner * num_items + flat) & (items > 0)
+
+
+def _ranker_report(pairs: _Pairs, n_users: int) -> dict:
+    """Classifier metrics of the ranker on the held-out pairs.
+
+    AUC and GAUC use the final ranking score (what orders the list); logloss and
+    calibration use the ``click`` head, the probability whose label is "interacted next"
+    (the final score mixes in the cart/fav and buy heads, which predict rarer events).
+
+    Returns:
+        ``pairs``, ``users`` (with their target recalled), ``recalled_share`` (of test
+        users), ``auc``, ``gauc``, ``logloss``, ``ece`` (10 equal-width bins),
+        ``calibration`` (10 equal-count bins: ``mean_prob``, ``positive_rate``, ``count``) and, with several heads, ``heads``
+        ({name: {"auc", "positives"}}: the head's probability over the same pairs, a pair
+        being positive when its candidate is a target held out with one of the head's
+        behaviours (:data:`HEAD_BEHAVIORS`); auc is None when a head has no positive).
+    """
+    users = len(np.unique(pairs.groups))
+    out: dict = {"pairs": int(len(pairs.labels)), "users": users, "recalled_share": round(users / max(n_users, 1), 6)}
+    if not users:
+        return out
+    prob = pairs.heads["click"]
+    # Equal-count bins: the predictions crowd the low end, where equal-width bins would give two or three points.
+    mean_prob, rate, counts = calibration_bins(pairs.labels, prob, CALIBRATION_BINS, strategy="quantile")
+    out.update(
+        auc=round(auc(pairs.labels, pairs.scores), 6),
+        gauc=round(gauc(pairs.groups, pairs.labels, pairs.scores), 6),
+        logloss=round(logloss(pairs.labels, prob), 6),
+        ece=round(expected_calibration_error(pairs.labels, prob, CALIBRATION_BINS), 6),
+        calibration={
+            "mean_prob": [_finite(v) for v in mean_prob],
+            "positive_rate": [_finite(v) for v in rate],
+            "count": counts.tolist(),
+        },
+    )
+    if len(pairs.heads) > 1:
+        out["heads"] = {
+            head: {
+                "auc": round(auc(pairs.head_labels[head], probs), 6) if 0 < pairs.head_labels[head].sum() < len(probs) else None,
+                "positives": int(pairs.head_labels[head].sum()),
+            }
+            for head, probs in pairs.heads.items()
+        }
+    return out
+
+
+def _finite(value: float) -> float | None:
+    """Rounded float, None for nan (JSON has no nan)."""
+    return round(float(value), 6) if np.isfinite(value) else None
+
+
+def _lift(recall: dict, final: dict) -> dict:
+    """Recall order vs ranked order of the same candidates at the lift cut-offs, and the NDCG@10 ratio final/recall."""
+    ratio = final["ndcg@10"] / recall["ndcg@10"] if recall["ndcg@10"] > 0 else None
+    return {
+        "recall": {key: recall[key] for key in LIFT_KEYS},
+        "final": {key: final[key] for key in LIFT_KEYS},
+        "ndcg@10_ratio": round(ratio, 4) if ratio is not None else None,
+    }
+
+
+def _distinct_targets(seqs: Sequences, starts: np.ndarray, ends: np.ndarray, behaviors: Sequence[int] | None = None) -> list[np.ndarray]:
+    """Each user's distinct target items in positions ``starts[i]:ends[i]``, optionally only events with one of ``behaviors``."""
+    if behaviors is None:
+        return [np.unique(seqs.items[lo:hi]) for lo, hi in zip(starts, ends)]
+    return [np.unique(seqs.items[lo:hi][np.isin(seqs.behaviors[lo:hi], behaviors)]) for lo, hi in zip(starts, ends)]
 
 
 def _top(items: np.ndarray, k: int) -> np.ndarray:
@@ -171,7 +357,7 @@ def _write_json(path: str, report: dict) -> None:
 
 
 def format_report(report: dict) -> str:
-    """A readable table: one row per method, one column per metric."""
+    """A readable table: one row per method, one column per metric, then the ranker's pair metrics and the lift."""
     rows = [("recall (merged)", report["recall"])]
     rows += [(f"  {name}", m) for name, m in report["recall_channels"].items()]
     rows += [("final (ranked)", report["final"])]
@@ -180,6 +366,27 @@ def format_report(report: dict) -> str:
     lines = [f"{report['users']:,} users, {report['items']:,} items, split {report['split']}", f"{'':18}" + "".join(f"{c:>10}" for c in cols)]
     for name, m in rows:
         lines.append(f"{name:18}" + "".join(f"{m[c]:>10.4f}" if c in m else f"{'-':>10}" for c in cols))
+    lines += ["", _format_ranker(report["ranker"]), "", _format_lift(report["lift"])]
+    return "\n".join(lines)
+
+
+def _format_ranker(r: dict) -> str:
+    head = f"ranker on held-out pairs: {r['pairs']:,} pairs from {r['users']:,} users whose target was recalled ({r['recalled_share']:.1%})"
+    if "auc" not in r:
+        return head
+    lines = [head, f"  auc {r['auc']:.4f}  gauc {r['gauc']:.4f}  logloss {r['logloss']:.4f}  ece {r['ece']:.4f}"]
+    for name, h in r.get("heads", {}).items():
+        value = f"{h['auc']:.4f}" if h["auc"] is not None else "n/a"
+        lines.append(f"  head {name:9} auc {value}  ({h['positives']:,} positives)")
+    return "\n".join(lines)
+
+
+def _format_lift(lift: dict) -> str:
+    lines = ["lift on the same candidates" + f"{'':3}" + "".join(f"{c:>10}" for c in LIFT_KEYS)]
+    for name in ("recall", "final"):
+        lines.append(f"  {name + ' order':28}" + "".join(f"{lift[name][c]:>10.4f}" for c in LIFT_KEYS))
+    ratio = lift["ndcg@10_ratio"]
+    lines.append(f"  final / recall ndcg@10: {ratio:.3f}" if ratio is not None else "  final / recall ndcg@10: n/a (recall ndcg@10 is 0)")
     return "\n".join(lines)
 
 
@@ -190,13 +397,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=SPLITS, default="leave-last-out", help="must match the split used in training (default: leave-last-out)")
     parser.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="bad rows: stop (fail, default) or skip")
     parser.add_argument("--json", dest="json_out", default=None, help="write the report as JSON to this path")
+    parser.add_argument(
+        "--report", dest="report_dir", default=None, metavar="DIR",
+        help="write DIR/report.html (HR/NDCG vs K for recall, final and baselines; ranker calibration) and DIR/curves.json",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     report = evaluate(
         bundle=args.bundle, events=args.events, fmt=args.fmt, split=args.split, on_error=args.on_error,
-        json_out=args.json_out, progress=not args.no_progress,
+        json_out=args.json_out, report_dir=args.report_dir, progress=not args.no_progress,
     )
     print(format_report(report))
+    if args.report_dir:
+        print(f"report: {os.path.join(args.report_dir, 'report.html')}")
     return 0

@@ -5,14 +5,18 @@ import pytest
 
 from events.metrics import (
     auc,
+    calibration_bins,
+    expected_calibration_error,
     gauc,
     hit_at_k_multi,
     hit_rate,
     logloss,
     mrr,
+    multi_target_curves,
     ndcg,
     ndcg_at_k_multi,
     overlap_recall,
+    rank_curves,
     recall_at_k,
     summarize,
     summarize_multi,
@@ -151,3 +155,65 @@ def test_summarize_keys_and_rounding():
     assert out["hr@10"] == round(2 / 3, 6)
     assert out["mrr@50"] == round((1 + 1 / 3) / 3, 6)
     assert all(isinstance(v, float) for v in out.values())
+
+
+def test_rank_curves_hand_example():
+    # ranks [0, 2, 5], max_k = 3 (rank 5 is a miss at every K):
+    #   K=1: hr 1/3, ndcg 1/3;  K=2: same;  K=3: hr 2/3, ndcg (1 + 1/log2(4)) / 3 = 0.5
+    hr, nd = rank_curves(np.array([0, 2, 5]), 3)
+    assert hr.tolist() == pytest.approx([1 / 3, 1 / 3, 2 / 3])
+    assert nd.tolist() == pytest.approx([1 / 3, 1 / 3, 0.5])
+
+
+def test_rank_curves_agree_with_point_metrics():
+    ranks = np.random.default_rng(0).integers(0, 30, 200)
+    hr, nd = rank_curves(ranks, 25)
+    for k in (1, 7, 25):
+        assert hr[k - 1] == pytest.approx(hit_rate(ranks, k))
+        assert nd[k - 1] == pytest.approx(ndcg(ranks, k))
+
+
+def test_multi_target_curves_hand_example():
+    topk = np.array([[1, 2, 3], [5, 6, -1], [7, 8, 9]])
+    targets = [np.array([2, 3]), np.array([5]), np.array([], dtype=np.int64)]
+    # user 0 hits at ranks 1 and 2 of 2 targets; user 1 at rank 0 of 1; user 2 has no targets.
+    #   recall: K=1 (0 + 1)/2, K=2 (1/2 + 1)/2, K=3 (1 + 1)/2
+    #   ndcg user 0 (ideal: min(2, K) hits on top): K=1 0; K=2 (1/log2 3)/(1 + 1/log2 3); K=3 (1/log2 3 + 1/2)/(1 + 1/log2 3)
+    c = multi_target_curves(topk, targets, 3)
+    assert c["recall"].tolist() == pytest.approx([0.5, 0.75, 1.0])
+    assert c["hr"].tolist() == pytest.approx([0.5, 1.0, 1.0])
+    l3 = 1 / math.log2(3)
+    assert c["ndcg"].tolist() == pytest.approx([0.5, (l3 / (1 + l3) + 1) / 2, ((l3 + 0.5) / (1 + l3) + 1) / 2])
+    assert c["ndcg"][1] == pytest.approx(ndcg_at_k_multi(topk, targets, 2))
+
+
+def test_calibration_bins_hand_example():
+    labels = np.array([0, 1, 0, 1, 1])
+    probs = np.array([0.1, 0.2, 0.6, 0.9, 1.0])
+    mean_prob, rate, counts = calibration_bins(labels, probs, n_bins=2)
+    # bin [0, .5): probs .1 .2, one positive; bin [.5, 1]: .6 .9 1.0 (1.0 goes to the last bin), two positives.
+    assert counts.tolist() == [2, 3]
+    assert mean_prob.tolist() == pytest.approx([0.15, 2.5 / 3])
+    assert rate.tolist() == pytest.approx([0.5, 2 / 3])
+    # ECE = (2 * |0.15 - 0.5| + 3 * |0.8333 - 0.6667|) / 5 = (0.7 + 0.5) / 5
+    assert expected_calibration_error(labels, probs, n_bins=2) == pytest.approx(0.24)
+
+
+def test_calibration_bins_empty_bins_are_nan():
+    mean_prob, rate, counts = calibration_bins(np.array([1, 0]), np.array([0.05, 0.07]), n_bins=4)
+    assert counts.tolist() == [2, 0, 0, 0]
+    assert np.isnan(mean_prob[1:]).all() and np.isnan(rate[1:]).all()
+    with pytest.raises(ValueError):
+        calibration_bins(np.array([1]), np.array([0.5, 0.5]))
+
+
+def test_calibration_bins_quantile_hand_example():
+    labels = np.array([0, 0, 1, 1])
+    probs = np.array([0.01, 0.02, 0.03, 0.04])
+    # Two quantile bins: edges [0.01, 0.025, 0.04] → {0.01, 0.02} and {0.03, 0.04}.
+    mean_prob, rate, counts = calibration_bins(labels, probs, n_bins=2, strategy="quantile")
+    assert counts.tolist() == [2, 2]
+    assert mean_prob.tolist() == pytest.approx([0.015, 0.035])
+    assert rate.tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="strategy"):
+        calibration_bins(labels, probs, strategy="log")

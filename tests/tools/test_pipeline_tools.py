@@ -14,7 +14,7 @@ METRICS = {"recall": {"hr@10", "ndcg@10", "hr@50", "hr@200"}, "final": {"hr@10",
 
 def test_evaluate_reports_every_section(tiny_bundle, tiny_log_path, tmp_path):
     out = tmp_path / "eval.json"
-    report = evaluate(bundle=tiny_bundle, events=tiny_log_path, json_out=str(out), progress=False)
+    report = evaluate(bundle=tiny_bundle, events=tiny_log_path, json_out=str(out), report_dir=str(tmp_path / "report"), progress=False)
     saved = json.loads(out.read_text())
     assert saved["users"] == report["users"] > 0
     for section, keys in METRICS.items():
@@ -24,6 +24,23 @@ def test_evaluate_reports_every_section(tiny_bundle, tiny_log_path, tmp_path):
     # The planted structure is learnable: the trained pipeline beats popularity.
     assert saved["recall"]["hr@50"] > saved["baselines"]["pop"]["hr@50"]
     assert "final (ranked)" in format_report(report)
+    ranker = saved["ranker"]
+    assert 0 < ranker["users"] <= saved["users"] and ranker["pairs"] > ranker["users"]
+    assert 0.0 <= ranker["auc"] <= 1.0 and 0.0 <= ranker["gauc"] <= 1.0 and ranker["logloss"] > 0
+    assert sum(ranker["calibration"]["count"]) == ranker["pairs"]
+    lift = saved["lift"]
+    assert lift["recall"]["ndcg@10"] == saved["recall"]["ndcg@10"] and lift["final"]["hr@50"] == saved["final"]["hr@50"]
+    assert lift["ndcg@10_ratio"] == pytest.approx(saved["final"]["ndcg@10"] / saved["recall"]["ndcg@10"], abs=1e-4)
+    assert "auc" in format_report(report) and "final / recall ndcg@10" in format_report(report)
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert page.count("<svg") == 3 and "Reliability" in page
+    for method in ("recall (merged)", "final (ranked)", "baseline pop", "baseline itemcf"):
+        assert f"data-name='{method}'" in page
+    curves = json.loads((tmp_path / "report" / "curves.json").read_text())
+    # The curves agree with the point metrics of the same lists.
+    assert curves["final (ranked)"]["ndcg"][9] == pytest.approx(saved["final"]["ndcg@10"], abs=1e-6)
+    assert curves["baseline pop"]["hr"][49] == pytest.approx(saved["baselines"]["pop"]["hr@50"], abs=1e-6)
+    assert len(curves["recall (merged)"]["hr"]) == 200
 
 
 def test_rebuild_index_publishes_good_and_refuses_bad(tiny_bundle, tmp_path):

@@ -1,0 +1,30 @@
+"""The ranking benchmark runs end to end on a tiny bundle and reports every field (no timing asserts)."""
+
+import json
+
+import pytest
+
+from tools.bench_rank import format_report, run_benchmark
+
+
+def test_bench_rank_reports_times_baseline_and_breakdown(tiny_bundle, tmp_path):
+    out = tmp_path / "bench.json"
+    report = run_benchmark(bundle=tiny_bundle, candidates=50, calls=20, users=4, warmup=2, profile_calls=8, json_out=str(out))
+    saved = json.loads(out.read_text())
+    assert saved["setting"]["candidates"] == 50 and saved["setting"]["users"] == 4 and saved["setting"]["torch_threads"] == 1
+    for stage in ("rank_ms", "recall_ms"):
+        for kind in ("wall", "cpu"):
+            t = saved[stage][kind]
+            assert 0 < t["median"] <= t["p99"]
+    assert set(saved["meets_target"]) == {"wall", "cpu"}
+    callees, top = saved["breakdown"]["callees"], saved["breakdown"]["top"]
+    # The direct callees plus rank's own code account for (nearly) all of rank's time.
+    assert 0.9 < sum(callees.values()) <= 1.0 + 1e-3
+    assert any(name.endswith(":build_features") for name in top) and any(name.endswith(":forward") for name in top), top
+    assert all(0 < share <= 1 for share in top.values())
+    assert "rank" in format_report(report) and "where the ranking time goes" in format_report(report)
+
+
+def test_bench_rank_refuses_more_candidates_than_recall_returns(tiny_bundle):
+    with pytest.raises(ValueError, match="fewer than --candidates"):
+        run_benchmark(bundle=tiny_bundle, candidates=100_000, calls=1, users=2, warmup=0, profile_calls=1)

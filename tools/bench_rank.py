@@ -1,0 +1,251 @@
+"""``python -m tools.bench_rank``: cost of ranking one user's candidates on one CPU thread.
+
+Every call is :meth:`rank.pipeline.TwoStage.rank` for one user and ``--candidates``
+recall candidates (features, model forward, sort), as a server pays it per request.
+Users are drawn from the bundle's log and their candidates come from the bundle's own
+recall stage, computed once up front; calls cycle through the users so no call sees
+warm caches for its own inputs only.
+
+Reported: median, p99 and mean milliseconds per call, wall-clock and this thread's
+CPU time (on a shared machine the wall figure includes waiting for a core); the recall stage for the same
+users measured in the same run (the baseline: the ranking cost is also given as a
+multiple of it); and, from a separate profiled pass, the share of the ranking time in
+each function ``rank`` calls (feature building vs the model forward) and in the most
+expensive functions anywhere beneath it.
+"""
+
+import argparse
+import cProfile
+import dataclasses
+import json
+import os
+import pstats
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from rank.pipeline import TwoStage
+from recall.retriever import Candidates
+from server.bundle import load_bundle
+
+TARGET_MS = 3.0
+
+
+@dataclasses.dataclass
+class _Request:
+    """One user's inputs to both stages, batch size 1."""
+
+    window: object
+    now: np.ndarray
+    activity: np.ndarray
+    exclude: object
+    candidates: Candidates
+
+
+def run_benchmark(
+    *,
+    bundle: str,
+    candidates: int = 200,
+    calls: int = 2000,
+    users: int = 64,
+    warmup: int = 100,
+    profile_calls: int = 300,
+    seed: int = 0,
+    json_out: str | None = None,
+) -> dict:
+    """Time ranking ``candidates`` items for one user at a time on one thread.
+
+    Args:
+        bundle: bundle root or version directory.
+        candidates: candidates per call (recall's merged list cut to this many).
+        calls: timed ranking calls.
+        users: distinct users cycled through.
+        warmup: untimed calls first (allocator and caches).
+        profile_calls: calls under cProfile for the breakdown (not timed).
+        seed: picks the users.
+        json_out: also write the report here (atomically).
+
+    Returns:
+        The report: ``setting``, ``rank_ms`` and ``recall_ms`` ({"wall"|"cpu": median/p99/mean}),
+        ``rank_over_recall`` (ratio of median CPU times), ``target_ms``, ``meets_target``
+        ({"wall"|"cpu": bool}, by the median) and ``breakdown`` (``callees`` and ``top``:
+        shares of the ranking time, see :func:`_breakdown`).
+    """
+    torch.set_num_threads(1)
+    b = load_bundle(bundle)
+    pipe = b.pipeline()
+    requests = _requests(b, pipe, users, candidates, seed)
+    rank = lambda r: pipe.rank(r.window, r.now, r.activity, r.candidates)
+    recall_window = lambda r: r.window.tail(pipe.retriever.model.cfg.history)
+    recall = lambda r: pipe.retriever.retrieve(recall_window(r), r.now, r.exclude)
+    rank_times = _time_calls(rank, requests, calls, warmup)
+    recall_times = _time_calls(recall, requests, max(calls // 4, len(requests)), warmup // 4)
+    report = {
+        "setting": {
+            "bundle": b.path,
+            "model_version": b.model_version,
+            "candidates": int(requests[0].candidates.items.shape[1]),
+            "calls": calls,
+            "users": len(requests),
+            "torch_threads": torch.get_num_threads(),
+            "history": int(pipe.ranker.cfg.history),
+            "load_average_1m": round(os.getloadavg()[0], 2),
+            "cpus": os.cpu_count(),
+        },
+        "rank_ms": _summaries(rank_times),
+        "recall_ms": _summaries(recall_times),
+        "rank_over_recall": round(float(np.median(rank_times[1]) / np.median(recall_times[1])), 3),
+        "target_ms": TARGET_MS,
+        "meets_target": {kind: bool(np.median(t) * 1e3 <= TARGET_MS) for kind, t in zip(("wall", "cpu"), rank_times)},
+        "breakdown": _breakdown(rank, requests, profile_calls, TwoStage.rank),
+    }
+    if json_out:
+        tmp = f"{json_out}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(report, fh, indent=2)
+        os.replace(tmp, json_out)
+    return report
+
+
+def _requests(b, pipe: TwoStage, n_users: int, width: int, seed: int) -> list[_Request]:
+    """``n_users`` random users with history, each with their recall candidates cut to ``width``."""
+    seqs = b.data.seqs
+    active = np.flatnonzero(seqs.lengths > 0)
+    picked = np.sort(np.random.default_rng(seed).choice(active, min(n_users, len(active)), replace=False))
+    window = seqs.user_window(picked, pipe.history)
+    now = seqs.ts[seqs.offsets[picked + 1] - 1]
+    exclude = seqs.history_matrix(picked, seqs.offsets[picked + 1], b.data.items.size)
+    cands = pipe.retriever.retrieve(window.tail(pipe.retriever.model.cfg.history), now, exclude, two_tower=width)
+    if cands.items.shape[1] < width:
+        raise ValueError(f"the recall stage returns {cands.items.shape[1]} candidates per user, fewer than --candidates {width}")
+    out = []
+    for i in range(len(picked)):
+        row = slice(i, i + 1)
+        one = Candidates(
+            items=cands.items[row, :width], scores=cands.scores[row, :width], channels=cands.channels[row, :width], user_vecs=cands.user_vecs[row]
+        )
+        win = dataclasses.replace(window, **{f.name: getattr(window, f.name)[row] for f in dataclasses.fields(window)})
+        out.append(_Request(win, now[row], seqs.lengths[picked[row]], exclude[row], one))
+    return out
+
+
+def _time_calls(fn: Callable[[_Request], object], requests: list[_Request], calls: int, warmup: int) -> tuple[np.ndarray, np.ndarray]:
+    """Wall and CPU seconds of each of ``calls`` calls cycling through ``requests``, after ``warmup`` untimed ones.
+
+    CPU time is this thread's: on a shared machine wall time also counts the waits for
+    a free core, which say more about the neighbours than about the code.
+    """
+    for i in range(warmup):
+        fn(requests[i % len(requests)])
+    wall, cpu = np.empty(calls), np.empty(calls)
+    for i in range(calls):
+        r = requests[i % len(requests)]
+        w0, c0 = time.perf_counter(), time.thread_time()
+        fn(r)
+        cpu[i] = time.thread_time() - c0
+        wall[i] = time.perf_counter() - w0
+    return wall, cpu
+
+
+def _summary(seconds: np.ndarray) -> dict[str, float]:
+    ms = seconds * 1e3
+    return {"median": round(float(np.median(ms)), 4), "p99": round(float(np.percentile(ms, 99)), 4), "mean": round(float(ms.mean()), 4)}
+
+
+def _summaries(times: tuple[np.ndarray, np.ndarray]) -> dict[str, dict[str, float]]:
+    wall, cpu = times
+    return {"wall": _summary(wall), "cpu": _summary(cpu)}
+
+
+def _breakdown(fn: Callable[[_Request], object], requests: list[_Request], calls: int, root: Callable, top: int = 15) -> dict[str, dict[str, float]]:
+    """Where ``root``'s time goes under cProfile, as shares of its cumulative time.
+
+    Shares rather than milliseconds: the profiler's overhead inflates absolute times.
+    cProfile keeps caller-callee pairs, not a call tree, so deeper levels are given as a
+    flat list of the most expensive functions anywhere under ``root`` (cumulative time,
+    so nested entries overlap) rather than as a tree whose branches would mix callers.
+
+    Returns:
+        ``{"callees": {name: share}`` for the functions ``root`` calls directly plus its own
+        code, ``"top": {name: share}`` for the ``top`` functions with the most cumulative
+        time, torch's module-call wrappers left out}; names are ``file:line:function``.
+    """
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(calls):
+        fn(requests[i % len(requests)])
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats
+    code = root.__code__
+    key = next(k for k in stats if k[0] == code.co_filename and k[1] == code.co_firstlineno and k[2] == code.co_name)
+    total = stats[key][3]
+    callees = {"(own code)": stats[key][2]}
+    for callee, (_, _, _, _, callers) in stats.items():
+        if key in callers:
+            callees[_name(callee)] = callers[key][3]
+    wrappers = ("_wrapped_call_impl", "_call_impl")
+    under = {_name(k): v[3] for k, v in stats.items() if k != key and k[2] not in wrappers and v[3] <= total}
+    share = lambda d, n=None: {name: round(t / total, 4) for name, t in sorted(d.items(), key=lambda kv: -kv[1])[:n] if t / total >= 0.005}
+    return {"callees": share(callees), "top": share(under, top)}
+
+
+def _name(key: tuple) -> str:
+    filename, line, function = key
+    return f"{_short(filename)}:{line}:{function}" if line else function
+
+
+def _short(filename: str) -> str:
+    """``.../site-packages/torch/nn/modules/module.py`` → ``torch/nn/modules/module.py``; repo files relative to the repo."""
+    for marker in ("site-packages/", "dist-packages/"):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.relpath(filename, root) if filename.startswith(root) else filename
+
+
+def format_report(report: dict) -> str:
+    """The report as text: setting, per-call times against the target and the recall baseline, breakdown."""
+    s = report["setting"]
+    lines = [
+        f"ranking {s['candidates']} candidates for one user, {s['calls']} calls over {s['users']} users, "
+        f"torch threads {s['torch_threads']}, load average {s['load_average_1m']} on {s['cpus']} cpus",
+    ]
+    for kind in ("cpu", "wall"):
+        r, c = report["rank_ms"][kind], report["recall_ms"][kind]
+        verdict = "meets" if report["meets_target"][kind] else "MISSES"
+        lines.append(f"  {kind:4} rank    median {r['median']:.3f} ms  p99 {r['p99']:.3f} ms  mean {r['mean']:.3f} ms  ({verdict} the {report['target_ms']:g} ms target)")
+        lines.append(f"  {kind:4} recall  median {c['median']:.3f} ms  p99 {c['p99']:.3f} ms  (baseline: same users, same run)")
+    lines += [
+        f"  rank / recall (median CPU): {report['rank_over_recall']:.2f}",
+        "  where the ranking time goes (profiled pass; share of rank), functions rank calls:",
+    ]
+    lines += [f"    {share:6.1%}  {name}" for name, share in report["breakdown"]["callees"].items()]
+    lines.append("  most expensive functions under rank (cumulative, so nested ones overlap):")
+    lines += [f"    {share:6.1%}  {name}" for name, share in report["breakdown"]["top"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m tools.bench_rank --bundle DIR [--candidates 200] [--calls 2000] [--json out.json]``."""
+    p = argparse.ArgumentParser(prog="python -m tools.bench_rank", description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", required=True, help="bundle root (with CURRENT) or a version directory")
+    p.add_argument("--candidates", type=int, default=200, help="candidates ranked per call (default: 200)")
+    p.add_argument("--calls", type=int, default=2000, help="timed calls (default: 2000)")
+    p.add_argument("--users", type=int, default=64, help="distinct users the calls cycle through (default: 64)")
+    p.add_argument("--warmup", type=int, default=100, help="untimed calls first (default: 100)")
+    p.add_argument("--profile-calls", type=int, default=300, help="calls in the profiled pass for the breakdown (default: 300)")
+    p.add_argument("--seed", type=int, default=0, help="picks the users (default: 0)")
+    p.add_argument("--json", dest="json_out", help="also write the report as JSON here")
+    args = p.parse_args(argv)
+    report = run_benchmark(
+        bundle=args.bundle, candidates=args.candidates, calls=args.calls, users=args.users, warmup=args.warmup,
+        profile_calls=args.profile_calls, seed=args.seed, json_out=args.json_out,
+    )
+    print(format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
