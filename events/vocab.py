@@ -19,6 +19,7 @@ class Vocab:
         if index.has_duplicates:
             raise ValueError("vocabulary ids must be unique")
         self._index = index
+        self._raw: np.ndarray | None = None  # object array of the ids, built on first decode
 
     @classmethod
     def fit(cls, values: pd.Series | np.ndarray) -> "Vocab":
@@ -42,7 +43,10 @@ class Vocab:
         ids = np.asarray(ids)
         raw = np.empty(ids.shape, dtype=object)
         real = ids > 0
-        raw[real] = self._index.to_numpy(dtype=object)[ids[real] - 1]
+        if self._raw is None:
+            # Converting the arrow-backed index costs O(vocabulary); serving decodes a few ids per request.
+            self._raw = self._index.to_numpy(dtype=object)
+        raw[real] = self._raw[ids[real] - 1]
         raw[~real] = ""
         return raw
 

@@ -1,20 +1,89 @@
-"""gRPC server assembly: the Recommender servicer plus standard health checking and reflection."""
+"""gRPC server assembly: the Recommender servicer behind one interceptor (token, size limit, metrics,
+access log), a micro-batcher, an engine holder that follows the bundle root, health checking and
+reflection; :func:`serve` runs it all until a signal."""
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server.batching import BatchStats, MicroBatcher
+from server.holder import EngineHolder
+from server.interceptors import ServerInterceptor
+from server.metrics import Metrics
 from server.rpc import recommender_pb2_grpc
 from server.service import SERVICE_NAME, RecommenderServicer
+from server.state import MAX_EVENTS_PER_USER
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 5.0
+# Requests past max_message_bytes get INVALID_ARGUMENT with their size; the transport
+# refuses (RESOURCE_EXHAUSTED) only far beyond, so a slightly big request gets a clear message.
+TRANSPORT_SLACK = 4
+TOKEN_ENV = "FUNNEL_TOKEN"
+
+
+@dataclass
+class ServerOptions:
+    """How a server runs; every field has a working default.
+
+    Attributes:
+        max_workers: request threads; they wait on the batcher, so keep it >= ``max_batch``.
+        max_batch: most Recommend requests per micro-batch (1 turns batching off).
+        batch_wait_ms: how long a batch keeps gathering after its first request; 0 takes
+            only the requests already waiting.
+        max_message_bytes: largest request accepted (INVALID_ARGUMENT beyond).
+        token: bearer token required for LogEvents and Reload; ``None`` for none.
+        tls_cert, tls_key: PEM files; both set serves TLS instead of plaintext.
+    """
+
+    max_workers: int = 32
+    max_batch: int = 32
+    batch_wait_ms: float = 1.0
+    max_message_bytes: int = 4 * 1024 * 1024
+    token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+PROTECTED = tuple(f"/{SERVICE_NAME}/{m}" for m in ("LogEvents", "Reload"))
+
+
+@dataclass
+class Server:
+    """A built server and the parts that stop with it.
+
+    Attributes:
+        server: the gRPC server (unstarted when returned by :func:`build_server`).
+        port: the bound port.
+        holder: the engine holder (``holder.reload()``, ``holder.engine``).
+        servicer: the Recommender servicer.
+        health: the health servicer (NOT_SERVING on shutdown).
+        metrics: the server's metrics.
+        batcher: the micro-batcher, or ``None`` when batching is off.
+    """
+
+    server: grpc.Server
+    port: int
+    holder: EngineHolder
+    servicer: RecommenderServicer
+    health: health.HealthServicer
+    metrics: Metrics
+    batcher: MicroBatcher | None
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop taking requests, let in-flight ones finish for ``grace`` seconds, then stop the batcher."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        if self.batcher is not None:
+            self.batcher.close()
 
 
 def create_server(addr: str, engine, *, max_workers: int = 8) -> tuple[grpc.Server, int]:
@@ -31,38 +100,176 @@ def create_server(addr: str, engine, *, max_workers: int = 8) -> tuple[grpc.Serv
     Raises:
         RuntimeError: ``addr`` could not be bound.
     """
-    server, port, _ = _build(addr, engine, max_workers)
-    return server, port
+    built = build_server(addr, holder=EngineHolder(engine), options=ServerOptions(max_workers=max_workers))
+    return built.server, built.port
 
 
-def _build(addr: str, engine, max_workers: int) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """``create_server``, also returning the health servicer so shutdown can report NOT_SERVING."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="recommend"))
-    recommender_pb2_grpc.add_RecommenderServicer_to_server(RecommenderServicer(engine), server)
+def build_server(addr: str, *, holder: EngineHolder, options: ServerOptions | None = None, metrics: Metrics | None = None) -> Server:
+    """Assemble a server around ``holder`` bound to ``addr`` (not started).
+
+    Args:
+        addr: ``host:port`` to bind; port 0 picks a free one.
+        holder: owns the engine; Recommend batches read ``holder.engine``.
+        options: see :class:`ServerOptions`.
+        metrics: where the server's metrics go (a new set when omitted); the holder's
+            swaps and refusals are counted there too.
+
+    Raises:
+        RuntimeError: ``addr`` could not be bound.
+        OSError: a TLS file cannot be read.
+    """
+    options = options or ServerOptions()
+    metrics = metrics or Metrics()
+    metrics.set_bundle(holder.engine.model_version, holder.engine.index_version)
+
+    def swapped(engine) -> None:
+        metrics.reloads.labels("swapped").inc()
+        metrics.set_bundle(engine.model_version, engine.index_version)
+
+    holder.on_swap = swapped
+    holder.on_refuse = lambda reason: metrics.reloads.labels("refused").inc()
+    batcher = (
+        recommend_batcher(holder, metrics, max_batch=options.max_batch, max_wait_s=options.batch_wait_ms / 1e3) if options.max_batch > 1 else None
+    )
+    interceptor = ServerInterceptor(metrics, token=options.token, protected=PROTECTED, max_request_bytes=options.max_message_bytes)
+    transport_limit = options.max_message_bytes * TRANSPORT_SLACK
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="rpc"),
+        interceptors=[interceptor],
+        options=[("grpc.max_receive_message_length", transport_limit), ("grpc.max_send_message_length", transport_limit)],
+    )
+    servicer = RecommenderServicer(holder=holder, batcher=batcher, metrics=metrics)
+    recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(addr)
-    return server, port, health_servicer
+    if options.tls_cert or options.tls_key:
+        if not (options.tls_cert and options.tls_key):
+            raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
+        with open(options.tls_key, "rb") as key, open(options.tls_cert, "rb") as cert:
+            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        port = server.add_secure_port(addr, credentials)
+    else:
+        port = server.add_insecure_port(addr)
+    return Server(server, port, holder, servicer, health_servicer, metrics, batcher)
 
 
-def serve(bundle_dir: str, *, host: str = "0.0.0.0", port: int = 50051, max_workers: int = 8) -> None:
+def recommend_batcher(holder: EngineHolder, metrics: Metrics, *, max_batch: int, max_wait_s: float) -> MicroBatcher:
+    """A micro-batcher that runs each batch of queries on the engine held at that moment.
+
+    One engine per batch: a swap never splits a batch, and a batch already running
+    finishes on the engine it started with.
+    """
+
+    def run(queries: list) -> list:
+        engine = holder.engine
+        batch = getattr(engine, "recommend_batch", None)
+        return batch(queries) if batch is not None else [_one(engine, q) for q in queries]
+
+    def observe(stats: BatchStats) -> None:
+        if stats.size:
+            metrics.batch_size.observe(stats.size)
+            metrics.stage.labels("batch").observe(stats.run_s)
+        for wait in stats.waits_s:
+            metrics.stage.labels("queue").observe(wait)
+        if stats.expired:
+            metrics.expired.inc(stats.expired)
+
+    return MicroBatcher(run, max_batch=max_batch, max_wait_s=max_wait_s, on_batch=observe)
+
+
+def _one(engine, query):
+    """An engine without a batch path, one query at a time; an error is returned for its caller alone."""
+    try:
+        return engine.recommend(query)
+    except Exception as err:  # noqa: BLE001 - handed to this query's caller by the batcher
+        return err
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Size torch's and faiss's thread pools so they do not oversubscribe the cores.
+
+    One batch computes at a time while the gRPC threads (de)serialize beside it, so
+    the math gets half the cores this process may use (at least one). Per-batch
+    tensors are small: on 2 busy cores, 2 intra-op threads made a batch about 8x
+    slower than 1 (OpenMP workers spinning against the request threads).
+
+    Args:
+        threads: the count to use instead of half the cores.
+
+    Returns:
+        The thread count used.
+    """
+    import faiss
+    import torch
+
+    n = threads or max(1, len(os.sched_getaffinity(0)) // 2)
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already fixed once torch ran parallel work; intra-op threads are what matters
+    faiss.omp_set_num_threads(n)
+    return n
+
+
+def serve(
+    bundle_dir: str,
+    *,
+    host: str = "0.0.0.0",
+    port: int = 50051,
+    options: ServerOptions | None = None,
+    metrics_port: int | None = None,
+    watch_interval_s: float = 2.0,
+    threads: int | None = None,
+    state: str = "memory",
+    event_log: str | None = None,
+    max_events_per_user: int = MAX_EVENTS_PER_USER,
+) -> None:
     """Serve a bundle until SIGINT or SIGTERM, then drain in-flight requests and return.
+
+    With a bundle root, the bundle ``CURRENT`` names is served and swapped for a new
+    one when ``CURRENT`` changes (polled) or on the ``Reload`` rpc.
 
     Args:
         bundle_dir: bundle root (with CURRENT) or a version directory.
         host: address to bind.
         port: port to bind; 0 picks a free one.
-        max_workers: request threads.
+        options: threads, batching, limits, token, TLS (see :class:`ServerOptions`).
+        metrics_port: serve Prometheus ``/metrics`` on this port; ``None`` for none.
+        watch_interval_s: how often ``CURRENT`` is polled; 0 turns polling off.
+        threads: torch/faiss threads; default half the cores this process may use (see :func:`configure_threads`).
+        state: where users' logged behaviour lives: ``memory`` or ``redis://HOST:PORT``
+            (shared by replicas); see :func:`server.state.open_state`.
+        event_log: durable event store (SQLite) that ``LogEvents`` commits to before
+            answering, replayed on start in ``memory`` mode; ``None`` for none.
+        max_events_per_user: most recent events per user kept in the state.
     """
     from server.engine import Engine
+    from server.state import open_state
 
-    engine = Engine.load(bundle_dir)
-    server, bound, health_servicer = _build(f"{host}:{port}", engine, max_workers)
-    server.start()
-    log.info("serving %s (model %s, index %s) on %s:%d", SERVICE_NAME, engine.model_version, engine.index_version, host, bound)
+    options = options or ServerOptions()
+    n_threads = configure_threads(threads)
+    metrics = Metrics()
+    user_state = open_state(state, event_log=event_log, max_events_per_user=max_events_per_user)
+    # Every engine, the first and each swapped-in one, shares the same user state.
+    holder = EngineHolder.open(bundle_dir, lambda path: Engine.load(path, user_state))
+    built = build_server(f"{host}:{port}", holder=holder, options=options, metrics=metrics)
+    built.server.start()
+    engine = holder.engine
+    log.info(
+        "serving %s (model %s, index %s) on %s:%d%s; batches of up to %d within %.1f ms; %d compute threads",
+        SERVICE_NAME, engine.model_version, engine.index_version, host, built.port, " with TLS" if options.tls_cert else "",
+        options.max_batch, options.batch_wait_ms, n_threads,
+    )
+    if watch_interval_s > 0:
+        holder.start_watching(watch_interval_s)
+    http = None
+    if metrics_port is not None:
+        http = metrics.serve(metrics_port, host)
+        log.info("metrics on http://%s:%d/metrics", host, http.server_port)
 
     stop_requested = threading.Event()
     # The handler only flags; shutdown runs on the main thread, outside signal context.
@@ -70,7 +277,10 @@ def serve(bundle_dir: str, *, host: str = "0.0.0.0", port: int = 50051, max_work
         signal.signal(signum, lambda *_: stop_requested.set())
     stop_requested.wait()
     log.info("shutting down: draining in-flight requests for up to %.0fs", SHUTDOWN_GRACE_S)
+    holder.stop_watching()
     # Health pollers (load balancers) stop routing here while in-flight requests finish.
-    health_servicer.enter_graceful_shutdown()
-    server.stop(grace=SHUTDOWN_GRACE_S).wait()
+    built.stop(SHUTDOWN_GRACE_S)
+    if http is not None:
+        http.shutdown()
+    user_state.close()
     log.info("server stopped")

@@ -1,19 +1,27 @@
 """The recommendation engine behind the gRPC service: one bundle, both stages, raw ids in and out."""
 
+import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.sparse as sp
 
-from events.schema import BEHAVIOR_CODE
+from events.schema import BEHAVIOR_CODE, BEHAVIORS
 from events.sequences import Sequences
 from events.vocab import PAD
+from rank.pipeline import Ranked
 from recall.retriever import CHANNELS
 from server.bundle import Bundle, load_bundle
-from server.query import BadQuery, RecommendQuery, RecommendResult, Recommendation
+from server.eventlog import UserEvent
+from server.query import Attended, BadQuery, RecommendQuery, RecommendResult, Recommendation
+from server.state import StateUnavailable, UserState
 
 log = logging.getLogger("funnel.engine")
+
+EXPLAIN_TOP = 3
+"""Attended behaviours returned per item."""
 
 
 class Engine:
@@ -22,10 +30,17 @@ class Engine:
     The request time ("now", from which time gaps are measured) is the later of the
     bundle's last event and the request's newest event, so replayed logs and live
     traffic both see gaps like the ones the ranker trained on.
+
+    Args:
+        bundle: the loaded bundle.
+        state: users' logged behaviour (see :mod:`server.state`), shared with the
+            engines of later bundles; ``None`` serves without live behaviour and
+            refuses :meth:`log_events`.
     """
 
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle, state: UserState | None = None):
         self.bundle = bundle
+        self.state = state
         self.pipeline = bundle.pipeline()
         data = bundle.data
         self._data_end = int(data.seqs.ts.max()) if len(data.seqs) else 0
@@ -33,9 +48,9 @@ class Engine:
         self._category_names = data.categories.decode(data.item_category)
 
     @classmethod
-    def load(cls, path: str) -> "Engine":
-        """Load the bundle at ``path`` (root or version directory)."""
-        return cls(load_bundle(path))
+    def load(cls, path: str, state: UserState | None = None) -> "Engine":
+        """Load the bundle at ``path`` (root or version directory), serving ``state``'s live behaviour."""
+        return cls(load_bundle(path), state)
 
     @property
     def model_version(self) -> str:
@@ -56,53 +71,159 @@ class Engine:
             Up to ``query.k`` items, best first, with per-stage timings.
 
         Raises:
-            BadQuery: for a category filter naming no known category.
+            BadQuery: for a category filter naming no known category, or head weights
+                naming a head this bundle's ranker does not have.
         """
-        started = time.perf_counter()
-        data = self.bundle.data
+        result = self.recommend_batch([query])[0]
+        if isinstance(result, BadQuery):
+            raise result
+        return result
+
+    def recommend_batch(self, queries: Sequence[RecommendQuery]) -> list[RecommendResult | BadQuery]:
+        """Rank items for several users with one pass of each stage per group of alike queries.
+
+        Queries that share a category filter, a two-tower candidate count and head
+        weights form one group: one user-tower forward, one index search and one ranking forward. A
+        query's answer does not depend on what it was batched with.
+
+        Args:
+            queries: validated queries.
+
+        Returns:
+            One entry per query, in order: its result, or the :class:`BadQuery` it raised
+            (an error in one query does not fail the others).
+        """
+        results: list[RecommendResult | BadQuery | None] = [None] * len(queries)
+        groups: dict[tuple, list[int]] = {}
+        for i, query in enumerate(queries):
+            try:
+                groups.setdefault(self._batch_key(query), []).append(i)
+            except BadQuery as err:
+                results[i] = err
+        for (category, two_tower, head_weights), rows in groups.items():
+            for i, result in zip(rows, self._recommend_group([queries[i] for i in rows], category, two_tower, head_weights)):
+                results[i] = result
+        return results
+
+    def _batch_key(self, query: RecommendQuery) -> tuple:
+        """What must be equal for queries to share one pass: the category id, the two-tower count and the head weights."""
         category = None
         if query.category is not None:
-            category = int(data.categories.encode([query.category])[0])
+            category = int(self.bundle.data.categories.encode([query.category])[0])
             if category == PAD:
                 raise BadQuery(f"unknown category {query.category!r}")
-        seqs = self._user_sequence(query)
-        window = seqs.user_window(np.array([0]), self.pipeline.history)
-        now = np.array([max(self._data_end, int(seqs.ts.max()) if len(seqs) else 0)])
-        exclude = self._exclude(query, seqs)
+        heads = self.pipeline.ranker.cfg.heads
+        missing = [head for head, _ in query.head_weights if head not in heads]
+        if missing:
+            raise BadQuery(f"head_weights names {missing[0]!r}, which this bundle's ranker does not have (its heads: {', '.join(heads)})")
+        return category, max(self.pipeline.retriever.config.two_tower, query.k), query.head_weights
+
+    def _recommend_group(self, queries: list[RecommendQuery], category: int | None, two_tower: int, head_weights: tuple[tuple[str, float], ...]) -> list[RecommendResult]:
+        started = time.perf_counter()
+        user_seqs = [self._user_sequence(q) for q in queries]
+        seqs = _stack(user_seqs)
+        window = seqs.user_window(np.arange(len(queries)), self.pipeline.history)
+        now = np.array([max(self._data_end, int(s.ts.max()) if len(s) else 0) for s in user_seqs])  # [B]
+        exclude = sp.vstack([self._exclude(q, s) for q, s in zip(queries, user_seqs)]).tocsr()  # [B, M]
         candidates = self.pipeline.retriever.retrieve(
-            window.tail(self.pipeline.retriever.model.cfg.history), now, exclude, category, two_tower=query.k
+            window.tail(self.pipeline.retriever.model.cfg.history), now, exclude, category, two_tower=two_tower
         )
         recalled = time.perf_counter()
-        ranked = self.pipeline.rank(window, now, np.array([len(seqs)]), candidates)
+        ranked = self.pipeline.rank(window, now, seqs.lengths, candidates, head_weights=dict(head_weights) or None)
         done = time.perf_counter()
-        items = ranked.items[0]
+        # Stage times are the group's: every query in it waited for the whole pass.
+        timings = {"recall": _us(recalled - started), "rank": _us(done - recalled), "total": _us(time.perf_counter() - started)}
+        return [self._result(query, ranked, row, timings) for row, query in enumerate(queries)]
+
+    def _result(self, query: RecommendQuery, ranked: Ranked, row: int, timings: dict[str, int]) -> RecommendResult:
+        """Row ``row`` of a ranked batch as one query's answer."""
+        data = self.bundle.data
+        items = ranked.items[row]
         keep = np.flatnonzero(items > 0)[: query.k]
         ids = data.items.decode(items[keep])
+        because = self._because(ranked, row, keep)
         recs = [
             Recommendation(
                 item_id=str(ids[j]),
-                score=float(ranked.scores[0, i]),
-                recall_score=float(ranked.recall_scores[0, i]),
-                channel=CHANNELS[ranked.channels[0, i]],
+                score=float(ranked.scores[row, i]),
+                recall_score=float(ranked.recall_scores[row, i]),
+                channel=CHANNELS[ranked.channels[row, i]],
                 title=str(self._titles[items[i]] or ""),
                 category=str(self._category_names[items[i]]),
+                because=because[j],
+                head_scores={head: float(p[row, i]) for head, p in ranked.head_scores.items()},
             )
             for j, i in enumerate(keep)
         ]
-        timings = {"recall": _us(recalled - started), "rank": _us(done - recalled), "total": _us(time.perf_counter() - started)}
-        return RecommendResult(recs, self.model_version, self.index_version, timings)
+        return RecommendResult(recs, self.model_version, self.index_version, dict(timings))
+
+    def _because(self, ranked: Ranked, row: int, cols: np.ndarray) -> list[tuple[Attended, ...]]:
+        """For each of row ``row``'s items at ``cols``, the past behaviours with the most attention, highest first."""
+        hist = ranked.history_items[row]  # [L]
+        att = np.where(hist > 0, ranked.attention[row, cols], 0.0)  # [K, L]; padding never explains anything
+        top = np.argsort(-att, axis=1, kind="stable")[:, :EXPLAIN_TOP]  # [K, n]
+        ids = self.bundle.data.items.decode(hist)
+        behaviors, ts = ranked.history_behaviors[row], ranked.history_ts[row]
+        return [
+            tuple(Attended(str(ids[t]), BEHAVIORS[behaviors[t] - 1], int(ts[t]), float(w[t])) for t in order if w[t] > 0)
+            for order, w in zip(top, att)
+        ]
+
+    def log_events(self, events: Sequence[UserEvent]) -> int:
+        """Append behaviour to the users' state; later queries for those users see it.
+
+        Events without a category get the bundle's category for their item, so a later
+        training run can place them even when the caller did not say.
+
+        Args:
+            events: validated events, raw ids.
+
+        Returns:
+            How many of them are on items this bundle does not know (stored all the same).
+
+        Raises:
+            StateUnavailable: this engine has no state, or its store cannot be reached.
+        """
+        if self.state is None:
+            raise StateUnavailable("this server keeps no user state, so it cannot log events")
+        data = self.bundle.data
+        items = data.items.encode([e.item_id for e in events])
+        names = self._category_names[items]
+        events = [e if e.category_id or not item else dataclasses.replace(e, category_id=str(name)) for e, item, name in zip(events, items, names)]
+        self.state.append(events)
+        return int((items == PAD).sum())
+
+    def _logged(self, user_id: str, lo: int, hi: int) -> tuple[UserEvent, ...]:
+        """The user's logged events minus those the bundle already holds (folded in by training)."""
+        if self.state is None:
+            return ()
+        try:
+            logged = self.state.recent(user_id)
+        except StateUnavailable as err:
+            # Recommend sits in callers' request paths: answer from the bundle rather than fail.
+            log.warning("user state unavailable, serving %r without live behaviour: %s", user_id, err)
+            return ()
+        seqs = self.bundle.data.seqs
+        if not logged or hi == lo or logged[0].timestamp > seqs.ts[hi - 1]:
+            return logged
+        held = set(zip(self.bundle.data.items.decode(seqs.items[lo:hi]), seqs.behaviors[lo:hi].tolist(), seqs.ts[lo:hi].tolist()))
+        return tuple(e for e in logged if (e.item_id, BEHAVIOR_CODE[e.behavior], e.timestamp) not in held)
 
     def _user_sequence(self, query: RecommendQuery) -> Sequences:
-        """The user's bundle history plus this request's recent events, as one user's sequence."""
+        """The user's bundle history, logged events and this request's recent events, as one time-ordered sequence.
+
+        Events on items this bundle does not know are left out (they stay in the state
+        and count once a bundle includes the items).
+        """
         data = self.bundle.data
         user = int(data.users.encode([query.user_id])[0])
         lo, hi = (data.seqs.offsets[user], data.seqs.offsets[user + 1]) if user != PAD else (0, 0)
-        recent = query.recent_events
+        recent = (*self._logged(query.user_id, lo, hi), *query.recent_events)
         items = data.items.encode([e.item_id for e in recent]) if recent else np.zeros(0, np.int64)
         known = items != PAD
         if not known.all():
             # Items newer than the bundle cannot be embedded yet; they count once a rebuild includes them.
-            log.debug("request %s: %d recent events on unknown items ignored", query.request_id, int((~known).sum()))
+            log.debug("request %s: %d logged or recent events on unknown items ignored", query.request_id, int((~known).sum()))
         behaviors = np.array([BEHAVIOR_CODE[e.behavior] for e in recent], dtype=np.int8)[known]
         ts = np.array([e.timestamp for e in recent], dtype=np.int64)[known]
         items = items[known]
@@ -123,6 +244,14 @@ class Engine:
             excluded = np.concatenate([excluded, seqs.items])
         excluded = np.unique(excluded[excluded != PAD])
         return sp.csr_matrix((np.ones(len(excluded), np.float32), (np.zeros(len(excluded), np.int64), excluded)), shape=(1, data.items.size))
+
+
+def _stack(user_seqs: list[Sequences]) -> Sequences:
+    """One-user sequences side by side as a batch of users (user ``b`` is ``user_seqs[b]``)."""
+    lengths = np.array([len(s) for s in user_seqs], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    cat = lambda name: np.concatenate([getattr(s, name) for s in user_seqs])
+    return Sequences(offsets, cat("items"), cat("categories"), cat("behaviors"), cat("ts"))
 
 
 def _us(seconds: float) -> int:

@@ -18,7 +18,13 @@ class Event:
 
 @dataclass(frozen=True)
 class RecommendQuery:
-    """A validated Recommend request (k in range, known behaviour names, non-empty user id)."""
+    """A validated Recommend request (k in range, known behaviour names, non-empty user id).
+
+    Attributes:
+        head_weights: (head name, weight) pairs sorted by name, overriding the server's
+            weights of those ranker heads; empty keeps the server's weights. A tuple, not a
+            dict, so that queries stay hashable and comparable.
+    """
 
     user_id: str
     k: int
@@ -27,11 +33,27 @@ class RecommendQuery:
     include_seen: bool = False
     category: str | None = None
     request_id: str = ""
+    head_weights: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Attended:
+    """A past behaviour the ranker attended to when scoring an item, with its attention weight (0..1)."""
+
+    item_id: str
+    behavior: str
+    timestamp: int
+    weight: float
 
 
 @dataclass(frozen=True)
 class Recommendation:
-    """One ranked item with the scores and channel that produced it."""
+    """One ranked item with the scores and channel that produced it.
+
+    Attributes:
+        because: the behaviours the ranker attended to most for this item, highest weight first.
+        head_scores: per-head probabilities of the ranker; ``score`` is their weighted combination.
+    """
 
     item_id: str
     score: float
@@ -39,6 +61,8 @@ class Recommendation:
     channel: str
     title: str = ""
     category: str = ""
+    because: tuple[Attended, ...] = ()
+    head_scores: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -5,16 +5,26 @@ rejected from the request alone is rejected here, before the engine runs.
 """
 
 import logging
+import math
+import time
 
 import grpc
 
 from events.schema import BEHAVIORS
+from rank.model import HEADS
+from server.eventlog import UserEvent
+from server.batching import DeadlineExpired, MicroBatcher
+from server.holder import BundleRefused, EngineHolder
+from server.metrics import Metrics
 from server.query import BadQuery, Event, RecommendQuery, RecommendResult
 from server.rpc import recommender_pb2, recommender_pb2_grpc
+from server.state import StateUnavailable
 
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
+MAX_RECENT_EVENTS = 1000
+MAX_LOG_EVENTS = 10_000
 SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
 
 
@@ -36,11 +46,18 @@ def validate(request: recommender_pb2.RecommendRequest) -> RecommendQuery:
         raise BadQuery(f"k is required: set it to the number of items wanted, 1..{MAX_K}")
     if not 1 <= request.k <= MAX_K:
         raise BadQuery(f"k must be in 1..{MAX_K}, got {request.k}")
+    if len(request.recent_events) > MAX_RECENT_EVENTS:
+        raise BadQuery(f"recent_events holds {len(request.recent_events)} events; at most {MAX_RECENT_EVENTS} are accepted (send older ones with LogEvents)")
     for i, event in enumerate(request.recent_events):
         if not event.item_id:
             raise BadQuery(f"recent_events[{i}].item_id is empty")
         if event.behavior not in BEHAVIORS:
             raise BadQuery(f"recent_events[{i}].behavior {event.behavior!r} is not one of {', '.join(BEHAVIORS)}")
+    for head, weight in request.head_weights.items():
+        if head not in HEADS:
+            raise BadQuery(f"head_weights names unknown head {head!r}; heads are {', '.join(HEADS)}")
+        if not math.isfinite(weight) or weight < 0:
+            raise BadQuery(f"head_weights[{head!r}] must be a finite weight >= 0, got {weight}")
     return RecommendQuery(
         user_id=request.user_id,
         k=request.k,
@@ -49,7 +66,35 @@ def validate(request: recommender_pb2.RecommendRequest) -> RecommendQuery:
         include_seen=request.include_seen,
         category=request.category if request.HasField("category") else None,
         request_id=request.request_id,
+        head_weights=tuple(sorted(request.head_weights.items())),
     )
+
+
+def validate_events(request: recommender_pb2.LogEventsRequest) -> list[UserEvent]:
+    """Check a LogEvents request; the whole batch is refused if one event is bad.
+
+    Args:
+        request: the wire request.
+
+    Returns:
+        The events, raw ids, in request order.
+
+    Raises:
+        BadQuery: naming the first offending event's index and field.
+    """
+    n = len(request.events)
+    if not 1 <= n <= MAX_LOG_EVENTS:
+        raise BadQuery(f"events must hold 1..{MAX_LOG_EVENTS} events, got {n}")
+    for i, event in enumerate(request.events):
+        if not event.user_id.strip():
+            raise BadQuery(f"events[{i}].user_id is required (got an empty or blank string)")
+        if not event.item_id:
+            raise BadQuery(f"events[{i}].item_id is empty")
+        if event.behavior not in BEHAVIORS:
+            raise BadQuery(f"events[{i}].behavior {event.behavior!r} is not one of {', '.join(BEHAVIORS)}")
+        if event.timestamp <= 0:
+            raise BadQuery(f"events[{i}].timestamp must be > 0 (unix seconds), got {event.timestamp}")
+    return [UserEvent(e.user_id, e.item_id, e.category_id, e.behavior, e.timestamp) for e in request.events]
 
 
 def to_response(result: RecommendResult, request_id: str) -> recommender_pb2.RecommendResponse:
@@ -66,7 +111,14 @@ def to_response(result: RecommendResult, request_id: str) -> recommender_pb2.Rec
     return recommender_pb2.RecommendResponse(
         items=[
             recommender_pb2.ScoredItem(
-                item_id=r.item_id, score=r.score, recall_score=r.recall_score, channel=r.channel, title=r.title, category=r.category
+                item_id=r.item_id,
+                score=r.score,
+                recall_score=r.recall_score,
+                channel=r.channel,
+                title=r.title,
+                category=r.category,
+                because=[recommender_pb2.AttendedBehavior(item_id=a.item_id, behavior=a.behavior, timestamp=a.timestamp, weight=a.weight) for a in r.because],
+                head_scores=r.head_scores,
             )
             for r in result.items
         ],
@@ -80,24 +132,90 @@ def to_response(result: RecommendResult, request_id: str) -> recommender_pb2.Rec
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
-    """Serves ``Recommend`` from an engine with ``recommend(RecommendQuery) -> RecommendResult``.
+    """Serves the Recommender rpcs from the engine an :class:`EngineHolder` holds.
+
+    Args:
+        engine: the engine to serve (``recommend(RecommendQuery) -> RecommendResult``,
+            optionally ``recommend_batch``); ignored when ``holder`` is given.
+        holder: owns the engine and swaps bundles (``Reload``); default: a fixed one.
+        batcher: gathers concurrent ``Recommend`` calls (see :func:`server.app.recommend_batcher`);
+            ``None`` runs each on its request thread.
+        metrics: where stage timings and logged-event counts go.
 
     Attributes:
         engine: the serving engine. Assigning a new one swaps it for later requests;
             requests already running finish on the engine they started with.
     """
 
-    def __init__(self, engine) -> None:
-        self.engine = engine
+    def __init__(self, engine=None, *, holder: EngineHolder | None = None, batcher: MicroBatcher | None = None, metrics: Metrics | None = None) -> None:
+        self.holder = holder if holder is not None else EngineHolder(engine)
+        self.batcher = batcher
+        self.metrics = metrics if metrics is not None else Metrics()
+
+    @property
+    def engine(self):
+        return self.holder.engine
+
+    @engine.setter
+    def engine(self, engine) -> None:
+        self.holder.engine = engine
 
     def Recommend(self, request: recommender_pb2.RecommendRequest, context: grpc.ServicerContext) -> recommender_pb2.RecommendResponse:
-        """Validate, run the engine, convert; aborts with INVALID_ARGUMENT or INTERNAL."""
-        # One read, so a swap mid-request cannot mix two engines' versions and results.
-        engine = self.engine
+        """Validate, run the engine (batched), convert; aborts with INVALID_ARGUMENT, DEADLINE_EXCEEDED or INTERNAL."""
         try:
-            return to_response(engine.recommend(validate(request)), request.request_id)
+            query = validate(request)
         except BadQuery as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        try:
+            if self.batcher is None:
+                # One read, so a swap mid-request cannot mix two engines' versions and results.
+                result = self.engine.recommend(query)
+            else:
+                remaining = context.time_remaining()
+                deadline = time.monotonic() + remaining if remaining is not None else None
+                result = self.batcher.submit(query, deadline).result()
+            self.metrics.stage.labels("recall").observe(result.timings_us.get("recall", 0) / 1e6)
+            self.metrics.stage.labels("rank").observe(result.timings_us.get("rank", 0) / 1e6)
+            return to_response(result, request.request_id)
+        except BadQuery as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except DeadlineExpired as err:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"not computed: {err}")
         except Exception:
             log.exception("Recommend failed (request_id=%r, user_id=%r)", request.request_id, request.user_id)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error serving request_id={request.request_id!r}; see the server log")
+
+    def Reload(self, request: recommender_pb2.ReloadRequest, context: grpc.ServicerContext) -> recommender_pb2.ReloadResponse:
+        """Swap in the bundle ``CURRENT`` names now; FAILED_PRECONDITION with the reason when it is refused."""
+        try:
+            outcome = self.holder.reload()
+        except BundleRefused as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"bundle refused, the old one keeps serving: {err}")
+        except Exception:
+            log.exception("Reload failed")
+            context.abort(grpc.StatusCode.INTERNAL, "internal error reloading the bundle; see the server log")
+        return recommender_pb2.ReloadResponse(changed=outcome.changed, model_version=outcome.model_version, index_version=outcome.index_version)
+
+    def LogEvents(self, request: recommender_pb2.LogEventsRequest, context: grpc.ServicerContext) -> recommender_pb2.LogEventsResponse:
+        """Validate and store a batch; returns once it is durable.
+
+        Aborts with INVALID_ARGUMENT (bad batch, nothing stored), FAILED_PRECONDITION
+        (server keeps no state), UNAVAILABLE (state store unreachable) or INTERNAL.
+        """
+        engine = self.engine
+        try:
+            events = validate_events(request)
+        except BadQuery as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        if getattr(engine, "state", None) is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server was started without user state; LogEvents is not available")
+        try:
+            unknown = engine.log_events(events)
+        except StateUnavailable as err:
+            log.warning("LogEvents: %s", err)
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"user state store unavailable, the batch is not acknowledged (retry): {err}")
+        except Exception:
+            log.exception("LogEvents failed (%d events)", len(events))
+            context.abort(grpc.StatusCode.INTERNAL, "internal error storing events; see the server log")
+        self.metrics.events_logged.inc(len(events))
+        return recommender_pb2.LogEventsResponse(accepted=len(events), unknown_items=unknown)

@@ -12,9 +12,11 @@ COMMANDS = {
     "synth": ("events.synth", "write a synthetic Taobao-format behaviour log with planted structure"),
     "train": ("tools.train", "train both stages on a behaviour log and publish a bundle"),
     "evaluate": ("tools.evaluate", "full-ranking evaluation of a bundle (recall, channels, final, baselines)"),
+    "seeds": ("tools.seeds", "train and evaluate once per seed; mean and spread of every metric"),
     "rebuild-index": ("tools.rebuild_index", "rebuild a bundle's FAISS index with another spec, verify its recall, swap it in"),
     "serve": ("tools.serve", "serve a bundle over gRPC (funnel.v1.Recommender)"),
     "recommend": ("tools.recommend", "call a running server's Recommend and print the ranked items"),
+    "loadtest": ("tools.loadtest", "open-loop load on a running server: latency percentiles, errors, model versions, health-check floor"),
 }
 
 
@@ -24,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Funnel: a two-stage recommender. Behaviour log in, ranked items out of one gRPC call.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--log-json", action="store_true", help="log one JSON object per line, with structured fields such as request_id, method and code"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         mod = __import__(module, fromlist=["add_arguments"])
@@ -41,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    if args.log_json:
+        from server.logs import use_json_logs
+
+        use_json_logs()
     try:
         return args.run(args)
     except (EventFormatError, BundleError, FileNotFoundError, ValueError) as err:

@@ -2,6 +2,7 @@
 
 Example:
     funnel recommend --addr localhost:50051 --user 1 -k 10 --event 2333346:buy:1511658000
+    funnel recommend --addr localhost:50051 --user 1 --head-weight buy=2 --head-weight click=0.5 --why
 """
 
 import argparse
@@ -13,7 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from events.schema import BEHAVIORS
-from server.query import Event, RecommendResult, Recommendation
+from server.query import Attended, Event, RecommendResult, Recommendation
 from server.rpc import recommender_pb2, recommender_pb2_grpc
 
 TITLE_WIDTH = 40
@@ -30,6 +31,7 @@ def recommend(
     include_seen: bool = False,
     category: str | None = None,
     request_id: str = "",
+    head_weights: dict[str, float] | None = None,
     timeout: float = 10.0,
 ) -> RecommendResult:
     """Send one Recommend request.
@@ -43,6 +45,8 @@ def recommend(
         include_seen: let items the user already interacted with come back.
         category: only items of this category; ``None`` for no filter.
         request_id: echoed back and used in the server log.
+        head_weights: weights of the ranker's heads ("click", "cart_fav", "buy") in the
+            final score; heads left out keep the server's weights.
         timeout: deadline in seconds.
 
     Returns:
@@ -58,24 +62,39 @@ def recommend(
         exclude_item_ids=list(exclude_item_ids),
         include_seen=include_seen,
         request_id=request_id,
+        head_weights=head_weights or {},
     )
     if category is not None:
         request.category = category
     with grpc.insecure_channel(addr) as channel:
         response = recommender_pb2_grpc.RecommenderStub(channel).Recommend(request, timeout=timeout)
     return RecommendResult(
-        items=[Recommendation(r.item_id, r.score, r.recall_score, r.channel, r.title, r.category) for r in response.items],
+        items=[
+            Recommendation(
+                r.item_id,
+                r.score,
+                r.recall_score,
+                r.channel,
+                r.title,
+                r.category,
+                because=tuple(Attended(a.item_id, a.behavior, a.timestamp, a.weight) for a in r.because),
+                head_scores=dict(r.head_scores),
+            )
+            for r in response.items
+        ],
         model_version=response.model_version,
         index_version=response.index_version,
         timings_us={"recall": response.timings.recall_us, "rank": response.timings.rank_us, "total": response.timings.total_us},
     )
 
 
-def format_result(result: RecommendResult) -> str:
+def format_result(result: RecommendResult, why: bool = False) -> str:
     """Render a result as a table plus a versions/timings footer.
 
     Args:
         result: what :func:`recommend` returned.
+        why: under each item, its per-head scores and the past behaviours the ranker
+            attended to most for it.
 
     Returns:
         Multi-line text, no trailing newline.
@@ -91,11 +110,27 @@ def format_result(result: RecommendResult) -> str:
     def line(row: tuple[str, ...]) -> str:
         return "  ".join(cell.rjust(w) if c in numeric else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
 
-    lines = [line(header), *(line(row) for row in rows)] if rows else ["(no items)"]
+    lines = []
+    for r, row in zip(result.items, rows):
+        lines.append(line(row))
+        if why:
+            lines.extend(_explain(r))
+    lines = [line(header), *lines] if rows else ["(no items)"]
     t = result.timings_us
     lines.append(f"model {result.model_version}, index {result.index_version}")
     lines.append(f"timings: recall {t.get('recall', 0):,} us, rank {t.get('rank', 0):,} us, total {t.get('total', 0):,} us")
     return "\n".join(lines)
+
+
+def _explain(r: Recommendation) -> list[str]:
+    """Indented lines: per-head scores, then each attended behaviour with its weight."""
+    out = []
+    if r.head_scores:
+        out.append("      heads: " + ", ".join(f"{name} {p:.4f}" for name, p in sorted(r.head_scores.items())))
+    for a in r.because:
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(a.timestamp))
+        out.append(f"      because {a.behavior} {a.item_id} at {when} UTC (attention {a.weight:.2f})")
+    return out
 
 
 def _clip(text: str) -> str:
@@ -152,6 +187,27 @@ def parse_event(text: str) -> Event:
         raise argparse.ArgumentTypeError(f"{text!r}: timestamp {ts!r} is not an integer (unix seconds)") from None
 
 
+def parse_head_weight(text: str) -> tuple[str, float]:
+    """Parse ``HEAD=WEIGHT``.
+
+    Args:
+        text: e.g. ``buy=2.5``.
+
+    Returns:
+        (head name, weight); the server checks the name and that the weight is >= 0.
+
+    Raises:
+        argparse.ArgumentTypeError: naming the bad string and the expected form.
+    """
+    head, sep, weight = text.partition("=")
+    if not sep or not head:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HEAD=WEIGHT")
+    try:
+        return head, float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: weight {weight!r} is not a number") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--addr", required=True, metavar="HOST:PORT", help="server address, e.g. localhost:50051")
@@ -171,6 +227,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--category", help="only items of this category")
     parser.add_argument("--include-seen", action="store_true", help="let items the user already interacted with come back")
     parser.add_argument("--request-id", default="", help="id echoed back and logged by the server")
+    parser.add_argument(
+        "--head-weight", dest="head_weights", type=parse_head_weight, action="append", default=[], metavar="HEAD=W",
+        help="weight of a ranker head (click, cart_fav, buy) in the final score for this request; heads not given keep the server's weights (repeatable)",
+    )
+    parser.add_argument("--why", action="store_true", help="under each item, print its per-head scores and the past behaviours the ranker attended to most")
     parser.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default: 10)")
 
 
@@ -185,10 +246,11 @@ def run(args: argparse.Namespace) -> int:
             include_seen=args.include_seen,
             category=args.category,
             request_id=args.request_id,
+            head_weights=dict(args.head_weights),
             timeout=args.timeout,
         )
     except grpc.RpcError as err:
         print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(format_result(result))
+    print(format_result(result, why=args.why))
     return 0

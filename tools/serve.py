@@ -1,17 +1,78 @@
 """``funnel serve``: serve a bundle over gRPC until SIGINT/SIGTERM (graceful shutdown)."""
 
 import argparse
+import os
+import sys
+
+from server.app import TOKEN_ENV, ServerOptions
+from server.eventlog import EventStoreError
+from server.state import MAX_EVENTS_PER_USER, StateUnavailable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bundle", required=True, help="bundle root (with CURRENT) or a version directory")
+    parser.add_argument(
+        "--bundle-root", "--bundle", dest="bundle", required=True,
+        help="bundle root: serves the version CURRENT names and swaps to a new one when CURRENT changes or on the Reload rpc "
+        "(a version directory is served as is)",
+    )
     parser.add_argument("--host", default="0.0.0.0", help="address to bind (default: 0.0.0.0)")
     parser.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (default: 50051)")
-    parser.add_argument("--workers", type=int, default=8, help="request threads (default: 8)")
+    parser.add_argument("--workers", type=int, default=ServerOptions.max_workers, help=f"request threads; keep it >= --max-batch (default: {ServerOptions.max_workers})")
+    parser.add_argument("--max-batch", type=int, default=ServerOptions.max_batch, help=f"most Recommend requests computed as one batch; 1 turns batching off (default: {ServerOptions.max_batch})")
+    parser.add_argument(
+        "--batch-wait-ms", type=float, default=ServerOptions.batch_wait_ms,
+        help=f"how long a batch keeps gathering requests after its first one; 0 takes only those already waiting (default: {ServerOptions.batch_wait_ms})",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: half the cores this process may use, at least 1: the other half runs the gRPC threads)")
+    parser.add_argument("--watch-interval", type=float, default=2.0, help="seconds between checks of CURRENT for a new bundle; 0 only reloads on the Reload rpc (default: 2)")
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
+    parser.add_argument(
+        "--max-message-bytes", type=int, default=ServerOptions.max_message_bytes,
+        help=f"largest request accepted; bigger ones get INVALID_ARGUMENT (default: {ServerOptions.max_message_bytes})",
+    )
+    parser.add_argument(
+        "--token", default=os.environ.get(TOKEN_ENV),
+        help=f"bearer token required for LogEvents and Reload ('authorization: Bearer TOKEN'); prefer the {TOKEN_ENV} variable, "
+        f"which is the default, so the token stays out of process listings (default: none required)",
+    )
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate chain; with --tls-key the server speaks TLS only")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--state", default="memory",
+        help="where users' logged behaviour (LogEvents) lives: 'memory' (this process, made durable by --event-log) "
+        "or redis://HOST:PORT[/DB] (shared by replicas; an event is stored once Redis acknowledged it) (default: memory)",
+    )
+    parser.add_argument(
+        "--event-log", default=None, metavar="PATH",
+        help="durable event store (SQLite, WAL, fsync per LogEvents call): written before LogEvents answers, replayed on "
+        "start with --state memory, folded into training by 'funnel train --fold-events PATH' "
+        "(default: BUNDLE/events.db with --state memory, none with Redis)",
+    )
+    parser.add_argument("--no-event-log", action="store_true", help="keep logged events only in the state (lost on restart with --state memory)")
+    parser.add_argument(
+        "--max-user-events", type=int, default=MAX_EVENTS_PER_USER,
+        help=f"most recent logged events kept per user in the state; the event log keeps all (default: {MAX_EVENTS_PER_USER})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from server.app import serve
 
-    serve(args.bundle, host=args.host, port=args.port, max_workers=args.workers)
+    event_log = args.event_log
+    if args.no_event_log:
+        event_log = None
+    elif event_log is None and args.state == "memory":
+        event_log = os.path.join(args.bundle, "events.db")
+    try:
+        options = ServerOptions(
+            max_workers=args.workers, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_message_bytes=args.max_message_bytes,
+            token=args.token or None, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        )
+        serve(
+            args.bundle, host=args.host, port=args.port, options=options, metrics_port=args.metrics_port,
+            watch_interval_s=args.watch_interval, threads=args.threads, state=args.state, event_log=event_log, max_events_per_user=args.max_user_events,
+        )
+    except (StateUnavailable, EventStoreError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0

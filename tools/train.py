@@ -11,12 +11,15 @@ import numpy as np
 from events.dataset import Dataset, file_fingerprint
 from events.readers import FORMATS, read_events, read_items
 from events.split import SPLITS, make_split
+from rank.business import BusinessTables
 from rank.train import RankerTrainConfig, train_ranker
 from recall.channels import CoVisitation, Popularity
 from recall.index import IndexSpec, build_index
 from recall.retriever import RecallConfig, Retriever
 from recall.train import TwoTowerTrainConfig, item_vectors, known_items, recommendable_items, train_two_tower
 from server.bundle import write_version
+from server.eventlog import fold_events as fold_events_into
+from server.eventlog import read_event_store
 
 log = logging.getLogger("funnel.train")
 
@@ -27,6 +30,7 @@ def train(
     out: str,
     fmt: str = "taobao",
     items: str | None = None,
+    fold_events: str | None = None,
     split: str = "leave-last-out",
     on_error: str = "fail",
     index: str = "flat",
@@ -47,6 +51,8 @@ def train(
         fmt: ``taobao``, ``movielens`` or ``parquet``.
         items: optional catalogue CSV (``item_id,category_id[,title][,tags]``); its items
             are recommendable even with no interactions (vectors from side features).
+        fold_events: optional event store written by ``funnel serve`` (``--event-log``);
+            its events are appended to ``events``, so logged users and items are learned.
         split: ``leave-last-out``, ``time`` or ``comirec`` (held-out users; see
             :func:`events.split.comirec_split`).
         on_error: ``fail`` or ``skip`` for bad rows.
@@ -62,6 +68,10 @@ def train(
     spec = IndexSpec.parse(index)
     log_ = read_events(events, fmt, on_error=on_error, progress=progress)
     log.info("%s: %s", events, log_.report.summary())
+    base_rows = log_.report.rows
+    if fold_events:
+        log_ = fold_events_into(log_, read_event_store(fold_events))
+        log.info("%s: folded in %d logged events", fold_events, log_.report.rows - base_rows)
     data = Dataset.from_log(log_, read_items(items) if items else None)
     parts = make_split(data.seqs, split)
     tt_cfg = dataclasses.replace(two_tower or TwoTowerTrainConfig(), seed=seed)
@@ -79,7 +89,8 @@ def train(
     covisit = CoVisitation.fit(data.seqs, mask, data.items.size)
     popularity = Popularity.fit(data.seqs, mask, data.items.size)
     retriever = Retriever(model, vecs, ann, covisit, popularity, data.item_category, recall_cfg, recommendable)
-    rank_model, rk_history = train_ranker(data, parts, retriever, popularity.counts, train_config=rk_cfg, progress=progress)
+    business = BusinessTables.fit(data.seqs, mask, data.item_category)
+    rank_model, rk_history = train_ranker(data, parts, retriever, popularity.counts, business, train_config=rk_cfg, progress=progress)
 
     info = {
         "data": {
@@ -88,6 +99,7 @@ def train(
             "fingerprint": file_fingerprint(events),
             "items_file": items,
             "rows": log_.report.rows,
+            "folded_events": {"source": fold_events, "rows": log_.report.rows - base_rows} if fold_events else None,
             "skipped_rows": dict(log_.report.skipped),
             "split": split,
         },
@@ -104,6 +116,7 @@ def train(
         covisit=covisit,
         popularity=popularity,
         recall_config=recall_cfg,
+        business=business,
         info=info,
     )
     log.info("bundle written to %s in %.0f s", version, time.time() - started)
@@ -114,6 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", required=True, help="behaviour log: a Taobao CSV, a MovieLens directory or a parquet file")
     parser.add_argument("--format", dest="fmt", choices=FORMATS, default="taobao", help="log format (default: taobao)")
     parser.add_argument("--items", default=None, help="optional catalogue CSV with header item_id,category_id[,title][,tags]: items recommendable before their first interaction")
+    parser.add_argument("--fold-events", default=None, metavar="PATH", help="event store written by 'funnel serve' (its --event-log): append its logged events to the training log")
     parser.add_argument("--split", choices=SPLITS, default="leave-last-out", help="how to hold out validation/test targets (default: leave-last-out)")
     parser.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="bad rows: stop with file:line (fail, default) or skip and count them")
     parser.add_argument("--out", required=True, help="bundle root; a new version is written under OUT/versions and OUT/CURRENT flips to it")
@@ -128,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         tt, rk = dataclasses.replace(tt, epochs=args.epochs), dataclasses.replace(rk, epochs=args.epochs)
     version = train(
-        events=args.events, out=args.out, fmt=args.fmt, items=args.items, split=args.split, on_error=args.on_error, index=args.index,
+        events=args.events, out=args.out, fmt=args.fmt, items=args.items, fold_events=args.fold_events, split=args.split, on_error=args.on_error, index=args.index,
         seed=args.seed, two_tower=tt, ranker=rk, progress=not args.no_progress,
     )
     print(json.dumps({"bundle": version}))

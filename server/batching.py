@@ -1,0 +1,158 @@
+"""Micro-batching: gather concurrent requests into one call of a batch function.
+
+Request threads :meth:`MicroBatcher.submit` an item and wait on the returned future;
+one worker thread takes the first waiting item, keeps gathering until ``max_batch``
+items or ``max_wait_s`` after that first one, drops the items whose deadline would
+pass before the batch could finish (judged by recent batch times), and runs the
+batch function once for the rest. Under overload this keeps the worker on requests
+that can still be answered in time instead of on answers nobody waits for. While a batch
+computes, new requests queue up, so under load batches grow by themselves and an
+idle server adds at most ``max_wait_s`` to a lone request.
+"""
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+
+class DeadlineExpired(Exception):
+    """The caller's deadline passed before its batch ran; the item was not computed."""
+
+
+@dataclass
+class _Pending:
+    item: object
+    deadline: float | None
+    enqueued: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class BatchStats:
+    """What one batch looked like, for metrics: its size, its items' queueing times (s), its run time (s)."""
+
+    size: int
+    waits_s: list[float]
+    run_s: float
+    expired: int
+
+
+class MicroBatcher:
+    """Runs ``run_batch`` over gathered items on one worker thread (see the module docstring).
+
+    Args:
+        run_batch: maps a list of items to a list of the same length; an entry that is
+            an ``Exception`` is raised to that item's caller, anything else returned.
+            If the call itself raises, every item of the batch gets that exception.
+        max_batch: most items per call.
+        max_wait_s: how long to keep gathering after the first item of a batch; 0
+            takes only what is already waiting.
+        on_batch: called with a :class:`BatchStats` after every batch (metrics).
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list], Sequence],
+        *,
+        max_batch: int = 32,
+        max_wait_s: float = 0.002,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        self.run_batch = run_batch
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.on_batch = on_batch
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._closed = False
+        self._run_s = 0.0  # moving average of batch run times: how long a new batch will likely take
+        self._worker = threading.Thread(target=self._loop, name="micro-batcher", daemon=True)
+        self._worker.start()
+
+    def submit(self, item, deadline: float | None = None) -> Future:
+        """Queue ``item``; the future resolves to its result or raises its error.
+
+        Args:
+            item: one input of ``run_batch``.
+            deadline: ``time.monotonic()`` value after which the item is not worth
+                computing (the future then raises :class:`DeadlineExpired`).
+
+        Raises:
+            RuntimeError: after :meth:`close`.
+        """
+        if self._closed:
+            raise RuntimeError("micro-batcher is closed")
+        pending = _Pending(item, deadline)
+        self._queue.put(pending)
+        return pending.future
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Finish the queued items, then stop the worker."""
+        self._closed = True
+        self._queue.put(None)
+        self._worker.join(timeout)
+
+    def _gather(self, first: _Pending) -> tuple[list[_Pending], bool]:
+        """The batch starting with ``first``; also whether the close marker was seen."""
+        batch = [first]
+        until = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            try:
+                nxt = self._queue.get_nowait() if self.max_wait_s == 0 else self._queue.get(timeout=max(until - time.monotonic(), 0))
+            except queue.Empty:
+                break
+            if nxt is None:
+                return batch, True
+            batch.append(nxt)
+        return batch, False
+
+    def _loop(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch, stop = self._gather(first)
+            self._run(batch)
+
+    def _run(self, batch: list[_Pending]) -> None:
+        started = time.monotonic()
+        live, expired = [], 0
+        finish_by = started + self._run_s
+        for p in batch:
+            if p.deadline is not None and p.deadline <= finish_by:
+                expired += 1
+                p.future.set_exception(DeadlineExpired(f"deadline {p.deadline - started:+.3f}s away when its batch (about {self._run_s:.3f}s) would start"))
+            elif p.future.set_running_or_notify_cancel():
+                live.append(p)
+        if live:
+            try:
+                results = self.run_batch([p.item for p in live])
+                if len(results) != len(live):
+                    raise RuntimeError(f"batch function returned {len(results)} results for {len(live)} items")
+            except Exception as err:  # noqa: BLE001 - handed to every caller of the batch
+                log.exception("batch of %d failed", len(live))
+                results = [err] * len(live)
+            for p, result in zip(live, results):
+                if isinstance(result, Exception):
+                    p.future.set_exception(result)
+                else:
+                    p.future.set_result(result)
+        run_s = time.monotonic() - started
+        if live:
+            self._run_s = run_s if self._run_s == 0 else 0.8 * self._run_s + 0.2 * run_s
+        if self.on_batch is not None:
+            stats = BatchStats(len(live), [started - p.enqueued for p in live], run_s, expired)
+            try:
+                self.on_batch(stats)
+            except Exception:  # noqa: BLE001 - metrics must never stop serving
+                log.exception("on_batch callback failed")

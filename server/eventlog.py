@@ -1,0 +1,236 @@
+"""The durable, append-only event store behind ``LogEvents``: SQLite in WAL mode, ``synchronous=FULL``.
+
+Every ``LogEvents`` batch is one transaction, committed (and so fsynced to the WAL)
+before the call returns: an acknowledged event survives ``kill -9`` and power loss.
+The server replays the store into its user state on start; ``funnel train
+--fold-events`` reads it back as an :class:`events.readers.EventLog`.
+
+Events are stored raw (string ids, behaviour names), never as bundle ids, so they
+stay meaningful across bundle versions and keep items no bundle knows yet.
+"""
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from events.readers import EventLog, ReadReport
+from events.schema import BEHAVIOR_CODE
+
+FORMAT_VERSION = 1
+UNKNOWN_CATEGORY = "unknown"
+"""Category of folded events on items neither the event nor the base log places."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    category_id TEXT NOT NULL,
+    behavior TEXT NOT NULL,
+    ts INTEGER NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class UserEvent:
+    """One logged behaviour, with raw ids as the caller spelled them.
+
+    Attributes:
+        user_id: who did it.
+        item_id: the item; may be unknown to the served bundle.
+        category_id: the item's category; ``""`` when the caller did not say and the
+            bundle did not know the item.
+        behavior: one of :data:`events.schema.BEHAVIORS`.
+        timestamp: unix seconds.
+    """
+
+    user_id: str
+    item_id: str
+    category_id: str
+    behavior: str
+    timestamp: int
+
+
+class EventStoreError(ValueError):
+    """The event store file is unreadable or of an unknown format."""
+
+
+@dataclass
+class _Pending:
+    """One caller's batch waiting for a group commit, and what became of it."""
+
+    rows: list[tuple]
+    done: bool = False
+    error: BaseException | None = None
+
+
+class EventStore:
+    """Append-only event log in one SQLite file; safe to share between threads.
+
+    Concurrent appends are group-committed: whichever caller gets the write lock
+    commits every batch queued by then in one transaction (one fsync), each batch in
+    its own savepoint, so a batch still succeeds or fails whole and throughput grows
+    with concurrency instead of being one fsync per call.
+
+    Args:
+        path: the database file (created with its directory when missing).
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            # Autocommit mode: transactions are opened explicitly, one per append.
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: the WAL is fsynced at every commit, so a committed batch survives power loss.
+            self._conn.execute("PRAGMA synchronous=FULL")
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, FORMAT_VERSION):
+                raise EventStoreError(f"{path}: event store format {version}, this Funnel reads {FORMAT_VERSION}")
+            self._conn.execute(_SCHEMA)
+            self._conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+        except sqlite3.DatabaseError as err:
+            raise EventStoreError(f"{path}: not a usable event store ({err})") from err
+        self._lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Pending] = []
+
+    def append(self, events: Sequence[UserEvent]) -> None:
+        """Store a batch atomically; returns once it is committed to disk.
+
+        Args:
+            events: the batch; all of it is stored or, on error, none of it.
+        """
+        mine = _Pending([(e.user_id, e.item_id, e.category_id, e.behavior, int(e.timestamp)) for e in events])
+        with self._queue_lock:
+            self._queue.append(mine)
+        with self._lock:
+            if not mine.done:
+                with self._queue_lock:
+                    group, self._queue = self._queue, []
+                self._commit(group)
+        if mine.error is not None:
+            raise mine.error
+
+    def _commit(self, group: list[_Pending]) -> None:
+        """One transaction for several callers' batches; marks each done or failed."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            for pending in group:
+                self._conn.execute("SAVEPOINT batch")
+                try:
+                    self._conn.executemany("INSERT INTO events (user_id, item_id, category_id, behavior, ts) VALUES (?, ?, ?, ?, ?)", pending.rows)
+                    self._conn.execute("RELEASE batch")
+                except sqlite3.Error as err:
+                    self._conn.execute("ROLLBACK TO batch")
+                    self._conn.execute("RELEASE batch")
+                    pending.error = err
+            self._conn.execute("COMMIT")
+        except BaseException as err:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            for pending in group:
+                pending.error = pending.error or err
+        finally:
+            for pending in group:
+                pending.done = True
+
+    def count(self) -> int:
+        """Number of stored events."""
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+    def batches(self, size: int = 10_000) -> Iterator[list[UserEvent]]:
+        """All stored events in append order, ``size`` at a time (for replay)."""
+        last = 0
+        while True:
+            with self._lock:
+                rows = self._conn.execute(
+                    "SELECT seq, user_id, item_id, category_id, behavior, ts FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (last, size)
+                ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [UserEvent(*row[1:]) for row in rows]
+
+    def close(self) -> None:
+        """Close the file; later calls fail."""
+        with self._lock:
+            self._conn.close()
+
+
+def read_event_store(path: str) -> EventLog:
+    """Read an event store as a behaviour log (the columns every reader returns).
+
+    Args:
+        path: an event store written by :class:`EventStore`; a live server may be
+            appending to it (WAL readers see the last committed state).
+
+    Returns:
+        The events in append order; empty categories stay ``""`` (see :func:`fold_events`).
+
+    Raises:
+        FileNotFoundError: no such file.
+        EventStoreError: the file is not an event store.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such event store")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            frame = pd.read_sql_query("SELECT user_id, item_id, category_id, behavior, ts FROM events ORDER BY seq", conn)
+        finally:
+            conn.close()
+    except (sqlite3.DatabaseError, pd.errors.DatabaseError) as err:
+        raise EventStoreError(f"{path}: not a readable event store ({err})") from err
+    string = lambda col: pd.array(frame[col].astype(str), dtype="string[pyarrow]")
+    events = pd.DataFrame(
+        {
+            "user": string("user_id"),
+            "item": string("item_id"),
+            "category": string("category_id"),
+            "behavior": frame["behavior"].map(BEHAVIOR_CODE).to_numpy(dtype=np.int8),
+            "ts": frame["ts"].to_numpy(dtype=np.int64),
+        }
+    )
+    items = events.drop_duplicates("item", keep="last")[["item", "category"]].reset_index(drop=True)
+    items["title"] = pd.array([""] * len(items), dtype="string[pyarrow]")
+    items["tags"] = pd.array([""] * len(items), dtype="string[pyarrow]")
+    return EventLog(events, items, path, ReadReport(rows=len(events)))
+
+
+def fold_events(base: EventLog, extra: EventLog) -> EventLog:
+    """Append logged events to a behaviour log, for training on both.
+
+    Items already in ``base`` keep its metadata (title, tags, category); an event
+    with no category takes its item's category from ``base``, else ``"unknown"``.
+
+    Args:
+        base: the training log.
+        extra: events from :func:`read_event_store`.
+
+    Returns:
+        One log: ``base``'s events then ``extra``'s, items of both.
+    """
+    known = base.items.set_index("item")["category"]
+    added = extra.events.copy()
+    blank = added["category"] == ""
+    if blank.any():
+        filled = added.loc[blank, "item"].map(known).fillna(UNKNOWN_CATEGORY)
+        added.loc[blank, "category"] = filled.astype("string[pyarrow]")
+    events = pd.concat([base.events, added], ignore_index=True)
+    new_items = added.drop_duplicates("item", keep="last")
+    new_items = new_items[~new_items["item"].isin(base.items["item"])][["item", "category"]]
+    new_items = new_items.assign(
+        title=pd.array([""] * len(new_items), dtype="string[pyarrow]"), tags=pd.array([""] * len(new_items), dtype="string[pyarrow]")
+    )
+    items = pd.concat([base.items, new_items], ignore_index=True)
+    report = ReadReport(rows=base.report.rows + len(added), skipped=base.report.skipped.copy(), examples=list(base.report.examples))
+    return EventLog(events, items, base.source, report)

@@ -1,0 +1,192 @@
+"""Micro-batching: gathering, per-item errors, deadlines; the engine's batch path equals one-at-a-time."""
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from server.app import ServerOptions, build_server
+from server.batching import DeadlineExpired, MicroBatcher
+from server.engine import Engine
+from server.holder import EngineHolder
+from server.query import BadQuery, Event, RecommendQuery, RecommendResult, Recommendation
+from server.rpc import recommender_pb2, recommender_pb2_grpc
+
+
+class Gate:
+    """A batch function whose first call blocks until released, recording every batch it gets."""
+
+    def __init__(self, fail_on=None) -> None:
+        self.batches: list[list] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.fail_on = fail_on
+
+    def __call__(self, items: list) -> list:
+        self.batches.append(list(items))
+        if len(self.batches) == 1:
+            self.entered.set()
+            self.release.wait(5)
+        return [ValueError(f"bad {x}") if x == self.fail_on else x * 10 for x in items]
+
+
+def test_requests_waiting_during_a_batch_form_the_next_batch():
+    gate = Gate()
+    batcher = MicroBatcher(gate, max_batch=3, max_wait_s=0)
+    first = batcher.submit(0)
+    assert gate.entered.wait(5)
+    rest = [batcher.submit(i) for i in range(1, 6)]
+    gate.release.set()
+    assert [f.result(5) for f in [first, *rest]] == [0, 10, 20, 30, 40, 50]
+    assert gate.batches == [[0], [1, 2, 3], [4, 5]]
+    batcher.close()
+
+
+def test_wait_gathers_items_that_arrive_shortly_after_the_first():
+    batches = []
+    batcher = MicroBatcher(lambda xs: batches.append(list(xs)) or xs, max_batch=8, max_wait_s=0.5)
+    futures = [batcher.submit(1)]
+    time.sleep(0.05)
+    futures.append(batcher.submit(2))
+    assert [f.result(5) for f in futures] == [1, 2]
+    assert batches == [[1, 2]]
+    batcher.close()
+
+
+def test_an_error_for_one_item_fails_only_that_item():
+    gate = Gate(fail_on=2)
+    batcher = MicroBatcher(gate, max_batch=8, max_wait_s=0)
+    first = batcher.submit(0)
+    assert gate.entered.wait(5)
+    futures = [batcher.submit(i) for i in (1, 2, 3)]
+    gate.release.set()
+    assert first.result(5) == 0 and futures[0].result(5) == 10 and futures[2].result(5) == 30
+    with pytest.raises(ValueError, match="bad 2"):
+        futures[1].result(5)
+    batcher.close()
+
+
+def test_a_failing_batch_fails_each_of_its_items():
+    def boom(items):
+        raise RuntimeError("engine down")
+
+    batcher = MicroBatcher(boom, max_batch=4, max_wait_s=0)
+    with pytest.raises(RuntimeError, match="engine down"):
+        batcher.submit(1).result(5)
+    batcher.close()
+
+
+def test_expired_items_are_not_computed():
+    gate = Gate()
+    stats = []
+    batcher = MicroBatcher(gate, max_batch=8, max_wait_s=0, on_batch=stats.append)
+    first = batcher.submit(0)
+    assert gate.entered.wait(5)
+    expired = batcher.submit(1, deadline=time.monotonic() + 0.01)
+    alive = batcher.submit(2, deadline=time.monotonic() + 60)
+    time.sleep(0.05)
+    gate.release.set()
+    with pytest.raises(DeadlineExpired):
+        expired.result(5)
+    assert first.result(5) == 0 and alive.result(5) == 20
+    assert gate.batches == [[0], [2]]
+    assert [(s.size, s.expired) for s in stats] == [(1, 0), (1, 1)]
+    batcher.close()
+
+
+def test_bad_settings_and_closed_batcher_are_refused():
+    with pytest.raises(ValueError, match="max_batch"):
+        MicroBatcher(lambda xs: xs, max_batch=0)
+    with pytest.raises(ValueError, match="max_wait_s"):
+        MicroBatcher(lambda xs: xs, max_wait_s=-1)
+    batcher = MicroBatcher(lambda xs: xs)
+    batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(1)
+
+
+def _queries(engine: Engine) -> list[RecommendQuery]:
+    data = engine.bundle.data
+    users = [str(u) for u in data.users.decode(np.arange(1, 6))]
+    item = str(data.items.decode(np.array([3]))[0])
+    category = str(data.categories.decode(np.array([1]))[0])
+    return [
+        RecommendQuery(user_id=users[0], k=10),
+        RecommendQuery(user_id=users[1], k=5, exclude_item_ids=(item,)),
+        RecommendQuery(user_id="never-seen", k=10, recent_events=(Event(item, "buy", 1_600_000_000),)),
+        RecommendQuery(user_id=users[2], k=10, category="no-such-category"),
+        RecommendQuery(user_id=users[3], k=7, category=category),
+        RecommendQuery(user_id=users[4], k=300, include_seen=True),
+        RecommendQuery(user_id=users[0], k=3, category=category),
+    ]
+
+
+def test_engine_batch_path_answers_each_query_as_if_alone(tiny_bundle):
+    engine = Engine.load(tiny_bundle)
+    queries = _queries(engine)
+    batch = engine.recommend_batch(queries)
+    assert len(batch) == len(queries)
+    for query, got in zip(queries, batch):
+        if query.category == "no-such-category":
+            assert isinstance(got, BadQuery) and "no-such-category" in str(got)
+            with pytest.raises(BadQuery):
+                engine.recommend(query)
+            continue
+        alone = engine.recommend(query)
+        assert [r.item_id for r in got.items] == [r.item_id for r in alone.items]
+        np.testing.assert_allclose([r.score for r in got.items], [r.score for r in alone.items], rtol=1e-5, atol=1e-6)
+        assert len(got.items) == min(query.k, len(alone.items)) and got.items
+
+
+class SlowEngine:
+    """Sleeps in every batch and records the queries it computed."""
+
+    model_version = index_version = "slow-1"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.computed: list[str] = []
+
+    def recommend_batch(self, queries):
+        time.sleep(self.seconds)
+        self.computed += [q.request_id for q in queries]
+        return [RecommendResult([Recommendation("i1", 1.0, 1.0, "popular")], self.model_version, self.index_version, {}) for _ in queries]
+
+
+def test_request_whose_deadline_passed_in_the_queue_is_not_computed():
+    engine = SlowEngine(0.6)
+    built = build_server("127.0.0.1:0", holder=EngineHolder(engine), options=ServerOptions(max_batch=4, batch_wait_ms=0))
+    built.server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{built.port}") as ch:
+            stub = recommender_pb2_grpc.RecommenderStub(ch)
+            slow = stub.Recommend.future(recommender_pb2.RecommendRequest(user_id="u", k=1, request_id="first"), timeout=5)
+            time.sleep(0.2)  # "first" is computing; the next one queues behind it
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Recommend(recommender_pb2.RecommendRequest(user_id="u", k=1, request_id="late"), timeout=0.1)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert slow.result().items[0].item_id == "i1"
+            time.sleep(0.8)
+    finally:
+        built.stop(None)
+    assert engine.computed == ["first"]
+    assert "funnel_deadline_expired_total 1.0" in built.metrics.text()
+
+
+def test_item_that_cannot_finish_before_its_deadline_is_not_computed():
+    computed = []
+
+    def slow(items):
+        time.sleep(0.3)
+        computed.extend(items)
+        return items
+
+    batcher = MicroBatcher(slow, max_batch=8, max_wait_s=0)
+    assert batcher.submit("first").result(5) == "first"  # teaches the batcher that a batch takes ~0.3 s
+    with pytest.raises(DeadlineExpired):
+        batcher.submit("hopeless", deadline=time.monotonic() + 0.1).result(5)
+    assert batcher.submit("roomy", deadline=time.monotonic() + 30).result(5) == "roomy"
+    assert computed == ["first", "roomy"]
+    batcher.close()

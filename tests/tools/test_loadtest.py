@@ -1,0 +1,105 @@
+"""``funnel loadtest``: summary statistics by hand, a short real run, open-loop queueing, the CLI."""
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+
+from server.app import ServerOptions, build_server
+from server.holder import EngineHolder
+from server.query import RecommendResult, Recommendation
+from tools.cli import build_parser
+from tools.loadtest import loadtest, summarize, version_report
+
+
+def test_summarize_on_hand_computed_latencies():
+    latency = np.array([0.001, 0.004, 0.002, 0.003, np.nan])
+    codes = ["OK", "OK", "UNAVAILABLE", "OK", None]
+    got = summarize(latency, codes, elapsed_s=2.0)
+    assert got["sent"] == 5 and got["ok"] == 3
+    assert got["achieved_qps"] == 1.5
+    assert got["p50_ms"] == 2.5  # median of 1, 2, 3, 4 ms (errors count: a fast failure must not hide)
+    assert math.isclose(got["p90_ms"], 3.7) and math.isclose(got["p99_ms"], 3.97) and got["max_ms"] == 4.0
+    assert got["errors"] == {"NO_RESPONSE": 1, "UNAVAILABLE": 1}
+
+
+def test_summarize_with_nothing_completed():
+    got = summarize(np.array([np.nan]), [None], elapsed_s=0.0)
+    assert got["p50_ms"] is None and got["achieved_qps"] == 0.0 and got["errors"] == {"NO_RESPONSE": 1}
+
+
+def test_version_report_counts_and_spans():
+    counts, spans = version_report(np.array([0.0, 0.5, 1.0, 1.5]), ["a", "a", None, "b"])
+    assert counts == {"a": 2, "b": 1}
+    assert spans == {"a": [0.0, 0.5], "b": [1.5, 1.5]}
+
+
+class SleepyEngine:
+    """Answers after ``seconds``, one request at a time."""
+
+    model_version = index_version = "sleepy-1"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def recommend(self, query):
+        time.sleep(self.seconds)
+        return RecommendResult([Recommendation("i1", 1.0, 1.0, "popular")] * query.k, self.model_version, self.index_version, {})
+
+
+def serve(engine, **options):
+    built = build_server("127.0.0.1:0", holder=EngineHolder(engine), options=ServerOptions(**options))
+    built.server.start()
+    return built, f"127.0.0.1:{built.port}"
+
+
+def test_short_run_reports_every_key_and_writes_json(tmp_path):
+    built, addr = serve(SleepyEngine(0.0))
+    out = tmp_path / "load.json"
+    try:
+        report = loadtest(addr=addr, qps=50, duration=1.0, concurrency=2, users=["u1", "u2"], items=["i1"], floor_duration=0.5,
+                          log_events_fraction=0.2, json_out=str(out))
+    finally:
+        built.stop(None)
+    assert json.loads(out.read_text()) == report
+    for key in ("achieved_qps", "p50_ms", "p90_ms", "p99_ms", "max_ms", "errors"):
+        assert key in report and key in report["floor"]
+    assert report["errors"] == {} and report["floor"]["errors"] == {} and report["floor"]["sent"] == 25
+    mixed = report["log_events"]
+    assert report["sent"] + mixed["sent"] == 50 and mixed["sent"] > 0
+    assert mixed["errors"] == {"FAILED_PRECONDITION": mixed["sent"]}  # this engine keeps no user state
+    assert report["model_versions"] == {"sleepy-1": report["sent"]}
+    assert report["p50_ms"] <= report["p99_ms"] <= report["max_ms"]
+
+
+def test_latency_counts_from_the_scheduled_time_so_queueing_shows():
+    # 20 arrivals in 1 s at a server that does 10 per second: the last ones wait about a second.
+    built, addr = serve(SleepyEngine(0.1), max_workers=1, max_batch=1)
+    try:
+        report = loadtest(addr=addr, qps=20, duration=1.0, concurrency=1, users=["u"], floor_duration=0, timeout=10.0)
+    finally:
+        built.stop(None)
+    assert report["errors"] == {} and report["floor"] is None
+    assert report["max_ms"] > 5 * 100  # a closed loop would report about 100 ms per call
+    assert report["achieved_qps"] < 20
+
+
+def test_cli_registers_loadtest_and_checks_its_inputs():
+    args = build_parser().parse_args(["loadtest", "--addr", "h:1", "--qps", "200", "--duration", "60", "--concurrency", "8", "--users-from", "e.csv", "--json", "o.json"])
+    assert (args.addr, args.qps, args.duration, args.concurrency, args.users_from, args.json_out) == ("h:1", 200.0, 60.0, 8, "e.csv", "o.json")
+    with pytest.raises(ValueError, match="users-from"):
+        loadtest(addr="h:1")
+    with pytest.raises(ValueError, match="qps"):
+        loadtest(addr="h:1", qps=0, users=["u"])
+
+
+def test_users_and_items_come_from_the_log(tiny_log_path):
+    from events.readers import read_events
+    from tools.loadtest import load_users
+
+    events = read_events(tiny_log_path).events
+    users, items = load_users(tiny_log_path, limit=20)
+    assert len(users) == 20 == len(set(users)) and set(users) <= set(events["user"].astype(str))
+    assert len(items) == 20 == len(set(items)) and set(items) <= set(events["item"].astype(str))

@@ -1,0 +1,318 @@
+"""``funnel loadtest``: open-loop load on a running server, with the transport floor measured beside it.
+
+Open loop: request ``i`` is due at ``start + i / qps`` whatever happened to earlier
+ones, and its latency is measured from that due time, so a server that falls behind
+shows its queueing in the latency instead of slowing the load down. After the
+Recommend phase a health check (``grpc.health.v1.Health/Check``, no work behind it)
+runs at the same rate through the same channels: its figures (``floor``) are the
+latency of the transport and of this client on this machine, so Recommend latency
+can be read as a ratio to it.
+
+The JSON report: ``achieved_qps``, ``p50_ms``, ``p90_ms``, ``p99_ms``, ``max_ms``,
+``errors`` (status name -> count), ``model_versions`` (model_version -> responses)
+and ``model_version_spans`` (model_version -> [first, last] due time in seconds
+from the start), ``floor`` (the same latency keys for the health check), the load
+settings, and ``log_events`` for a mixed load.
+"""
+
+import argparse
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.rpc import recommender_pb2, recommender_pb2_grpc
+
+log = logging.getLogger("funnel.loadtest")
+
+# How long past the last due time stragglers are waited for, beyond the call timeout.
+DRAIN_SLACK_S = 1.0
+
+
+@dataclass
+class Phase:
+    """Per-call records of one open-loop run.
+
+    Attributes:
+        due_s: [N] due time of each call, seconds from the start.
+        latency_s: [N] completion minus due time (NaN: never completed).
+        codes: status name per call (``None``: never completed).
+        versions: model_version per successful Recommend call.
+        elapsed_s: from the start to the last completion.
+    """
+
+    due_s: np.ndarray
+    latency_s: np.ndarray
+    codes: list
+    versions: list
+    elapsed_s: float = 0.0
+
+
+def open_loop(start_call: Callable[[int], grpc.Future], *, qps: float, duration_s: float, timeout_s: float, version_of=None) -> Phase:
+    """Start call ``i`` at ``i / qps`` seconds for ``duration_s`` seconds and record how each one ended.
+
+    Args:
+        start_call: starts call ``i`` and returns its future (``stub.Method.future``).
+        qps: arrival rate.
+        duration_s: length of the arrival schedule.
+        timeout_s: the calls' own deadline; stragglers are waited for this long.
+        version_of: maps a response to the model_version it reports (``None``: not recorded).
+
+    Returns:
+        The per-call records.
+    """
+    n = max(int(round(qps * duration_s)), 1)
+    due = np.arange(n) / qps
+    latency = np.full(n, np.nan)
+    codes: list = [None] * n
+    versions: list = [None] * n
+    pending = [n]
+    last_done = [0.0]
+    lock = threading.Lock()
+    all_done = threading.Event()
+    start = time.perf_counter() + 0.05
+
+    def finished(i: int, fut: grpc.Future) -> None:
+        now = time.perf_counter()
+        latency[i] = now - start - due[i]
+        try:
+            response = fut.result()
+            codes[i] = "OK"
+            if version_of is not None:
+                versions[i] = version_of(response)
+        except grpc.RpcError as err:
+            codes[i] = err.code().name
+        except Exception as err:  # noqa: BLE001 - a client-side failure is an error of this call
+            codes[i] = type(err).__name__
+        with lock:
+            last_done[0] = max(last_done[0], now - start)
+            pending[0] -= 1
+            if pending[0] == 0:
+                all_done.set()
+
+    for i in range(n):
+        delay = start + due[i] - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        try:
+            fut = start_call(i)
+        except Exception as err:  # noqa: BLE001 - recorded as this call's error
+            codes[i] = type(err).__name__
+            with lock:
+                pending[0] -= 1
+                if pending[0] == 0:
+                    all_done.set()
+            continue
+        fut.add_done_callback(lambda f, i=i: finished(i, f))
+    all_done.wait(timeout_s + DRAIN_SLACK_S)
+    return Phase(due, latency, codes, versions, elapsed_s=last_done[0])
+
+
+def summarize(latency_s: np.ndarray, codes: list, elapsed_s: float) -> dict:
+    """Latency percentiles over completed calls and error counts.
+
+    Args:
+        latency_s: [N] seconds from due time to completion (NaN: not completed).
+        codes: status name per call, ``None`` for calls that never completed.
+        elapsed_s: seconds from the start to the last completion.
+
+    Returns:
+        ``sent``, ``ok``, ``achieved_qps`` (OK calls per elapsed second), ``p50_ms``,
+        ``p90_ms``, ``p99_ms``, ``max_ms`` over every completed call (errors
+        included: a fast error must not hide), ``errors`` by status name (calls that
+        never completed count as ``NO_RESPONSE``).
+    """
+    done = latency_s[~np.isnan(latency_s)] * 1e3
+    ok = sum(1 for c in codes if c == "OK")
+    errors = Counter("NO_RESPONSE" if c is None else c for c in codes if c != "OK")
+    pct = lambda q: round(float(np.percentile(done, q)), 3) if len(done) else None
+    return {
+        "sent": len(codes),
+        "ok": ok,
+        "achieved_qps": round(ok / elapsed_s, 2) if elapsed_s > 0 else 0.0,
+        "p50_ms": pct(50),
+        "p90_ms": pct(90),
+        "p99_ms": pct(99),
+        "max_ms": round(float(done.max()), 3) if len(done) else None,
+        "errors": dict(sorted(errors.items())),
+    }
+
+
+def version_report(due_s: np.ndarray, versions: list) -> tuple[dict, dict]:
+    """Responses per model_version and the [first, last] due time (s) at which each was seen."""
+    counts: Counter = Counter()
+    spans: dict[str, list[float]] = {}
+    for t, v in zip(due_s, versions):
+        if v is None:
+            continue
+        counts[v] += 1
+        span = spans.setdefault(v, [float(t), float(t)])
+        span[0], span[1] = min(span[0], float(t)), max(span[1], float(t))
+    return dict(counts), {v: [round(a, 3), round(b, 3)] for v, (a, b) in spans.items()}
+
+
+def load_users(path: str, fmt: str = "taobao", limit: int = 100_000, seed: int = 0) -> tuple[list[str], list[str]]:
+    """User ids (a random sample of at most ``limit``) and item ids to draw requests from a behaviour log."""
+    from events.readers import read_events
+
+    events = read_events(path, fmt).events
+    rng = np.random.default_rng(seed)
+    users = events["user"].unique()
+    items = events["item"].unique()
+    pick = lambda a: [str(x) for x in (rng.choice(a, size=limit, replace=False) if len(a) > limit else a)]
+    return pick(users), pick(items)
+
+
+def _channel(addr: str, tls_ca: str | None, i: int) -> grpc.Channel:
+    # A channel of its own per slot: the local subchannel pool gives each one its own connection.
+    options = [("grpc.use_local_subchannel_pool", 1), ("funnel.loadtest.slot", i)]
+    if tls_ca is None:
+        return grpc.insecure_channel(addr, options=options)
+    with open(tls_ca, "rb") as fh:
+        return grpc.secure_channel(addr, grpc.ssl_channel_credentials(root_certificates=fh.read()), options=options)
+
+
+def loadtest(
+    *,
+    addr: str,
+    qps: float = 100.0,
+    duration: float = 10.0,
+    concurrency: int = 4,
+    users_from: str | None = None,
+    fmt: str = "taobao",
+    users: list[str] | None = None,
+    items: list[str] | None = None,
+    k: int = 10,
+    timeout: float = 2.0,
+    floor_duration: float | None = None,
+    log_events_fraction: float = 0.0,
+    token: str | None = None,
+    tls_ca: str | None = None,
+    seed: int = 0,
+    json_out: str | None = None,
+) -> dict:
+    """Run the open-loop Recommend load, then the health-check floor at the same rate.
+
+    Args:
+        addr: the server, ``host:port``.
+        qps: arrivals per second.
+        duration: seconds of Recommend load.
+        concurrency: client connections the calls are spread over (round robin).
+        users_from: behaviour log whose users (and items) requests are drawn from.
+        fmt: its format (``taobao``, ``movielens``, ``parquet``).
+        users, items: the ids directly, instead of ``users_from``.
+        k: items per Recommend.
+        timeout: deadline of every call, seconds.
+        floor_duration: seconds of health-check load (default ``duration``; 0 skips it).
+        log_events_fraction: share of arrivals that are ``LogEvents`` of one event (mixed load).
+        token: bearer token for ``LogEvents``.
+        tls_ca: CA certificate (PEM) for a TLS server.
+        seed: seed for the user and item draws.
+        json_out: write the report here (atomically) as well.
+
+    Returns:
+        The report (see the module docstring).
+
+    Raises:
+        ValueError: neither ``users_from`` nor ``users``, or bad rates.
+    """
+    if qps <= 0 or duration <= 0 or concurrency < 1:
+        raise ValueError(f"qps and duration must be > 0 and concurrency >= 1, got {qps}, {duration}, {concurrency}")
+    if not 0 <= log_events_fraction < 1:
+        raise ValueError(f"log_events_fraction must be in [0, 1), got {log_events_fraction}")
+    if users is None:
+        if users_from is None:
+            raise ValueError("give --users-from EVENTS (or users=) to draw request users from")
+        users, items = load_users(users_from, fmt, seed=seed)
+    if not users:
+        raise ValueError("no users to send requests for")
+    rng = np.random.default_rng(seed)
+    n = max(int(round(qps * duration)), 1)
+    user_draw = rng.integers(len(users), size=n)
+    is_log = rng.random(n) < log_events_fraction if log_events_fraction and items else np.zeros(n, bool)
+    item_draw = rng.integers(len(items), size=n) if items else None
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    run_id = uuid.uuid4().hex[:8]
+    channels = [_channel(addr, tls_ca, i) for i in range(concurrency)]
+    try:
+        for ch in channels:
+            grpc.channel_ready_future(ch).result(timeout=10)
+        stubs = [recommender_pb2_grpc.RecommenderStub(ch) for ch in channels]
+        health_stubs = [health_pb2_grpc.HealthStub(ch) for ch in channels]
+
+        def recommend(i: int) -> grpc.Future:
+            stub = stubs[i % concurrency]
+            user = users[user_draw[i]]
+            if is_log[i]:
+                event = recommender_pb2.Event(user_id=user, item_id=items[item_draw[i]], behavior="pv", timestamp=int(time.time()))
+                return stub.LogEvents.future(recommender_pb2.LogEventsRequest(events=[event]), timeout=timeout, metadata=metadata)
+            request = recommender_pb2.RecommendRequest(user_id=user, k=k, request_id=f"lt-{run_id}-{i}")
+            return stub.Recommend.future(request, timeout=timeout)
+
+        version_of = lambda r: getattr(r, "model_version", None) or None
+        log.info("Recommend: %.0f/s for %.0fs over %d connections", qps, duration, concurrency)
+        main = open_loop(recommend, qps=qps, duration_s=duration, timeout_s=timeout, version_of=version_of)
+        floor_s = duration if floor_duration is None else floor_duration
+        floor = None
+        if floor_s > 0:
+            check = health_pb2.HealthCheckRequest(service="")
+            log.info("health-check floor: %.0f/s for %.0fs", qps, floor_s)
+            floor = open_loop(lambda i: health_stubs[i % concurrency].Check.future(check, timeout=timeout), qps=qps, duration_s=floor_s, timeout_s=timeout)
+    finally:
+        for ch in channels:
+            ch.close()
+
+    rec = ~is_log
+    report = summarize(main.latency_s[rec], [c for c, r in zip(main.codes, rec) if r], main.elapsed_s)
+    report["model_versions"], report["model_version_spans"] = version_report(main.due_s[rec], [v for v, r in zip(main.versions, rec) if r])
+    if is_log.any():
+        report["log_events"] = summarize(main.latency_s[is_log], [c for c, r in zip(main.codes, is_log) if r], main.elapsed_s)
+    report["floor"] = summarize(floor.latency_s, floor.codes, floor.elapsed_s) if floor is not None else None
+    if floor is not None and report["p99_ms"] is not None and report["floor"]["p99_ms"]:
+        report["p99_over_floor_p99"] = round(report["p99_ms"] / report["floor"]["p99_ms"], 2)
+    report["load"] = {
+        "addr": addr, "qps": qps, "duration_s": duration, "concurrency": concurrency, "k": k, "timeout_s": timeout,
+        "log_events_fraction": log_events_fraction, "users": len(users), "cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
+    if json_out:
+        tmp = f"{json_out}.tmp-{uuid.uuid4().hex[:6]}"
+        with open(tmp, "w") as fh:
+            json.dump(report, fh, indent=2)
+        os.replace(tmp, json_out)
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--addr", default="localhost:50051", help="server address host:port (default: localhost:50051)")
+    parser.add_argument("--qps", type=float, default=100.0, help="arrivals per second, on a fixed schedule (default: 100)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of Recommend load (default: 10)")
+    parser.add_argument("--concurrency", type=int, default=4, help="client connections the calls are spread over (default: 4)")
+    parser.add_argument("--users-from", required=True, metavar="EVENTS", help="behaviour log whose users (and items, for LogEvents) the requests use")
+    parser.add_argument("--format", dest="fmt", default="taobao", help="format of --users-from: taobao, movielens or parquet (default: taobao)")
+    parser.add_argument("--k", type=int, default=10, help="items per Recommend (default: 10)")
+    parser.add_argument("--timeout", type=float, default=2.0, help="deadline of every call in seconds (default: 2)")
+    parser.add_argument("--floor-duration", type=float, default=None, help="seconds of health-check load for the floor (default: --duration; 0 skips it)")
+    parser.add_argument("--log-events-fraction", type=float, default=0.0, help="share of arrivals sent as LogEvents of one event, for a mixed load (default: 0)")
+    parser.add_argument("--token", default=os.environ.get("FUNNEL_TOKEN"), help="bearer token for LogEvents (default: $FUNNEL_TOKEN)")
+    parser.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify a TLS server; plaintext when omitted")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the user draws (default: 0)")
+    parser.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the report to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = loadtest(
+        addr=args.addr, qps=args.qps, duration=args.duration, concurrency=args.concurrency, users_from=args.users_from, fmt=args.fmt,
+        k=args.k, timeout=args.timeout, floor_duration=args.floor_duration, log_events_fraction=args.log_events_fraction,
+        token=args.token, tls_ca=args.tls_ca, seed=args.seed, json_out=args.json_out,
+    )
+    print(json.dumps(report, indent=2))
+    return 0 if not report["errors"] else 1
