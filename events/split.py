@@ -93,7 +93,7 @@ def time_split(seqs: Sequences, valid_fraction: float = 0.1, test_fraction: floa
     if not (0 < valid_fraction and 0 < test_fraction and valid_fraction + test_fraction < 1):
         raise ValueError("fractions must be positive and sum to less than 1")
     c_valid, c_test = np.quantile(seqs.ts, [1 - valid_fraction - test_fraction, 1 - test_fraction])
-    starts, ends = seqs.offsets[:-1], seqs.offsets[1:]
+    ends = seqs.offsets[1:]
     first_valid = _first_at_or_after(seqs, c_valid)
     first_test = _first_at_or_after(seqs, c_test)
     has_valid = (first_valid < ends) & (first_valid < first_test)

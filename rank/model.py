@@ -18,12 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from events.schema import NUM_BEHAVIOR_CODES
+from events.schema import BEHAVIORS, NUM_BEHAVIOR_CODES
 from rank.features import NUM_DENSE
 from recall.model import lookup
 
 HEADS: tuple[str, ...] = ("click", "cart_fav", "buy")
 """Head names in order; single-behaviour logs train only ``click``."""
+
+HEAD_BEHAVIORS: dict[str, tuple[str, ...]] = {"click": BEHAVIORS, "cart_fav": ("cart", "fav"), "buy": ("buy",)}
+"""Which behaviours are a positive for each head (a cart or a buy implies a click)."""
 
 DEFAULT_HEAD_WEIGHTS: dict[str, float] = {"click": 1.0, "cart_fav": 2.0, "buy": 4.0}
 """Default weights of :func:`combine_heads`: a buy is worth more than a cart/fav, which is worth more than a click."""

@@ -21,7 +21,7 @@ from events.schema import BEHAVIOR_CODE
 from events.split import Split
 from rank.business import BusinessTables
 from rank.features import FeatureTables, build_features, recall_ranks
-from rank.model import HEADS, Ranker, RankerConfig, ranking_loss
+from rank.model import HEAD_BEHAVIORS, HEADS, Ranker, RankerConfig, ranking_loss
 from rank.pipeline import TwoStage
 from recall.retriever import Candidates, Retriever
 from recall.train import EarlyStopping, pick_device
@@ -167,14 +167,9 @@ def head_labels(behaviors: np.ndarray, group_width: int, heads: tuple[str, ...])
         int64 [E, G, H]: column 0 is 1 for ``click`` and for the head matching the
         behaviour (cart or fav → ``cart_fav``, buy → ``buy``); negatives are 0.
     """
-    hit = {
-        "click": np.ones(len(behaviors), bool),
-        "cart_fav": (behaviors == BEHAVIOR_CODE["cart"]) | (behaviors == BEHAVIOR_CODE["fav"]),
-        "buy": behaviors == BEHAVIOR_CODE["buy"],
-    }
     labels = np.zeros((len(behaviors), group_width, len(heads)), np.int64)
     for i, h in enumerate(heads):
-        labels[:, 0, i] = hit[h]
+        labels[:, 0, i] = np.isin(behaviors, [BEHAVIOR_CODE[b] for b in HEAD_BEHAVIORS[h]])
     return labels
 
 

@@ -12,7 +12,6 @@ what offline scoring sees, where exact search gets the full benefit of BLAS.
 """
 
 import argparse
-import json
 import time
 from collections.abc import Callable, Sequence
 
@@ -23,6 +22,7 @@ import torch
 from events.metrics import overlap_recall
 from recall.index import IndexSpec, build_index, resolve, search
 from recall.scoring import exact_topk
+from tools.output import write_json
 
 DEFAULT_SPECS = ("ivf", "ivf:nprobe=1", "ivfpq:m=16")
 BATCHES = (1, 256)
@@ -170,8 +170,7 @@ def run_benchmark(
         "specs": [_bench_spec(text, items, ids, q, truth, k, baseline) for text in specs],
     }
     if json_out:
-        with open(json_out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(json_out, report)
     return report
 
 

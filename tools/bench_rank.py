@@ -17,7 +17,6 @@ expensive functions anywhere beneath it.
 import argparse
 import cProfile
 import dataclasses
-import json
 import os
 import pstats
 import time
@@ -29,6 +28,7 @@ import torch
 from rank.pipeline import TwoStage
 from recall.retriever import Candidates
 from server.bundle import load_bundle
+from tools.output import write_json
 
 TARGET_MS = 3.0
 
@@ -102,10 +102,7 @@ def run_benchmark(
         "breakdown": _breakdown(rank, requests, profile_calls, TwoStage.rank),
     }
     if json_out:
-        tmp = f"{json_out}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(report, fh, indent=2)
-        os.replace(tmp, json_out)
+        write_json(json_out, report)
     return report
 
 

@@ -18,7 +18,6 @@ candidates). ``report_dir`` adds an HTML report with metric-vs-K and calibration
 """
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -45,10 +44,12 @@ from events.readers import FORMATS, read_events
 from events.schema import BEHAVIOR_CODE, BEHAVIORS
 from events.sequences import Sequences
 from events.split import SPLITS, Split, make_split
+from rank.model import HEAD_BEHAVIORS
 from rank.pipeline import TwoStage
 from recall.baselines import itemknn_topk, popularity_topk
 from recall.retriever import CHANNELS, COVISIT, POPULAR, TWO_TOWER
 from server.bundle import load_bundle
+from tools.output import write_json
 from tools.report import write_report
 
 log = logging.getLogger("funnel.evaluate")
@@ -62,8 +63,6 @@ COLUMNS = ("hr@10", "ndcg@10", "mrr@10", "hr@50", "ndcg@50", "hr@200")
 COMIREC_COLUMNS = ("recall@20", "ndcg@20", "hr@20", "recall@50", "ndcg@50", "hr@50")
 LIFT_KEYS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50")
 CALIBRATION_BINS = 10
-HEAD_BEHAVIORS: dict[str, tuple[str, ...]] = {"click": BEHAVIORS, "cart_fav": ("cart", "fav"), "buy": ("buy",)}
-"""Which held-out behaviours count as a positive for each ranker head (a cart or buy implies a click)."""
 
 
 def evaluate(
@@ -130,7 +129,7 @@ def evaluate(
         report["protocol"] = "comirec"
     report["seconds"] = round(time.time() - started, 1)
     if json_out:
-        _write_json(json_out, report)
+        write_json(json_out, report)
     if report_dir:
         lists_by_method = {"recall (merged)": lists.merged, "final (ranked)": lists.final, **{f"baseline {n}": top for n, top in baselines.items()}}
         curves = {name: proto.curves(top, k) for name, top in lists_by_method.items()}
@@ -281,7 +280,7 @@ def _ranker_report(pairs: _Pairs, n_users: int) -> dict:
         ``calibration`` (10 equal-count bins: ``mean_prob``, ``positive_rate``, ``count``) and, with several heads, ``heads``
         ({name: {"auc", "positives"}}: the head's probability over the same pairs, a pair
         being positive when its candidate is a target held out with one of the head's
-        behaviours (:data:`HEAD_BEHAVIORS`); auc is None when a head has no positive).
+        behaviours (:data:`rank.model.HEAD_BEHAVIORS`); auc is None when a head has no positive).
     """
     users = len(np.unique(pairs.groups))
     out: dict = {"pairs": int(len(pairs.labels)), "users": users, "recalled_share": round(users / max(n_users, 1), 6)}
@@ -347,13 +346,6 @@ def _pre_test_matrix(seqs: Sequences, first_target: np.ndarray, num_items: int) 
     users = np.arange(seqs.num_users)
     ends = np.where(first_target >= 0, first_target, seqs.offsets[1:])
     return seqs.history_matrix(users, ends, num_items)
-
-
-def _write_json(path: str, report: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(report, fh, indent=2)
-    os.replace(tmp, path)
 
 
 def format_report(report: dict) -> str:

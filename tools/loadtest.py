@@ -31,6 +31,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.rpc import recommender_pb2, recommender_pb2_grpc
+from tools.output import write_json
 
 log = logging.getLogger("funnel.loadtest")
 
@@ -284,10 +285,7 @@ def loadtest(
         "log_events_fraction": log_events_fraction, "users": len(users), "cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2),
     }
     if json_out:
-        tmp = f"{json_out}.tmp-{uuid.uuid4().hex[:6]}"
-        with open(tmp, "w") as fh:
-            json.dump(report, fh, indent=2)
-        os.replace(tmp, json_out)
+        write_json(json_out, report)
     return report
 
 

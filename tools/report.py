@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tools.output import write_text
+
 WIDTH, HEIGHT = 560, 340
 MARGIN = {"left": 62, "right": 16, "top": 34, "bottom": 48}
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
@@ -55,9 +57,9 @@ def write_report(out_dir: str, report: dict, curves: dict[str, dict[str, np.ndar
     )
     page = f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>\n<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
     path = os.path.join(out_dir, "report.html")
-    _write_atomic(path, page)
+    write_text(path, page)
     data = {name: {metric: [round(float(v), 6) for v in values] for metric, values in c.items()} for name, c in curves.items()}
-    _write_atomic(os.path.join(out_dir, "curves.json"), json.dumps(data))
+    write_text(os.path.join(out_dir, "curves.json"), json.dumps(data))
     return path
 
 
@@ -195,10 +197,3 @@ def _nice_ceiling(value: float) -> float:
 
 def _tick_label(value: float) -> str:
     return f"{value:g}"
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)

@@ -8,7 +8,6 @@ wall-clock seconds as mean, standard deviation, minimum and maximum.
 """
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -18,6 +17,7 @@ import numpy as np
 from events.readers import FORMATS
 from events.split import SPLITS
 from tools.evaluate import evaluate
+from tools.output import write_json
 from tools.train import train
 
 log = logging.getLogger("funnel.seeds")
@@ -63,10 +63,7 @@ def run_seeds(
         log.info("seed %d: %s", seed, ", ".join(f"{k} {metrics[k]}" for k in SHOWN if k in metrics))
     result = {"events": events, "split": split, "seeds": list(seeds), "runs": runs, "summary": summarize_runs([r["metrics"] for r in runs])}
     if json_out:
-        tmp = json_out + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(result, fh, indent=2)
-        os.replace(tmp, json_out)
+        write_json(json_out, result)
     return result
 
 

@@ -16,7 +16,7 @@ def test_cold_item_reaches_users_of_its_category(tiny_log_path, tiny_data, tmp_p
     seqs = tiny_data.seqs
     # A user whose recent behaviour sits in one category: the new item goes there.
     user = int(np.argmax(seqs.lengths))
-    lo, hi = seqs.offsets[user], seqs.offsets[user + 1]
+    hi = seqs.offsets[user + 1]
     category = tiny_data.categories.decode(np.array([np.bincount(seqs.categories[hi - 10 : hi]).argmax()]))[0]
     catalogue = tmp_path / "items.csv"
     catalogue.write_text(f"item_id,category_id,title\ncold-1,{category},Brand new\n")

@@ -1,4 +1,3 @@
-import numpy as np
 import torch
 
 from events.split import leave_last_out

@@ -1,0 +1,18 @@
+"""Writing tool outputs (reports, benchmark JSON) atomically: a reader never sees half a file."""
+
+import json
+import os
+import uuid
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a unique temp file and ``os.replace``."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    write_text(path, json.dumps(obj, indent=2))
