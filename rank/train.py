@@ -54,7 +54,7 @@ class RankerTrainConfig:
     hard_negatives: int = 32
     random_negatives: int = 8
     hard_pool: int = 0
-    recent_positions: int = 0
+    recent_positions: int = 30
     patience: int = 3
     max_examples: int = 200_000
     max_valid_users: int = 5000
