@@ -5,6 +5,11 @@ import scipy.sparse as sp
 import torch
 
 
+def subset_rows(among: np.ndarray) -> np.ndarray:
+    """Item ids where bool [M] ``among`` holds, after the padding row 0: rows of a sub-catalogue whose row 0 stays padding."""
+    return np.concatenate([[0], np.flatnonzero(among[1:]) + 1])
+
+
 def exact_topk(
     user_vecs: np.ndarray, item_vecs: np.ndarray, k: int, exclude: sp.csr_matrix | None = None, batch: int = 1024, among: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -23,7 +28,7 @@ def exact_topk(
     """
     if among is not None:
         # Score the subset only, then map its rows back to item ids; row 0 stays padding.
-        rows = np.concatenate([[0], np.flatnonzero(among[1:]) + 1])
+        rows = subset_rows(among)
         sub = exclude.tocsc()[:, rows].tocsr() if exclude is not None else None
         ids, scores = exact_topk(user_vecs, item_vecs[rows], k, sub, batch)
         return rows[ids], scores

@@ -15,7 +15,7 @@ import numpy as np
 
 from events.metrics import overlap_recall
 from recall.index import IndexSpec, build_index, resolve, search
-from recall.scoring import exact_topk
+from recall.scoring import exact_topk, subset_rows
 from recall.train import item_vectors
 from server.bundle import Bundle, load_bundle, replace_index
 from tools.bench_index import queries_per_second
@@ -102,7 +102,7 @@ def _validation_queries(b: Bundle, sample_users: int, seed: int) -> np.ndarray:
 def _validate(ann: faiss.Index, queries: np.ndarray, vecs: np.ndarray, among: np.ndarray, k: int) -> tuple[float, dict]:
     """Recall@k of ``ann`` against exact search over the items it holds (``among``), and both speeds in one batch and one query at a time."""
     # Exact search scans the same items as the index, gathered once outside the timings.
-    rows = np.concatenate([[0], np.flatnonzero(among[1:]) + 1])
+    rows = subset_rows(among)
     held = np.ascontiguousarray(vecs[rows])
     t0 = time.perf_counter()
     exact, exact_scores = exact_topk(queries, held, k)

@@ -4,19 +4,8 @@ import grpc
 import numpy as np
 import pytest
 
-from server.app import create_server
-from server.engine import Engine
 from server.query import Event
 from tools.recommend import recommend
-
-
-@pytest.fixture(scope="module")
-def live(tiny_bundle):
-    engine = Engine.load(tiny_bundle)
-    server, port = create_server("127.0.0.1:0", engine)
-    server.start()
-    yield engine, f"127.0.0.1:{port}"
-    server.stop(None)
 
 
 def active_user(engine):

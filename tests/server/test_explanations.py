@@ -72,15 +72,6 @@ def test_bad_head_weights_are_invalid_argument(fake, weights, needle):
     assert engine.last_query is None  # rejected before the engine runs
 
 
-@pytest.fixture(scope="module")
-def live(tiny_bundle):
-    engine = Engine.load(tiny_bundle)
-    server, port = create_server("127.0.0.1:0", engine)
-    server.start()
-    yield engine, f"127.0.0.1:{port}"
-    server.stop(None)
-
-
 def _history(engine: Engine) -> tuple[str, set[tuple[str, str, int]]]:
     """The most active user and their logged (item, behaviour, timestamp) events."""
     data = engine.bundle.data
