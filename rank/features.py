@@ -14,7 +14,7 @@ from events.schema import BEHAVIOR_CODE
 from events.sequences import Window
 from events.timegap import gap_buckets
 from rank.business import ITEM_FEATURES, POPULARITY_WINDOWS_S, USER_FEATURES, BusinessTables, user_business_features
-from recall.channels import CoVisitation
+from recall.channels import CoVisitation, recency_weights
 
 CANDIDATE_FEATURES = (
     "recall_score",
@@ -77,6 +77,15 @@ class RankFeatures:
     cand_channels: np.ndarray
     dense: np.ndarray
 
+    def take(self, rows: np.ndarray) -> "RankFeatures":
+        """The features of the given rows (users or groups)."""
+        return RankFeatures(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    @classmethod
+    def concat(cls, parts: list["RankFeatures"]) -> "RankFeatures":
+        """Stack batches of features with the same history length and candidate count."""
+        return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
     def to_torch(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         return {f.name: torch.from_numpy(np.ascontiguousarray(getattr(self, f.name))).to(device) for f in fields(self)}
 
@@ -125,6 +134,7 @@ def build_features(
     cart_fav = (same_item & ((beh == BEHAVIOR_CODE["cart"]) | (beh == BEHAVIOR_CODE["fav"]))).any(-1)
     bought = (same_item & (beh == BEHAVIOR_CODE["buy"])).any(-1)
     counts = tables.item_counts[np.where(cand_items < len(tables.item_counts), cand_items, 0)]
+    covisit = tables.covisit.pair_scores(window.items[:, -COVISIT_RECENT:], cand_items)  # [B, C, n]
     candidate = np.stack(
         [
             np.where(real, cand_scores, 0.0),
@@ -132,8 +142,8 @@ def build_features(
             np.log1p(counts) / 10.0,
             share,
             share_short,
-            np.log1p(covisit_scores(tables.covisit, window.items[:, -COVISIT_RECENT:], cand_items)),
-            np.log1p(covisit_scores(tables.covisit, window.items[:, -1:], cand_items)),
+            np.log1p(covisit @ recency_weights(covisit.shape[-1])),
+            np.log1p(covisit[..., -1]),
             same_item.sum(-1) / np.maximum(valid.sum(-1), 1)[:, None],
             seen_hours,
             cart_fav,
@@ -162,29 +172,6 @@ def build_features(
         cand_channels=cand_channels.astype(np.int64),
         dense=dense,
     )
-
-
-def covisit_scores(covisit: CoVisitation, recent: np.ndarray, cand_items: np.ndarray) -> np.ndarray:
-    """Co-visitation score of each candidate with the recent items (as the recall channel weighs them).
-
-    Args:
-        covisit: the co-visitation graph.
-        recent: [B, n] latest item ids, most recent last, 0 = padding.
-        cand_items: [B, C] candidate ids.
-
-    Returns:
-        float32 [B, C]; 0 where the graph links no recent item to the candidate.
-    """
-    width = covisit.graph.shape[0]
-    scores = covisit.scores(np.where(recent < width, recent, 0)).tocoo()
-    if scores.nnz == 0:
-        return np.zeros(cand_items.shape, np.float32)
-    keys = scores.row.astype(np.int64) * width + scores.col
-    order = np.argsort(keys)
-    keys, vals = keys[order], scores.data[order]
-    query = np.arange(len(cand_items))[:, None] * width + np.where((cand_items > 0) & (cand_items < width), cand_items, 0)
-    at = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
-    return np.where((keys[at] == query) & (cand_items > 0), vals[at], 0.0).astype(np.float32)
 
 
 def recall_ranks(scores: np.ndarray, list_scores: np.ndarray) -> np.ndarray:

@@ -99,7 +99,20 @@ class TwoStage:
             The candidates sorted by final score, with per-head scores and attention.
         """
         w = window.tail(self.ranker.cfg.history)
-        feats = self.features(w, now, user_activity, candidates)
+        return self.order(w, candidates, self.features(w, now, user_activity, candidates), head_weights)
+
+    def order(self, window: Window, candidates: Candidates, feats: RankFeatures, head_weights: dict[str, float] | None = None) -> Ranked:
+        """Score candidates whose features are already built (:meth:`features`) and sort them.
+
+        Args:
+            window: the recent behaviour the features were built from (``ranker.cfg.history`` long).
+            candidates: the recalled candidates, recall order.
+            feats: their features.
+            head_weights: as in :meth:`rank`.
+
+        Returns:
+            As :meth:`rank`.
+        """
         cfg = self.ranker.cfg
         device = next(self.ranker.parameters()).device
         with torch.no_grad():
@@ -116,10 +129,10 @@ class TwoStage:
             recall_scores=take(candidates.scores),
             channels=take(candidates.channels),
             attention=np.take_along_axis(attention.cpu().numpy(), order[..., None], axis=1),
-            history_items=w.items,
+            history_items=window.items,
             head_scores={h: zero_pad(p.cpu().numpy()) for h, p in probs.items()},
-            history_behaviors=w.behaviors,
-            history_ts=w.ts,
+            history_behaviors=window.behaviors,
+            history_ts=window.ts,
         )
 
     def recommend(

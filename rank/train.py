@@ -5,10 +5,18 @@ event that happened next and the negatives are candidates the recall stage retur
 for that moment that the user did not pick (hard: the top of the list always, more
 drawn from the rest) plus random items (easy). Only positions whose positive was
 recalled are used: at serving the ranker only ever sees recalled items, and their
-recall score, rank and channel must look the same here. Training reads training
-positions only and early-stops on the validation target; the test target is never read.
+recall score, rank and channel must look the same here.
+
+The ranker trains on each user's last few training positions, featured by a view of
+the recall stage whose co-visitation graph, popularity and business tables are refitted
+on the events before them (:func:`held_out_view`). Fitted on the whole training part,
+those tables would have counted each positive itself: co-visitation then all but names
+the positive, the ranker learns to trust it, and at serving, where the target is
+new, that trust is misplaced. Training reads training positions only and early-stops on
+the validation target; the test target is never read.
 """
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -20,9 +28,10 @@ from events.metrics import summarize, target_ranks
 from events.schema import BEHAVIOR_CODE
 from events.split import Split
 from rank.business import BusinessTables
-from rank.features import FeatureTables, build_features, recall_ranks
+from rank.features import FeatureTables, RankFeatures, build_features, recall_ranks
 from rank.model import HEAD_BEHAVIORS, HEADS, Ranker, RankerConfig, ranking_loss
 from rank.pipeline import TwoStage
+from recall.channels import CoVisitation, Popularity
 from recall.retriever import Candidates, Retriever
 from recall.train import EarlyStopping, pick_device
 
@@ -38,9 +47,10 @@ class RankerTrainConfig:
             list (or of its first ``hard_pool`` entries when ``hard_pool`` > 0).
         random_negatives: uniformly random catalogue items; the hard : random ratio is
             ``top_negatives + hard_negatives : random_negatives``.
-        recent_positions: train on each user's latest this-many training positions
-            (0 = all): the latest behaviour is the most like the held-out target.
-        max_examples: cap on training groups (a random subset beyond it).
+        holdout: train on each user's last this-many training positions, featured by
+            channels and tables fitted on the events before them (:func:`held_out_view`).
+        max_examples: cap on training groups (a random subset beyond it). Their features
+            are built once and kept in memory, about 13 kB per group at the default sizes.
         listwise_weight: weight of the listwise softmax term against the pointwise log-loss.
         weight_decay: decoupled L2 (AdamW) on every weight.
     """
@@ -54,9 +64,9 @@ class RankerTrainConfig:
     hard_negatives: int = 32
     random_negatives: int = 8
     hard_pool: int = 0
-    recent_positions: int = 30
+    holdout: int = 10
     patience: int = 3
-    max_examples: int = 200_000
+    max_examples: int = 100_000
     max_valid_users: int = 5000
     listwise_weight: float = 1.0
     seed: int = 0
@@ -182,8 +192,81 @@ def heads_for(behaviors: np.ndarray) -> tuple[str, ...]:
     return tuple(h for h in HEADS if h == "click" or present[h])
 
 
+@dataclass
+class HeldOutView:
+    """The recall stage as it stood before each user's last training positions.
+
+    Attributes:
+        retriever: the trained two-tower with co-visitation and popularity refitted on
+            the earlier events only.
+        tables: feature tables from the same earlier events.
+        users, positions: [E] the held-out training positions the ranker trains on.
+    """
+
+    retriever: Retriever
+    tables: FeatureTables
+    users: np.ndarray
+    positions: np.ndarray
+
+
+def held_out_view(data: Dataset, split: Split, retriever: Retriever, business: BusinessTables, holdout: int) -> HeldOutView:
+    """Refit the count-based parts of the recall stage without each user's last ``holdout`` training positions.
+
+    The time-aware popularity needs no refit: it only counts events before the request
+    time. Refitting it would even distort it, since the held-out events are the ones
+    nearest each position's time.
+
+    Args:
+        data: the encoded log.
+        split: the split the recall stage was trained on.
+        retriever: the trained recall stage (its two-tower is kept).
+        business: business tables of the whole training part (their time-aware popularity is kept).
+        holdout: training positions held out per user (users keep at least their first event).
+
+    Returns:
+        The view, and the held-out positions (each with at least one earlier event).
+    """
+    seqs = data.seqs
+    first = np.minimum(np.maximum(split.train_end - holdout, seqs.offsets[:-1] + 1), split.train_end)
+    mask = dataclasses.replace(split, train_end=first).train_mask(seqs)
+    covisit = CoVisitation.fit(seqs, mask, data.items.size)
+    popularity = Popularity.fit(seqs, mask, data.items.size)
+    view = Retriever(
+        retriever.model, retriever.item_vecs, retriever.index, covisit, popularity, retriever.item_category, retriever.config, retriever.recommendable
+    )
+    earlier = BusinessTables(BusinessTables.fit(seqs, mask, data.item_category).item, business.event_keys)
+    tables = FeatureTables(data.item_category, popularity.counts, earlier, covisit)
+    users, positions = split.train_targets(seqs)
+    keep = positions >= first[users]
+    return HeldOutView(view, tables, users[keep], positions[keep])
+
+
+def group_features(data: Dataset, groups: Groups, tables: FeatureTables, cfg: RankerConfig, batch: int = 4096) -> RankFeatures:
+    """The ranking features of every group, built once (they do not change between epochs)."""
+    seqs = data.seqs
+    parts = []
+    for lo in range(0, len(groups.users), batch):
+        u, p = groups.users[lo : lo + batch], groups.positions[lo : lo + batch]
+        sl = slice(lo, lo + batch)
+        parts.append(
+            build_features(
+                seqs.window(p, cfg.history, seqs.offsets[u]),
+                seqs.ts[p],
+                groups.items[sl],
+                groups.scores[sl],
+                groups.channels[sl],
+                groups.ranks[sl],
+                user_activity=p - seqs.offsets[u],
+                tables=tables,
+                num_gap_buckets=cfg.gap_buckets,
+            )
+        )
+    return RankFeatures.concat(parts)
+
+
 class ValidationSet:
-    """Recall candidates of validation targets, computed once and re-ranked every epoch.
+    """Recall candidates and their ranking features for validation targets, built once
+    and re-ranked every epoch.
 
     Args:
         pipeline: the two stages (its ranker is what changes between epochs).
@@ -202,15 +285,16 @@ class ValidationSet:
             window = seqs.window(p, pipeline.history, seqs.offsets[u])
             now = seqs.ts[p]
             cands = pipeline.retriever.retrieve(window.tail(pipeline.retriever.model.cfg.history), now, seqs.history_matrix(u, p, data.items.size))
-            self.batches.append((window, now, p - seqs.offsets[u], cands))
+            short = window.tail(pipeline.ranker.cfg.history)
+            self.batches.append((short, cands, pipeline.features(short, now, p - seqs.offsets[u], cands)))
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def evaluate(self, k: int = 50) -> dict:
         """``{"recall": {...}, "final": {...}}`` full-ranking metrics (hr/ndcg/mrr at 10 and ``k``)."""
-        recall_top = [_pad(c.items, k) for *_, c in self.batches]
-        final_top = [_pad(self.pipeline.rank(w, now, act, c).items, k) for w, now, act, c in self.batches]
+        recall_top = [_pad(c.items, k) for _, c, _ in self.batches]
+        final_top = [_pad(self.pipeline.order(w, c, f).items, k) for w, c, f in self.batches]
         return {
             "recall": summarize(target_ranks(np.concatenate(recall_top), self.targets), ks=(10, k)),
             "final": summarize(target_ranks(np.concatenate(final_top), self.targets), ks=(10, k)),
@@ -267,15 +351,17 @@ def train_ranker(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
 
-    users, positions = _training_positions(split, seqs, cfg.recent_positions)
+    view = held_out_view(data, split, retriever, business, cfg.holdout)
+    users, positions = view.users, view.positions
     if len(users) > cfg.max_examples:
         pick = np.sort(rng.choice(len(users), cfg.max_examples, replace=False))
         users, positions = users[pick], positions[pick]
-    groups = make_groups(data, retriever, users, positions, cfg, rng, progress=progress)
+    groups = make_groups(data, view.retriever, users, positions, cfg, rng, progress=progress)
+    feats = group_features(data, groups, view.tables, mcfg)
+    labels = head_labels(groups.behaviors, groups.items.shape[1], mcfg.heads)
 
     model = Ranker(mcfg).to(device)
     pipeline = TwoStage(retriever, model, item_counts, business)
-    tables = FeatureTables(data.item_category, item_counts, business, retriever.covisit)
     valid_users, valid_pos = split.targets("valid")
     if len(valid_users) > cfg.max_valid_users:
         pick = np.sort(rng.choice(len(valid_users), cfg.max_valid_users, replace=False))
@@ -297,21 +383,9 @@ def train_ranker(
         total, steps = 0.0, 0
         for lo in tqdm(range(0, len(order), cfg.batch_size), desc=f"ranker epoch {epoch + 1}", disable=not progress, leave=False):
             idx = order[lo : lo + cfg.batch_size]
-            u, p = groups.users[idx], groups.positions[idx]
-            feats = build_features(
-                seqs.window(p, mcfg.history, seqs.offsets[u]),
-                seqs.ts[p],
-                groups.items[idx],
-                groups.scores[idx],
-                groups.channels[idx],
-                groups.ranks[idx],
-                user_activity=p - seqs.offsets[u],
-                tables=tables,
-                num_gap_buckets=mcfg.gap_buckets,
-            ).to_torch(device)
-            logits, _ = model(feats)  # [b, G, H]
-            labels = torch.from_numpy(head_labels(groups.behaviors[idx], logits.shape[1], mcfg.heads)).to(device)
-            loss = ranking_loss(logits, labels, feats["cand_items"] > 0, mcfg.heads, cfg.listwise_weight)
+            batch = feats.take(idx).to_torch(device)
+            logits, _ = model(batch)  # [b, G, H]
+            loss = ranking_loss(logits, torch.from_numpy(labels[idx]).to(device), batch["cand_items"] > 0, mcfg.heads, cfg.listwise_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -328,12 +402,3 @@ def train_ranker(
             break
     history["best_valid_ndcg@10"] = stopper.best
     return stopper.restore(model), history
-
-
-def _training_positions(split: Split, seqs, recent: int) -> tuple[np.ndarray, np.ndarray]:
-    """Training (users, positions), keeping each user's latest ``recent`` (0 = all)."""
-    users, positions = split.train_targets(seqs)
-    if recent > 0:
-        keep = positions >= np.maximum(split.train_end[users] - recent, seqs.offsets[users] + 1)
-        users, positions = users[keep], positions[keep]
-    return users, positions

@@ -28,7 +28,7 @@ from recall.model import TwoTower, TwoTowerConfig
 from recall.retriever import RecallConfig, Retriever
 from recall.train import recommendable_items
 
-FORMAT_VERSION = 2  # 2: multi-head ranker with business-feature tables
+FORMAT_VERSION = 3  # 2: multi-head ranker with business-feature tables; 3: low-rank cross layers
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 INDEX_FILE = "recall/index.faiss"
@@ -85,11 +85,22 @@ class Bundle:
         return recommendable_items(self.data, self.popularity.counts > 0)
 
     def pipeline(self) -> TwoStage:
-        """The two stages wired together for serving or evaluation."""
+        """The two stages wired together for serving or evaluation.
+
+        The popularity features are tabulated at the bundle's last event, the request
+        time of every server request without newer behaviour.
+        """
         retriever = Retriever(
             self.two_tower, self.item_vecs, self.index, self.covisit, self.popularity, self.data.item_category, self.recall_config, self.recommendable
         )
-        return TwoStage(retriever, self.ranker, self.popularity.counts, self.business)
+        pipeline = TwoStage(retriever, self.ranker, self.popularity.counts, self.business)
+        pipeline.tables.business.fix_time(self.data_end)
+        return pipeline
+
+    @property
+    def data_end(self) -> int:
+        """Time of the bundle's last event (0 for an empty log)."""
+        return int(self.data.seqs.ts.max()) if len(self.data.seqs) else 0
 
 
 def new_version() -> str:

@@ -43,7 +43,7 @@ class Engine:
         self.state = state
         self.pipeline = bundle.pipeline()
         data = bundle.data
-        self._data_end = int(data.seqs.ts.max()) if len(data.seqs) else 0
+        self._data_end = bundle.data_end
         self._titles = data.item_title
         self._category_names = data.categories.decode(data.item_category)
 

@@ -4,7 +4,8 @@ Every call is :meth:`rank.pipeline.TwoStage.rank` for one user and ``--candidate
 recall candidates (features, model forward, sort), as a server pays it per request.
 Users are drawn from the bundle's log and their candidates come from the bundle's own
 recall stage, computed once up front; calls cycle through the users so no call sees
-warm caches for its own inputs only.
+warm caches for its own inputs only. As on the server, the request time is the
+bundle's last event (the popularity features at that time are tabulated once).
 
 Reported: median, p99 and mean milliseconds per call, wall-clock and this thread's
 CPU time (on a shared machine the wall figure includes waiting for a core); the recall stage for the same
@@ -112,7 +113,7 @@ def _requests(b, pipe: TwoStage, n_users: int, width: int, seed: int) -> list[_R
     active = np.flatnonzero(seqs.lengths > 0)
     picked = np.sort(np.random.default_rng(seed).choice(active, min(n_users, len(active)), replace=False))
     window = seqs.user_window(picked, pipe.history)
-    now = seqs.ts[seqs.offsets[picked + 1] - 1]
+    now = np.full(len(picked), b.data_end)  # as the server asks: "now" is the bundle's last event
     exclude = seqs.history_matrix(picked, seqs.offsets[picked + 1], b.data.items.size)
     cands = pipe.retriever.retrieve(window.tail(pipe.retriever.model.cfg.history), now, exclude, two_tower=width)
     if cands.items.shape[1] < width:

@@ -71,6 +71,15 @@ def test_time_aware_popularity_counts_only_earlier_events(tables):
     np.testing.assert_allclose(tables.popularity(np.array([[1, 2]]), np.array([10]))[0, :, 3], np.log1p([0, 2]) / 10)
 
 
+def test_popularity_at_the_fixed_time_reads_the_same_numbers(tables):
+    items = np.array([[1, 2, 3, 0, 99], [3, 3, 1, 2, 0]])
+    at45, at70 = tables.popularity(items, np.array([45, 45])), tables.popularity(items, np.array([45, 70]))
+    tables.fix_time(45)
+    np.testing.assert_array_equal(tables.popularity(items, np.array([45, 45])), at45)
+    np.testing.assert_array_equal(tables.popularity(items, np.array([45, 70])), at70)  # other times: computed as before
+    assert not np.array_equal(at45[1], at70[1])
+
+
 def test_ids_past_the_table_read_as_padding(tables):
     assert (tables.item_features(np.array([99])) == 0).all()
     assert (tables.popularity(np.array([[99]]), np.array([1000])) == 0).all()

@@ -6,10 +6,10 @@ from events.sequences import Window
 from events.split import leave_last_out
 from events.timegap import gap_buckets
 from rank.business import BusinessTables
-from rank.features import DENSE_FEATURES, NUM_DENSE, FeatureTables, build_features, covisit_scores, recall_ranks
+from rank.features import DENSE_FEATURES, NUM_DENSE, FeatureTables, build_features, recall_ranks
 from rank.model import Ranker, RankerConfig, combine_heads, head_probabilities, ranking_loss
 from rank.pipeline import TwoStage
-from rank.train import RankerTrainConfig, head_labels, heads_for, make_groups, train_ranker
+from rank.train import RankerTrainConfig, head_labels, held_out_view, heads_for, make_groups, train_ranker
 from recall.channels import CoVisitation, Popularity
 from recall.index import IndexSpec, build_index
 from recall.retriever import Retriever
@@ -50,17 +50,6 @@ def test_features_category_share_seen_and_padding():
     assert f.dense[0, 1, col["covisit_last"]] == 0.0  # item 2 never co-occurs with anything in the tables
     assert f.dense[0, 0, col["covisit_last"]] == 0.0  # the latest event is item 2, not linked to item 3
     assert (f.dense[0, 2] == 0).all()  # padding gets no -inf score nor any other feature
-
-
-def test_covisit_scores_gather_the_channel_scores():
-    seqs = Sequences.from_encoded(np.zeros(3, np.int64), np.array([1, 2, 3]), np.zeros(3, np.int64), np.ones(3, np.int64), np.arange(3), 1)
-    cov = CoVisitation.fit(seqs, np.ones(3, bool), 5)
-    recent = np.array([[1, 2], [0, 0]])
-    cand = np.array([[3, 4, 0], [3, 1, 2]])
-    got = covisit_scores(cov, recent, cand)
-    dense = cov.scores(recent).toarray()
-    np.testing.assert_allclose(got, [[dense[0, 3], dense[0, 4], 0.0], [0.0, 0.0, 0.0]])
-    assert got[0, 0] > 0
 
 
 def test_recall_ranks_of_outside_items():
@@ -146,6 +135,31 @@ def test_groups_hold_positive_top_and_random_negatives(tiny_data, tiny_stages):
     # The top negatives are the best-ranked candidates other than the positive, in list order.
     top = g.ranks[:, 1:4]
     assert (np.diff(top, axis=1) > 0).all() and (top[:, 0] <= 1).all()
+
+
+def test_held_out_view_features_positions_out_of_sample(tiny_data, tiny_stages):
+    split, retriever, _, business = tiny_stages
+    seqs = tiny_data.seqs
+    view = held_out_view(tiny_data, split, retriever, business, holdout=3)
+    # Each user's last 3 training positions (fewer when the training part is shorter).
+    starts = seqs.offsets[:-1]
+    want = np.minimum(3, np.maximum(split.train_end - starts - 1, 0))
+    np.testing.assert_array_equal(np.bincount(view.users, minlength=seqs.num_users), want)
+    assert (view.positions < split.train_end[view.users]).all() and (view.positions > starts[view.users]).all()
+    # The tables count only events before the held-out positions...
+    before = np.ones(len(seqs), bool)
+    before[view.positions] = False
+    before &= split.train_mask(seqs)
+    np.testing.assert_array_equal(view.tables.item_counts, np.bincount(seqs.items[before], minlength=tiny_data.items.size) * (np.arange(tiny_data.items.size) > 0))
+    assert (view.tables.covisit.graph != CoVisitation.fit(seqs, before, tiny_data.items.size).graph).nnz == 0
+    # ...so the pair (previous item, held-out positive), always linked in the full graph, often is not.
+    prev, pos = seqs.items[view.positions - 1], seqs.items[view.positions]
+    differ = prev != pos
+    linked_full = np.asarray(retriever.covisit.graph[prev, pos]).ravel() > 0
+    linked_view = np.asarray(view.tables.covisit.graph[prev, pos]).ravel() > 0
+    assert linked_full[differ].mean() > 0.95 and linked_view[differ].mean() < 0.85
+    assert view.retriever.model is retriever.model and view.retriever.covisit is view.tables.covisit
+    assert view.tables.business.event_keys is business.event_keys  # time-aware popularity counts only the past anyway
 
 
 def test_ranker_trains_multi_task_on_tiny_data(tiny_data, tiny_stages):

@@ -2,7 +2,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from events.sequences import Sequences
-from recall.channels import CoVisitation, Popularity, top_per_row
+from recall.channels import CoVisitation, Popularity, recency_weights, top_per_row
 
 
 def seqs(users, items):
@@ -40,3 +40,25 @@ def test_popularity_ranks_by_count_and_skips_padding():
     pop = Popularity.fit(s, np.ones(5, bool), 4)
     assert pop.ranked.tolist() == [3, 2]
     assert pop.counts.tolist() == [0, 0, 1, 3]
+
+
+def test_pair_scores_equal_the_channel_scores_at_the_given_items():
+    rng = np.random.default_rng(0)
+    n = 40
+    seqs = Sequences.from_encoded(rng.integers(0, 6, 600), rng.integers(1, n, 600), np.zeros(600, np.int64), np.ones(600, np.int64), np.arange(600), 6)
+    cov = CoVisitation.fit(seqs, np.ones(600, bool), n, neighbours=8)
+    recent = rng.integers(0, n, (5, 4))
+    recent[0, :2] = recent[0, 2]  # the same item twice adds up
+    recent[1] = 0  # no history at all
+    recent[2, 0] = n + 3  # an id beyond the graph (a new item) links nothing
+    items = rng.integers(0, n + 5, (5, 30))
+    items[:, -1] = 0
+    dense = cov.scores(np.where(recent < n, recent, 0)).toarray()
+    want = np.where((items > 0) & (items < n), np.take_along_axis(dense, np.minimum(items, n - 1), axis=1), 0.0)
+    got = cov.pair_scores(recent, items)
+    assert got.shape == (5, 30, 4)
+    np.testing.assert_allclose(got @ recency_weights(4), want, rtol=1e-6)
+    for j in range(4):  # each recent item's own link
+        one = cov.scores(np.where(recent[:, j : j + 1] < n, recent[:, j : j + 1], 0)).toarray()
+        np.testing.assert_allclose(got[..., j], np.where((items > 0) & (items < n), np.take_along_axis(one, np.minimum(items, n - 1), axis=1), 0.0), rtol=1e-6)
+    assert (got[0] > 0).any() and (got[1] == 0).all()
