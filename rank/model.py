@@ -62,7 +62,7 @@ class RankerConfig:
     gap_buckets: int = 24
     cross_layers: int = 2
     cross_rank: int = 32
-    hidden: int = 128
+    hidden: int = 64
     dropout: float = 0.2
     heads: tuple[str, ...] = ("click",)
     head_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_HEAD_WEIGHTS))

@@ -115,7 +115,7 @@ class TwoStage:
         """
         cfg = self.ranker.cfg
         device = next(self.ranker.parameters()).device
-        with torch.no_grad():
+        with torch.inference_mode():
             logits, attention = self.ranker(feats.to_torch(device))
             probs = head_probabilities(logits, cfg.heads)
             final = combine_heads(probs, {**cfg.head_weights, **(head_weights or {})}).cpu().numpy()

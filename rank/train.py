@@ -285,8 +285,8 @@ class ValidationSet:
             window = seqs.window(p, pipeline.history, seqs.offsets[u])
             now = seqs.ts[p]
             cands = pipeline.retriever.retrieve(window.tail(pipeline.retriever.model.cfg.history), now, seqs.history_matrix(u, p, data.items.size))
-            short = window.tail(pipeline.ranker.cfg.history)
-            self.batches.append((short, cands, pipeline.features(short, now, p - seqs.offsets[u], cands)))
+            ranked = window.tail(pipeline.ranker.cfg.history)
+            self.batches.append((ranked, cands, pipeline.features(ranked, now, p - seqs.offsets[u], cands)))
 
     def __len__(self) -> int:
         return len(self.targets)
