@@ -81,7 +81,7 @@ class Retriever:
     def user_vectors(self, window: Window, now: np.ndarray) -> np.ndarray:
         """User-tower vectors for a batch of windows as of the request times ``now`` [B]. Returns [B, d] float32."""
         device = next(self.model.parameters()).device
-        with torch.no_grad():
+        with torch.inference_mode():
             return self.model.user_tower(*user_tensors(window, now, device)).cpu().numpy()
 
     def retrieve(
@@ -109,7 +109,7 @@ class Retriever:
         """
         cfg = self.config
         uv = self.user_vectors(window, now)
-        exclude = exclude.tocsr()
+        exclude = Excluded(exclude)
         parts: list[tuple[np.ndarray, int]] = []
         if TWO_TOWER in channels:
             parts.append((self._two_tower(uv, exclude, category, max(cfg.two_tower, two_tower)), TWO_TOWER))
@@ -121,32 +121,31 @@ class Retriever:
             parts.append((self._popular(len(uv), exclude, category), POPULAR))
         return self._merge(uv, parts)
 
-    def _two_tower(self, uv: np.ndarray, exclude: sp.csr_matrix, category: int | None, k: int) -> np.ndarray:
+    def _two_tower(self, uv: np.ndarray, exclude: "Excluded", category: int | None, k: int) -> np.ndarray:
         if category is not None:
             # A category is a small slice of the catalogue: score it exactly.
             pool = np.flatnonzero((self.item_category == category) & self.recommendable)
             scores = uv @ self.item_vecs[pool].T  # [B, |pool|]
             ids = np.broadcast_to(pool, scores.shape)
-            scores[_is_excluded(ids, exclude)] = -np.inf
+            scores[exclude.ids(ids)] = -np.inf
             top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
             return np.where(np.isfinite(np.take_along_axis(scores, top, axis=1)), pool[top], 0)
-        max_excluded = int(np.diff(exclude.indptr).max()) if exclude.nnz else 0
-        ids, _ = search(self.index, uv, min(k + max_excluded, self.index.ntotal))
+        ids, _ = search(self.index, uv, min(k + exclude.most_per_row, self.index.ntotal))
         ids = np.where(ids < 0, 0, ids)
-        ids = np.where(_is_excluded(ids, exclude), 0, ids)
+        ids = np.where(exclude.ids(ids), 0, ids)
         return _compact(ids, k)
 
-    def _popular(self, b: int, exclude: sp.csr_matrix, category: int | None) -> np.ndarray:
+    def _popular(self, b: int, exclude: "Excluded", category: int | None) -> np.ndarray:
         ranked = self.popularity.ranked
         if category is not None:
             ranked = ranked[self.item_category[ranked] == category]
-        max_excluded = int(np.diff(exclude.indptr).max()) if exclude.nnz else 0
-        head = np.broadcast_to(ranked[: self.config.popular + max_excluded], (b, min(len(ranked), self.config.popular + max_excluded)))
-        return _compact(np.where(_is_excluded(head, exclude), 0, head), self.config.popular)
+        want = self.config.popular + exclude.most_per_row
+        head = np.broadcast_to(ranked[:want], (b, min(len(ranked), want)))
+        return _compact(np.where(exclude.ids(head), 0, head), self.config.popular)
 
-    def _mask(self, scores: sp.csr_matrix, exclude: sp.csr_matrix, category: int | None) -> sp.csr_matrix:
+    def _mask(self, scores: sp.csr_matrix, exclude: "Excluded", category: int | None) -> sp.csr_matrix:
         scores = scores.tocoo()
-        keep = ~_is_excluded_pairs(scores.row, scores.col, exclude)
+        keep = ~exclude.pairs(scores.row, scores.col)
         if category is not None:
             keep &= self.item_category[scores.col] == category
         return sp.csr_matrix((scores.data[keep], (scores.row[keep], scores.col[keep])), shape=scores.shape)
@@ -177,17 +176,31 @@ class Retriever:
         return Candidates(out_items, out_scores, out_channels, uv)
 
 
-def _is_excluded_pairs(rows: np.ndarray, cols: np.ndarray, exclude: sp.csr_matrix) -> np.ndarray:
-    if exclude.nnz == 0:
-        return np.zeros(len(rows), dtype=bool)
-    ex = exclude.tocoo()
-    width = exclude.shape[1]
-    return np.isin(rows.astype(np.int64) * width + cols, ex.row.astype(np.int64) * width + ex.col)
+class Excluded:
+    """The items each user of a batch must not get, as sorted ``row * M + item`` keys (one sort per batch).
 
+    Args:
+        exclude: [B, M] sparse; non-zero entries are excluded.
+    """
 
-def _is_excluded(ids: np.ndarray, exclude: sp.csr_matrix) -> np.ndarray:
-    rows = np.repeat(np.arange(ids.shape[0]), ids.shape[1])
-    return _is_excluded_pairs(rows, ids.ravel(), exclude).reshape(ids.shape)
+    def __init__(self, exclude: sp.csr_matrix):
+        exclude = exclude.tocsr()
+        per_row = np.diff(exclude.indptr)
+        self.width = exclude.shape[1]
+        self.most_per_row = int(per_row.max()) if exclude.nnz else 0
+        self.keys = np.sort(np.repeat(np.arange(exclude.shape[0], dtype=np.int64), per_row) * self.width + exclude.indices)
+
+    def pairs(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """bool: whether item ``cols[i]`` is excluded for user ``rows[i]``."""
+        if not len(self.keys):
+            return np.zeros(np.broadcast_shapes(np.shape(rows), np.shape(cols)), dtype=bool)
+        query = np.asarray(rows, np.int64) * self.width + cols
+        at = np.minimum(np.searchsorted(self.keys, query), len(self.keys) - 1)
+        return self.keys[at] == query
+
+    def ids(self, ids: np.ndarray) -> np.ndarray:
+        """bool [B, K]: whether each id in row b of ``ids`` is excluded for user b."""
+        return self.pairs(np.arange(ids.shape[0])[:, None], ids)
 
 
 def _compact(ids: np.ndarray, k: int) -> np.ndarray:

@@ -32,7 +32,8 @@ def tiny_bundle(tiny_log_path, tmp_path_factory) -> str:
         events=tiny_log_path,
         out=root,
         two_tower=TwoTowerTrainConfig(epochs=3, batch_size=128, uniform_negatives=64),
-        ranker=RankerTrainConfig(epochs=2, batch_size=128),
+        # Held-out training positions are few on this log (10 per user): a few more epochs.
+        ranker=RankerTrainConfig(epochs=6, batch_size=128),
         progress=False,
     )
     return root
