@@ -1,0 +1,18 @@
+import numpy as np
+import scipy.sparse as sp
+
+from recall.retriever import Excluded
+
+
+def test_excluded_answers_per_user_membership():
+    ex = Excluded(sp.csr_matrix(([1.0, 1.0, 1.0], ([0, 0, 1], [5, 2, 7])), shape=(3, 10)))
+    assert ex.most_per_row == 2
+    ids = np.array([[2, 7, 5, 0], [2, 7, 5, 0], [2, 7, 5, 9]])
+    assert ex.ids(ids).tolist() == [[True, False, True, False], [False, True, False, False], [False] * 4]
+    assert ex.pairs(np.array([1, 1]), np.array([7, 9])).tolist() == [True, False]
+
+
+def test_nothing_excluded():
+    ex = Excluded(sp.csr_matrix((2, 10)))
+    assert ex.most_per_row == 0
+    assert ex.ids(np.array([[1, 2, 3], [4, 5, 6]])).shape == (2, 3) and not ex.ids(np.array([[1, 2, 3], [4, 5, 6]])).any()
