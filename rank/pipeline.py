@@ -10,7 +10,7 @@ import torch
 from events.sequences import Window
 from rank.business import BusinessTables
 from rank.features import FeatureTables, RankFeatures, build_features
-from rank.model import Ranker, combine_heads, head_probabilities
+from rank.model import Ranker, combine_heads, frozen_for_inference, head_probabilities
 from recall.retriever import Candidates, Retriever
 
 
@@ -53,7 +53,16 @@ class TwoStage:
     def __init__(self, retriever: Retriever, ranker: Ranker, item_counts: np.ndarray, business: BusinessTables):
         self.retriever = retriever
         self.ranker = ranker.eval()
+        self.scorer: torch.nn.Module = self.ranker
         self.tables = FeatureTables(retriever.item_category, item_counts, business, retriever.covisit)
+
+    def freeze(self) -> None:
+        """Score with a frozen TorchScript copy of the ranker from now on (:func:`rank.model.frozen_for_inference`).
+
+        For serving and evaluation of a finished bundle; a pipeline whose ranker is still
+        training must not be frozen, since the copy would not follow its weights.
+        """
+        self.scorer = frozen_for_inference(self.ranker)
 
     @property
     def history(self) -> int:
@@ -116,7 +125,7 @@ class TwoStage:
         cfg = self.ranker.cfg
         device = next(self.ranker.parameters()).device
         with torch.inference_mode():
-            logits, attention = self.ranker(feats.to_torch(device))
+            logits, attention = self.scorer(feats.to_torch(device))
             probs = head_probabilities(logits, cfg.heads)
             final = combine_heads(probs, {**cfg.head_weights, **(head_weights or {})}).cpu().numpy()
         real = candidates.items > 0

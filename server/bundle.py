@@ -88,13 +88,15 @@ class Bundle:
         """The two stages wired together for serving or evaluation.
 
         The popularity features are tabulated at the bundle's last event, the request
-        time of every server request without newer behaviour.
+        time of every server request without newer behaviour, and the ranker is frozen
+        for inference (a bundle's weights never change).
         """
         retriever = Retriever(
             self.two_tower, self.item_vecs, self.index, self.covisit, self.popularity, self.data.item_category, self.recall_config, self.recommendable
         )
         pipeline = TwoStage(retriever, self.ranker, self.popularity.counts, self.business)
         pipeline.tables.business.fix_time(self.data_end)
+        pipeline.freeze()
         return pipeline
 
     @property

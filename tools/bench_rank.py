@@ -11,7 +11,8 @@ Reported: median, p99 and mean milliseconds per call, wall-clock and this thread
 CPU time (on a shared machine the wall figure includes waiting for a core); the recall stage for the same
 users measured in the same run (the baseline: the ranking cost is also given as a
 multiple of it); and, from a separate profiled pass, the share of the ranking time in
-each function ``rank`` calls (feature building vs the model forward) and in the most
+each function ``rank`` calls (``features`` vs ``order``: the frozen model's forward, which
+the profiler cannot see into, and the sort) and in the most
 expensive functions anywhere beneath it.
 """
 

@@ -7,7 +7,7 @@ from events.split import leave_last_out
 from events.timegap import gap_buckets
 from rank.business import BusinessTables
 from rank.features import DENSE_FEATURES, NUM_DENSE, FeatureTables, build_features, recall_ranks
-from rank.model import Ranker, RankerConfig, combine_heads, head_probabilities, ranking_loss
+from rank.model import Ranker, RankerConfig, combine_heads, frozen_for_inference, head_probabilities, ranking_loss
 from rank.pipeline import TwoStage
 from rank.train import RankerTrainConfig, head_labels, held_out_view, heads_for, make_groups, train_ranker
 from recall.channels import CoVisitation, Popularity
@@ -185,3 +185,24 @@ def test_ranker_trains_multi_task_on_tiny_data(tiny_data, tiny_stages):
     assert ranked.history_behaviors.shape == ranked.history_items.shape == ranked.history_ts.shape
     _, buy_only = pipe.recommend(window, seqs.ts[pos[:8]], pos[:8] - seqs.offsets[users[:8]], seqs.history_matrix(users[:8], pos[:8], tiny_data.items.size), head_weights={"click": 0.0, "cart_fav": 0.0, "buy": 1.0})
     assert (np.diff(np.where(real, buy_only.head_scores["buy"], -1), axis=1) <= 0).all()  # per-call weights reorder the list
+
+
+def test_frozen_ranker_scores_like_the_module_at_any_shape():
+    torch.manual_seed(0)
+    cfg = RankerConfig(num_items=50, num_categories=6, history=12, short=4, dim=8, heads=("click", "buy"))
+    model = Ranker(cfg).eval()
+    frozen = frozen_for_inference(model)
+    g = torch.Generator().manual_seed(1)
+    b, c, n = 3, 7, cfg.history
+    f = {
+        "hist_items": torch.randint(0, 50, (b, n), generator=g), "hist_categories": torch.randint(0, 6, (b, n), generator=g),
+        "hist_behaviors": torch.randint(0, 5, (b, n), generator=g), "hist_gaps": torch.randint(0, cfg.gap_buckets, (b, n), generator=g),
+        "cand_items": torch.randint(0, 60, (b, c), generator=g), "cand_categories": torch.randint(0, 6, (b, c), generator=g),
+        "cand_channels": torch.randint(0, 4, (b, c), generator=g), "dense": torch.randn(b, c, cfg.num_dense, generator=g),
+    }  # fmt: skip
+    f["hist_items"][0] = 0  # a user with no history
+    with torch.no_grad():
+        (want, want_att), (got, got_att) = model(f), frozen(f)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_att, want_att)
+    assert got.shape == (b, c, 2)

@@ -20,7 +20,8 @@ def test_bench_rank_reports_times_baseline_and_breakdown(tiny_bundle, tmp_path):
     callees, top = saved["breakdown"]["callees"], saved["breakdown"]["top"]
     # The direct callees plus rank's own code account for (nearly) all of rank's time.
     assert 0.9 < sum(callees.values()) <= 1.0 + 1e-3
-    assert any(name.endswith(":build_features") for name in top) and any(name.endswith(":forward") for name in top), top
+    # The frozen (TorchScript) model runs inside order, out of the profiler's sight.
+    assert any(name.endswith(":build_features") for name in top) and any(name.endswith(":order") for name in top), top
     assert all(0 < share <= 1 for share in top.values())
     assert "rank" in format_report(report) and "where the ranking time goes" in format_report(report)
 
