@@ -198,13 +198,15 @@ def user_business_features(window: Window, now: np.ndarray) -> np.ndarray:
     """
     items, beh, valid = window.items, window.behaviors, window.items > 0
     b, n = items.shape
-    same = (items[:, :, None] == items[:, None, :]) & valid[:, :, None]  # [B, L, L] same item
-    bought = same & (beh[:, None, :] == BUY)  # [B, L, L]: event j is a buy of event i's item
     carts = valid & (beh == CART)
-    cart_no_buy = carts & ~bought.any(-1)
     buys = valid & (beh == BUY)
-    earlier = np.tril(np.ones((n, n), bool), -1)[None]  # j < i
-    rebuy = buys & (bought & earlier).any(-1)
+    cart_no_buy, rebuy = carts, buys & False
+    if buys.any():  # logs without buys (ratings, views) skip the [B, L, L] pairing
+        same = (items[:, :, None] == items[:, None, :]) & valid[:, :, None]  # [B, L, L] same item
+        bought = same & (beh[:, None, :] == BUY)  # [B, L, L]: event j is a buy of event i's item
+        cart_no_buy = carts & ~bought.any(-1)
+        earlier = np.tril(np.ones((n, n), bool), -1)[None]  # j < i
+        rebuy = buys & (bought & earlier).any(-1)
     days = np.sort(np.where(valid, window.ts // 86_400, -1), axis=1)  # padding (-1) first
     distinct_days = ((days[:, 1:] != days[:, :-1]) & (days[:, 1:] >= 0)).sum(1) + (days[:, :1] >= 0).sum(1)
     last = np.where(window.lengths > 0, beh[:, -1], 0)

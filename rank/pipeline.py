@@ -130,14 +130,15 @@ class TwoStage:
             final = combine_heads(probs, {**cfg.head_weights, **(head_weights or {})}).cpu().numpy()
         real = candidates.items > 0
         order = np.argsort(np.where(real, -final, np.inf), axis=1, kind="stable")
-        take = lambda a: np.take_along_axis(a, order, axis=1)
-        zero_pad = lambda a: np.where(take(real), take(a), 0.0).astype(np.float32)
+        rows = np.arange(len(order))[:, None]
+        real_sorted = real[rows, order]
+        zero_pad = lambda a: np.where(real_sorted, a[rows, order], 0.0).astype(np.float32)
         return Ranked(
-            items=take(candidates.items),
+            items=candidates.items[rows, order],
             scores=zero_pad(final),
-            recall_scores=take(candidates.scores),
-            channels=take(candidates.channels),
-            attention=np.take_along_axis(attention.cpu().numpy(), order[..., None], axis=1),
+            recall_scores=candidates.scores[rows, order],
+            channels=candidates.channels[rows, order],
+            attention=attention.cpu().numpy()[rows, order],
             history_items=window.items,
             head_scores={h: zero_pad(p.cpu().numpy()) for h, p in probs.items()},
             history_behaviors=window.behaviors,
