@@ -207,7 +207,11 @@ def frozen_for_inference(model: Ranker) -> nn.Module:
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.freeze(torch.jit.trace(model.eval(), (example,), strict=False, check_trace=False))
+            frozen = torch.jit.freeze(torch.jit.trace(model.eval(), (example,), strict=False, check_trace=False))
+            # The first calls profile and optimise the graph (tens of ms): pay them here, not in a request.
+            for _ in range(3):
+                frozen(example)
+            return frozen
     except (AttributeError, RuntimeError) as err:
         log.warning("ranker not traced (%s); scoring with the eager module", err)
         return model.eval()
