@@ -200,7 +200,7 @@ def user_business_features(window: Window, now: np.ndarray) -> np.ndarray:
     b, n = items.shape
     carts = valid & (beh == CART)
     buys = valid & (beh == BUY)
-    cart_no_buy, rebuy = carts, buys & False
+    cart_no_buy, rebuy = carts, np.zeros_like(buys)
     if buys.any():  # logs without buys (ratings, views) skip the [B, L, L] pairing
         same = (items[:, :, None] == items[:, None, :]) & valid[:, :, None]  # [B, L, L] same item
         bought = same & (beh[:, None, :] == BUY)  # [B, L, L]: event j is a buy of event i's item

@@ -84,6 +84,12 @@ class Bundle:
         """bool [M]: items the index holds (seen in training, or listed in the catalogue)."""
         return recommendable_items(self.data, self.popularity.counts > 0)
 
+    def retriever(self) -> Retriever:
+        """The recall stage alone (what rebuilding the index needs: no ranker, no ranking tables)."""
+        return Retriever(
+            self.two_tower, self.item_vecs, self.index, self.covisit, self.popularity, self.data.item_category, self.recall_config, self.recommendable
+        )
+
     def pipeline(self) -> TwoStage:
         """The two stages wired together for serving or evaluation.
 
@@ -91,10 +97,7 @@ class Bundle:
         time of every server request without newer behaviour, and the ranker is frozen
         for inference (a bundle's weights never change).
         """
-        retriever = Retriever(
-            self.two_tower, self.item_vecs, self.index, self.covisit, self.popularity, self.data.item_category, self.recall_config, self.recommendable
-        )
-        pipeline = TwoStage(retriever, self.ranker, self.popularity.counts, self.business)
+        pipeline = TwoStage(self.retriever(), self.ranker, self.popularity.counts, self.business)
         pipeline.tables.business.fix_time(self.data_end)
         pipeline.freeze()
         return pipeline

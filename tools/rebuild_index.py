@@ -96,7 +96,7 @@ def _validation_queries(b: Bundle, sample_users: int, seed: int) -> np.ndarray:
     seqs = b.data.seqs
     active = np.flatnonzero(seqs.lengths > 0)
     users = np.sort(np.random.default_rng(seed).choice(active, min(sample_users, len(active)), replace=False))
-    return b.pipeline().retriever.user_vectors(seqs.user_window(users, b.two_tower.cfg.history), seqs.ts[seqs.offsets[users + 1] - 1])
+    return b.retriever().user_vectors(seqs.user_window(users, b.two_tower.cfg.history), seqs.ts[seqs.offsets[users + 1] - 1])
 
 
 def _validate(ann: faiss.Index, queries: np.ndarray, vecs: np.ndarray, among: np.ndarray, k: int) -> tuple[float, dict]:

@@ -53,12 +53,11 @@ def test_pair_scores_equal_the_channel_scores_at_the_given_items():
     recent[2, 0] = n + 3  # an id beyond the graph (a new item) links nothing
     items = rng.integers(0, n + 5, (5, 30))
     items[:, -1] = 0
-    dense = cov.scores(np.where(recent < n, recent, 0)).toarray()
-    want = np.where((items > 0) & (items < n), np.take_along_axis(dense, np.minimum(items, n - 1), axis=1), 0.0)
+    # The channel's dense scores for these recent items, read at ``items`` (0 where an item is padding or new).
+    at_items = lambda r: np.where((items > 0) & (items < n), np.take_along_axis(cov.scores(np.where(r < n, r, 0)).toarray(), np.minimum(items, n - 1), axis=1), 0.0)
     got = cov.pair_scores(recent, items)
     assert got.shape == (5, 30, 4)
-    np.testing.assert_allclose(got @ recency_weights(4), want, rtol=1e-6)
+    np.testing.assert_allclose(got @ recency_weights(4), at_items(recent), rtol=1e-6)
     for j in range(4):  # each recent item's own link
-        one = cov.scores(np.where(recent[:, j : j + 1] < n, recent[:, j : j + 1], 0)).toarray()
-        np.testing.assert_allclose(got[..., j], np.where((items > 0) & (items < n), np.take_along_axis(one, np.minimum(items, n - 1), axis=1), 0.0), rtol=1e-6)
+        np.testing.assert_allclose(got[..., j], at_items(recent[:, j : j + 1]), rtol=1e-6)
     assert (got[0] > 0).any() and (got[1] == 0).all()
