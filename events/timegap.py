@@ -23,5 +23,5 @@ def gap_buckets(now: np.ndarray, ts: np.ndarray, valid: np.ndarray, num_buckets:
         int64 [B, L] in ``1..num_buckets-1`` for real events, 0 for padding.
     """
     minutes = np.maximum(now[:, None] - ts, 0) / 60.0
-    bucket = np.floor(np.log2(1.0 + minutes)).astype(np.int64) + 1
-    return np.where(valid, np.clip(bucket, 1, num_buckets - 1), 0)
+    bucket = np.floor(np.log2(1.0 + minutes)).astype(np.int64) + 1  # >= 1, as minutes >= 0
+    return np.where(valid, np.minimum(bucket, num_buckets - 1), 0)

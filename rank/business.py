@@ -18,6 +18,7 @@ from events.schema import BEHAVIOR_CODE
 from events.sequences import Sequences, Window
 
 PV, CART, FAV, BUY = (BEHAVIOR_CODE[b] for b in ("pv", "cart", "fav", "buy"))
+_LAST_CODES = np.array([PV, CART, FAV, BUY])
 
 ITEM_FEATURES = ("item_conversion", "item_cart_fav_rate", "item_wishlist", "item_repurchase", "item_users", "category_conversion", "category_cart_fav_rate", "category_repurchase")
 """Columns of :meth:`BusinessTables.item_features` (per candidate item)."""
@@ -212,14 +213,14 @@ def user_business_features(window: Window, now: np.ndarray) -> np.ndarray:
     last = np.where(window.lengths > 0, beh[:, -1], 0)
     latest = np.where(window.lengths > 0, window.ts[:, -1], now)
     hours = np.maximum(np.asarray(now) - latest, 0) / 3600.0
-    cols = [
-        cart_no_buy.sum(1) / np.maximum(carts.sum(1), 1),
-        rebuy.sum(1) / np.maximum(buys.sum(1), 1),
-        buys.sum(1) / np.maximum(valid.sum(1), 1),
-        np.minimum(distinct_days / 30.0, 1.0),
-        np.log1p(hours) / 10.0,
-    ] + [(last == code).astype(np.float32) for code in (PV, CART, FAV, BUY)]
-    return np.stack(cols, axis=-1).astype(np.float32).reshape(b, len(USER_FEATURES))
+    out = np.empty((b, len(USER_FEATURES)), np.float32)
+    out[:, 0] = cart_no_buy.sum(1) / np.maximum(carts.sum(1), 1)
+    out[:, 1] = rebuy.sum(1) / np.maximum(buys.sum(1), 1)
+    out[:, 2] = buys.sum(1) / np.maximum(valid.sum(1), 1)
+    out[:, 3] = np.minimum(distinct_days / 30.0, 1.0)
+    out[:, 4] = np.log1p(hours) / 10.0
+    out[:, 5:] = last[:, None] == _LAST_CODES
+    return out
 
 
 def _clip(ids: np.ndarray, size: int) -> np.ndarray:

@@ -122,17 +122,14 @@ def build_features(
     real = cand_items > 0
     cand_categories = tables.item_category[np.where(cand_items < len(tables.item_category), cand_items, 0)]
     b, c = cand_items.shape
+    events = np.maximum(valid.sum(-1), 1)[:, None]  # [B, 1]
     same_cat = (window.categories[:, None, :] == cand_categories[:, :, None]) & valid[:, None, :]  # [B, C, L]
-    share = same_cat.sum(-1) / np.maximum(valid.sum(-1), 1)[:, None]
+    share = np.count_nonzero(same_cat, axis=-1) / events
     short_valid = valid[:, -SHORT_SCALE:]
-    share_short = same_cat[:, :, -SHORT_SCALE:].sum(-1) / np.maximum(short_valid.sum(-1), 1)[:, None]
-    same_item = (window.items[:, None, :] == cand_items[:, :, None]) & valid[:, None, :]  # [B, C, L]
-    seen = same_item.any(-1)
-    last_seen = np.where(same_item, window.ts[:, None, :], np.iinfo(np.int64).min).max(-1)  # [B, C]
+    share_short = np.count_nonzero(same_cat[:, :, -SHORT_SCALE:], axis=-1) / np.maximum(short_valid.sum(-1), 1)[:, None]
+    seen_count, last_seen, cart_fav, bought = _seen_before(window, cand_items, valid)
+    seen = seen_count > 0
     seen_hours = np.where(seen, np.log1p(np.maximum(now[:, None] - last_seen, 0) / 3600.0) / 10.0, 0.0)
-    beh = window.behaviors[:, None, :]
-    cart_fav = (same_item & ((beh == BEHAVIOR_CODE["cart"]) | (beh == BEHAVIOR_CODE["fav"]))).any(-1)
-    bought = (same_item & (beh == BEHAVIOR_CODE["buy"])).any(-1)
     counts = tables.item_counts[np.where(cand_items < len(tables.item_counts), cand_items, 0)]
     covisit = tables.covisit.pair_scores(window.items[:, -COVISIT_RECENT:], cand_items)  # [B, C, n]
     candidate = np.stack(
@@ -144,7 +141,7 @@ def build_features(
             share_short,
             np.log1p(covisit @ recency_weights(covisit.shape[-1])),
             np.log1p(covisit[..., -1]),
-            same_item.sum(-1) / np.maximum(valid.sum(-1), 1)[:, None],
+            seen_count / events,
             seen_hours,
             cart_fav,
             bought,
@@ -172,6 +169,30 @@ def build_features(
         cand_channels=cand_channels.astype(np.int64),
         dense=dense,
     )
+
+
+def _seen_before(window: Window, cand_items: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """How each candidate appears in the user's window.
+
+    Returns:
+        [B, C] each: how many window events are on the candidate, the time of the latest
+        one (int64 minimum where none), whether one was a cart or fav, whether one was a buy.
+    """
+    b, c = cand_items.shape
+    # The recall stage excludes what the user has seen, so at serving most windows hold no
+    # candidate at all: one membership test spares the [B, C, L] comparisons.
+    width = max(int(cand_items.max(initial=0)), int(window.items.max(initial=0))) + 1
+    rows = np.arange(b, dtype=np.int64)[:, None] * width
+    seen = np.sort((rows + window.items)[valid])
+    if not len(seen) or not (seen[np.minimum(np.searchsorted(seen, rows + cand_items), len(seen) - 1)] == rows + cand_items).any():
+        none = np.zeros((b, c), bool)
+        return np.zeros((b, c), np.int64), np.full((b, c), np.iinfo(np.int64).min), none, none
+    same_item = (window.items[:, None, :] == cand_items[:, :, None]) & valid[:, None, :]  # [B, C, L]
+    last_seen = np.where(same_item, window.ts[:, None, :], np.iinfo(np.int64).min).max(-1)  # [B, C]
+    beh = window.behaviors[:, None, :]
+    cart_fav = (same_item & ((beh == BEHAVIOR_CODE["cart"]) | (beh == BEHAVIOR_CODE["fav"]))).any(-1)
+    bought = (same_item & (beh == BEHAVIOR_CODE["buy"])).any(-1)
+    return np.count_nonzero(same_item, axis=-1), last_seen, cart_fav, bought
 
 
 def recall_ranks(scores: np.ndarray, list_scores: np.ndarray) -> np.ndarray:

@@ -52,6 +52,25 @@ def test_features_category_share_seen_and_padding():
     assert (f.dense[0, 2] == 0).all()  # padding gets no -inf score nor any other feature
 
 
+def test_seen_features_match_within_each_user_only():
+    w = Window(
+        items=np.array([[1, 2], [3, 4]]), categories=np.array([[1, 2], [1, 3]]), behaviors=np.array([[2, 1], [1, 1]]), ts=np.array([[5, 6], [5, 8]]), lengths=np.array([2, 2])
+    )
+    cat = np.array([0, 1, 2, 1, 3])
+    tables = _tables(cat, np.array([0, 1, 1, 3, 7]), 5)
+    build = lambda cands: build_features(
+        w, np.array([10, 10]), cands, np.zeros(cands.shape, np.float32), np.ones_like(cands), np.zeros_like(cands),
+        user_activity=np.array([2, 2]), tables=tables, num_gap_buckets=8,
+    )  # fmt: skip
+    seen_cols = [DENSE_FEATURES.index(c) for c in ("seen_share", "seen_hours", "seen_cart_fav", "seen_buy")]
+    # Each user's candidates are the other user's history: nothing is seen.
+    assert (build(np.array([[3, 4], [1, 2]])).dense[..., seen_cols] == 0).all()
+    # User 0's candidate 1 is their carted first event; user 1 still sees nothing.
+    f = build(np.array([[1, 4], [1, 2]])).dense
+    np.testing.assert_allclose(f[0, :, seen_cols].T, [[0.5, np.log1p(5 / 3600) / 10, 1.0, 0.0], [0, 0, 0, 0]], rtol=1e-6)
+    assert (f[1][:, seen_cols] == 0).all()
+
+
 def test_recall_ranks_of_outside_items():
     lst = np.array([[0.9, 0.5, 0.1, -np.inf]], np.float32)
     assert recall_ranks(np.array([[1.0, 0.6, 0.5, -1.0]], np.float32), lst).tolist() == [[0, 1, 1, 3]]
