@@ -12,8 +12,6 @@ Heads (ESMM-style, so the sparse deeper behaviours borrow the click head's signa
 ``p_click = σ(z_click)``, ``p_cart_fav = p_click · σ(z_cart_fav)``, ``p_buy = p_click · σ(z_buy)``.
 """
 
-import logging
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -22,9 +20,8 @@ from torch import nn
 
 from events.schema import BEHAVIORS, NUM_BEHAVIOR_CODES
 from rank.features import NUM_DENSE
-from recall.model import lookup
+from recall.model import frozen_for_inference, lookup
 
-log = logging.getLogger("funnel.rank")
 
 HEADS: tuple[str, ...] = ("click", "cart_fav", "buy")
 """Head names in order; single-behaviour logs train only ``click``."""
@@ -179,22 +176,12 @@ class Ranker(nn.Module):
         return logits, attention
 
 
-def frozen_for_inference(model: Ranker) -> nn.Module:
-    """The ranker traced to TorchScript with its weights frozen in, for serving.
-
-    About a third less time per forward on the CPU than the eager module (fewer Python
-    calls and folded constants); any batch size, candidate count and device the model is
-    on. It is a snapshot: later changes to ``model``'s weights do not reach it.
-
-    TorchScript is deprecated in favour of ``torch.compile``/``torch.export``, but those
-    need a compiler toolchain and seconds to minutes per shape, which a server that hot
-    swaps bundles cannot spend; where a torch build lacks tracing, the eager module is used.
-
-    Args:
-        model: the trained ranker.
+def frozen_ranker(model: Ranker) -> nn.Module:
+    """The ranker traced and frozen for serving (:func:`recall.model.frozen_for_inference`).
 
     Returns:
-        A module with the same inputs and outputs as :meth:`Ranker.forward`.
+        A module with the same inputs and outputs as :meth:`Ranker.forward`, for any
+        batch size and candidate count.
     """
     cfg = model.cfg
     device = next(model.parameters()).device
@@ -204,17 +191,7 @@ def frozen_for_inference(model: Ranker) -> nn.Module:
         "cand_items": ids(1, 2), "cand_categories": ids(1, 2), "cand_channels": ids(1, 2),
         "dense": torch.zeros(1, 2, cfg.num_dense, device=device),
     }  # fmt: skip
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            frozen = torch.jit.freeze(torch.jit.trace(model.eval(), (example,), strict=False, check_trace=False))
-            # The first calls profile and optimise the graph (tens of ms): pay them here, not in a request.
-            for _ in range(3):
-                frozen(example)
-            return frozen
-    except (AttributeError, RuntimeError) as err:
-        log.warning("ranker not traced (%s); scoring with the eager module", err)
-        return model.eval()
+    return frozen_for_inference(model, (example,))
 
 
 def head_probabilities(logits: torch.Tensor, heads: tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 from events.sequences import Window
 from rank.business import BusinessTables
 from rank.features import FeatureTables, RankFeatures, build_features
-from rank.model import Ranker, combine_heads, frozen_for_inference, head_probabilities
+from rank.model import Ranker, combine_heads, frozen_ranker, head_probabilities
 from recall.retriever import Candidates, Retriever
 
 
@@ -57,12 +57,12 @@ class TwoStage:
         self.tables = FeatureTables(retriever.item_category, item_counts, business, retriever.covisit)
 
     def freeze(self) -> None:
-        """Score with a frozen TorchScript copy of the ranker from now on (:func:`rank.model.frozen_for_inference`).
+        """Score with a frozen TorchScript copy of the ranker from now on (:func:`rank.model.frozen_ranker`).
 
         For serving and evaluation of a finished bundle; a pipeline whose ranker is still
         training must not be frozen, since the copy would not follow its weights.
         """
-        self.scorer = frozen_for_inference(self.ranker)
+        self.scorer = frozen_ranker(self.ranker)
 
     @property
     def history(self) -> int:

@@ -19,14 +19,28 @@ def top_per_row(m: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
         (cols [R, k] int64 padded with 0, values [R, k] float32 padded with -inf).
     """
     m = m.tocoo()
-    rows, cols, vals = m.row.astype(np.int64), m.col.astype(np.int64), m.data.astype(np.float32)
+    return top_entries(m.row, m.col, m.data, m.shape[0], k)
+
+
+def top_entries(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, num_rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Largest ``k`` of the entries ``(rows[i], cols[i], vals[i])`` in each row, best first.
+
+    Args:
+        rows, cols, vals: [E] entries, at most one per (row, col).
+        num_rows: R.
+        k: entries kept per row.
+
+    Returns:
+        (cols [R, k] int64 padded with 0, values [R, k] float32 padded with -inf).
+    """
+    rows, cols, vals = np.asarray(rows, np.int64), np.asarray(cols, np.int64), np.asarray(vals, np.float32)
     order = np.lexsort((-vals, rows))
     rows, cols, vals = rows[order], cols[order], vals[order]
-    starts = np.searchsorted(rows, np.arange(m.shape[0]))
+    starts = np.searchsorted(rows, np.arange(num_rows))
     rank = np.arange(len(rows)) - starts[rows]
     keep = rank < k
-    out_cols = np.zeros((m.shape[0], k), dtype=np.int64)
-    out_vals = np.full((m.shape[0], k), -np.inf, dtype=np.float32)
+    out_cols = np.zeros((num_rows, k), dtype=np.int64)
+    out_vals = np.full((num_rows, k), -np.inf, dtype=np.float32)
     out_cols[rows[keep], rank[keep]] = cols[keep]
     out_vals[rows[keep], rank[keep]] = vals[keep]
     return out_cols, out_vals
@@ -84,29 +98,36 @@ class CoVisitation:
         r = np.repeat(np.arange(num_items), keep.sum(1))
         return cls(sp.csr_matrix((vals_k[keep], (r, cols_k[keep])), shape=(num_items, num_items), dtype=np.float32))
 
-    def scores(self, recent: np.ndarray) -> sp.csr_matrix:
-        """Co-visitation scores for each row of recent item ids.
+    def scores(self, recent: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Co-visitation scores for each row of recent item ids, as the non-zero entries of a [B, M] matrix.
+
+        Only the graph rows of the recent items are read (no sparse product: at a few
+        users per call its set-up would cost more than the work).
 
         Args:
-            recent: [B, n] item ids, most recent last, 0 = padding.
+            recent: [B, n] item ids, most recent last, 0 = padding; ids beyond the graph link nothing.
 
         Returns:
-            [B, M] sparse scores; the latest item weighs most (halving per step back).
+            (rows, items, scores), each [E], one entry per (row, item) pair, sorted by row
+            then item; the latest recent item weighs most (halving per step back).
         """
-        b, n = recent.shape
-        weights = np.broadcast_to(recency_weights(n), (b, n))
-        real = recent > 0
-        query = sp.csr_matrix(
-            (weights[real].astype(np.float32), (np.nonzero(real)[0], recent[real])), shape=(b, self.graph.shape[0])
-        )
-        return (query @ self.graph).tocsr()
+        g = self.graph
+        width = g.shape[1]
+        user, pos = np.nonzero((recent > 0) & (recent < g.shape[0]))  # [P]
+        src = recent[user, pos]
+        starts, lens = g.indptr[src], g.indptr[src + 1] - g.indptr[src]
+        entries = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())  # positions in g.indices, [E']
+        keys = np.repeat(user.astype(np.int64), lens) * width + g.indices[entries]
+        weights = np.repeat(recency_weights(recent.shape[1])[pos], lens) * g.data[entries]
+        unique, inverse = np.unique(keys, return_inverse=True)
+        return unique // width, unique % width, np.bincount(inverse, weights=weights, minlength=len(unique)).astype(np.float32)
 
     def pair_scores(self, recent: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Graph weights from each recent item to each given item, without building :meth:`scores`' [B, M] rows.
 
         One binary search per (recent item, item) pair in the graph's sorted edge keys,
         which for a few hundred items per user (the ranker's features) is several times
-        cheaper than the sparse product. Weighted by :func:`recency_weights` and summed
+        cheaper than :meth:`scores`. Weighted by :func:`recency_weights` and summed
         over the last axis, they are the entries of :meth:`scores` at ``items``.
 
         Args:

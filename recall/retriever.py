@@ -12,9 +12,9 @@ import scipy.sparse as sp
 import torch
 
 from events.sequences import Window
-from recall.channels import CoVisitation, Popularity, top_per_row
+from recall.channels import CoVisitation, Popularity, top_entries
 from recall.index import search
-from recall.model import TwoTower, user_tensors
+from recall.model import TwoTower, frozen_for_inference, user_tensors
 
 CHANNELS: tuple[str, ...] = ("none", "two_tower", "covisit", "popular")
 TWO_TOWER, COVISIT, POPULAR = 1, 2, 3
@@ -69,6 +69,7 @@ class Retriever:
         recommendable: np.ndarray | None = None,
     ):
         self.model = model.eval()
+        self.user_encoder: torch.nn.Module = model.user_tower
         self.item_vecs = item_vecs
         self.index = index
         self.covisit = covisit
@@ -78,11 +79,21 @@ class Retriever:
         # The exact category path must return only what the index holds.
         self.recommendable = recommendable if recommendable is not None else np.arange(len(item_vecs)) > 0
 
+    def freeze(self) -> None:
+        """Encode users with a frozen TorchScript copy of the user tower from now on (:func:`recall.model.frozen_for_inference`).
+
+        For a finished bundle; a retriever whose two-tower is still training must not be
+        frozen, since the copy would not follow its weights.
+        """
+        device = next(self.model.parameters()).device
+        example = tuple(torch.ones(1, self.model.cfg.history, dtype=torch.long, device=device) for _ in range(4))
+        self.user_encoder = frozen_for_inference(self.model.user_tower, example)
+
     def user_vectors(self, window: Window, now: np.ndarray) -> np.ndarray:
         """User-tower vectors for a batch of windows as of the request times ``now`` [B]. Returns [B, d] float32."""
         device = next(self.model.parameters()).device
         with torch.inference_mode():
-            return self.model.user_tower(*user_tensors(window, now, device)).cpu().numpy()
+            return self.user_encoder(*user_tensors(window, now, device)).cpu().numpy()
 
     def retrieve(
         self,
@@ -114,8 +125,11 @@ class Retriever:
         if TWO_TOWER in channels:
             parts.append((self._two_tower(uv, exclude, category, max(cfg.two_tower, two_tower)), TWO_TOWER))
         if COVISIT in channels and cfg.covisit:
-            recent = window.items[:, -cfg.recent :]
-            ids, _ = top_per_row(self._mask(self.covisit.scores(recent), exclude, category), cfg.covisit)
+            rows, items, scores = self.covisit.scores(window.items[:, -cfg.recent :])
+            keep = ~exclude.pairs(rows, items)
+            if category is not None:
+                keep &= self.item_category[items] == category
+            ids, _ = top_entries(rows[keep], items[keep], scores[keep], len(uv), cfg.covisit)
             parts.append((ids, COVISIT))
         if POPULAR in channels and cfg.popular:
             parts.append((self._popular(len(uv), exclude, category), POPULAR))
@@ -142,13 +156,6 @@ class Retriever:
         want = self.config.popular + exclude.most_per_row
         head = np.broadcast_to(ranked[:want], (b, min(len(ranked), want)))
         return _compact(np.where(exclude.ids(head), 0, head), self.config.popular)
-
-    def _mask(self, scores: sp.csr_matrix, exclude: "Excluded", category: int | None) -> sp.csr_matrix:
-        scores = scores.tocoo()
-        keep = ~exclude.pairs(scores.row, scores.col)
-        if category is not None:
-            keep &= self.item_category[scores.col] == category
-        return sp.csr_matrix((scores.data[keep], (scores.row[keep], scores.col[keep])), shape=scores.shape)
 
     def _merge(self, uv: np.ndarray, parts: list[tuple[np.ndarray, int]]) -> Candidates:
         b = len(uv)

@@ -85,16 +85,19 @@ class Bundle:
         return recommendable_items(self.data, self.popularity.counts > 0)
 
     def retriever(self) -> Retriever:
-        """The recall stage alone (what rebuilding the index needs: no ranker, no ranking tables)."""
-        return Retriever(
+        """The recall stage alone (what rebuilding the index needs: no ranker, no ranking tables),
+        with its user tower frozen for inference (a bundle's weights never change)."""
+        retriever = Retriever(
             self.two_tower, self.item_vecs, self.index, self.covisit, self.popularity, self.data.item_category, self.recall_config, self.recommendable
         )
+        retriever.freeze()
+        return retriever
 
     def pipeline(self) -> TwoStage:
         """The two stages wired together for serving or evaluation.
 
         The popularity features are tabulated at the bundle's last event, the request
-        time of every server request without newer behaviour, and the ranker is frozen
+        time of every server request without newer behaviour, and both models are frozen
         for inference (a bundle's weights never change).
         """
         pipeline = TwoStage(self.retriever(), self.ranker, self.popularity.counts, self.business)

@@ -7,7 +7,7 @@ from events.split import leave_last_out
 from events.timegap import gap_buckets
 from rank.business import BusinessTables
 from rank.features import DENSE_FEATURES, NUM_DENSE, FeatureTables, build_features, recall_ranks
-from rank.model import Ranker, RankerConfig, combine_heads, frozen_for_inference, head_probabilities, ranking_loss
+from rank.model import Ranker, RankerConfig, combine_heads, frozen_ranker, head_probabilities, ranking_loss
 from rank.pipeline import TwoStage
 from rank.train import RankerTrainConfig, head_labels, held_out_view, heads_for, make_groups, train_ranker
 from recall.channels import CoVisitation, Popularity
@@ -210,7 +210,7 @@ def test_frozen_ranker_scores_like_the_module_at_any_shape():
     torch.manual_seed(0)
     cfg = RankerConfig(num_items=50, num_categories=6, history=12, short=4, dim=8, heads=("click", "buy"))
     model = Ranker(cfg).eval()
-    frozen = frozen_for_inference(model)
+    frozen = frozen_ranker(model)
     g = torch.Generator().manual_seed(1)
     b, c, n = 3, 7, cfg.history
     f = {

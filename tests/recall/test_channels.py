@@ -10,6 +10,13 @@ def seqs(users, items):
     return Sequences.from_encoded(np.array(users), np.array(items), np.ones(n, np.int64), np.ones(n, np.int8), np.arange(n), max(users) + 1)
 
 
+def dense_scores(cov: CoVisitation, recent: np.ndarray) -> np.ndarray:
+    rows, items, scores = cov.scores(recent)
+    out = np.zeros((len(recent), cov.graph.shape[1]), np.float32)
+    out[rows, items] = scores
+    return out
+
+
 def test_top_per_row_orders_and_pads():
     m = sp.csr_matrix(np.array([[0, 3, 1, 2], [0, 0, 0, 0], [5, 0, 0, 0]], dtype=np.float32))
     cols, vals = top_per_row(m, 2)
@@ -25,8 +32,20 @@ def test_covisitation_links_neighbours_within_window_and_user():
     assert g[1, 3] == 0  # two steps apart, window 1
     assert g[3, 4] == 0  # different users
     assert g[1, 2] > g[2, 1]  # forward pairs weigh more
-    scores = cv.scores(np.array([[0, 1]])).toarray()
+    scores = dense_scores(cv, np.array([[0, 1]]))
     assert scores[0, 2] > 0 and scores[0, 5] == 0
+
+
+def test_scores_sum_each_recent_items_weighted_row():
+    s = seqs([1, 1, 1, 1, 2, 2], [1, 2, 3, 4, 5, 2])
+    cv = CoVisitation.fit(s, np.ones(6, bool), 7, window=2, neighbours=5)
+    g = cv.graph.toarray()
+    recent = np.array([[0, 2, 3], [1, 1, 9], [0, 0, 0]])  # 9 is beyond the graph (a new item)
+    rows, items, scores = cv.scores(recent)
+    assert np.all(np.diff(rows * 7 + items) > 0)  # one entry per (row, item), sorted
+    want = np.stack([0.5 * g[2] + g[3], 0.25 * g[1] + 0.5 * g[1], np.zeros(7)])
+    np.testing.assert_allclose(dense_scores(cv, recent), want, rtol=1e-6)
+    assert (scores > 0).all()
 
 
 def test_covisitation_respects_mask():
@@ -54,7 +73,7 @@ def test_pair_scores_equal_the_channel_scores_at_the_given_items():
     items = rng.integers(0, n + 5, (5, 30))
     items[:, -1] = 0
     # The channel's dense scores for these recent items, read at ``items`` (0 where an item is padding or new).
-    at_items = lambda r: np.where((items > 0) & (items < n), np.take_along_axis(cov.scores(np.where(r < n, r, 0)).toarray(), np.minimum(items, n - 1), axis=1), 0.0)
+    at_items = lambda r: np.where((items > 0) & (items < n), np.take_along_axis(dense_scores(cov, r), np.minimum(items, n - 1), axis=1), 0.0)
     got = cov.pair_scores(recent, items)
     assert got.shape == (5, 30, 4)
     np.testing.assert_allclose(got @ recency_weights(4), at_items(recent), rtol=1e-6)

@@ -1,7 +1,7 @@
 import torch
 
 from events.split import leave_last_out
-from recall.model import TwoTower, TwoTowerConfig, sampled_softmax_loss
+from recall.model import TwoTower, TwoTowerConfig, frozen_for_inference, sampled_softmax_loss
 from recall.train import TwoTowerTrainConfig, evaluate_targets, known_items, train_two_tower
 
 
@@ -20,6 +20,18 @@ def test_user_tower_handles_empty_history():
     zeros = torch.zeros(2, 4, dtype=torch.long)
     out = model.user_tower(zeros, zeros, zeros, zeros)
     assert out.shape == (2, 8) and torch.isfinite(out).all()
+
+
+def test_frozen_user_tower_encodes_like_the_module_at_any_shape():
+    torch.manual_seed(0)
+    tower = TwoTower(TwoTowerConfig(num_items=30, num_categories=4, dim=8, history=6, short=3, hidden=16)).user_tower.eval()
+    frozen = frozen_for_inference(tower, tuple(torch.ones(1, 6, dtype=torch.long) for _ in range(4)))
+    g = torch.Generator().manual_seed(1)
+    for b, n in ((1, 6), (5, 6), (3, 9)):
+        x = (torch.randint(0, 30, (b, n), generator=g), torch.randint(0, 4, (b, n), generator=g), torch.randint(1, 5, (b, n), generator=g), torch.randint(1, 20, (b, n), generator=g))
+        x[0][0] = 0  # a user with no history
+        with torch.no_grad():
+            torch.testing.assert_close(frozen(*x), tower(*x))
 
 
 def test_two_tower_loss_falls_and_beats_chance(tiny_data):
