@@ -13,7 +13,9 @@ Heads (ESMM-style, so the sparse deeper behaviours borrow the click head's signa
 """
 
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,8 @@ from events.schema import BEHAVIORS, NUM_BEHAVIOR_CODES
 from rank.features import NUM_DENSE
 from recall.model import frozen_for_inference, lookup
 
+
+ArrayLike = TypeVar("ArrayLike", torch.Tensor, np.ndarray)
 
 HEADS: tuple[str, ...] = ("click", "cart_fav", "buy")
 """Head names in order; single-behaviour logs train only ``click``."""
@@ -200,17 +204,17 @@ def head_probabilities(logits: torch.Tensor, heads: tuple[str, ...]) -> dict[str
     return {name: click if i == 0 else click * torch.sigmoid(logits[..., i]) for i, name in enumerate(heads)}
 
 
-def combine_heads(probs: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+def combine_heads(probs: dict[str, ArrayLike], weights: dict[str, float]) -> ArrayLike:
     """The final score: ``Σ_h w_h · p_h / Σ_h w_h`` over the model's heads.
 
     Heads missing from ``weights`` weigh 0; if every weight is 0 the click head decides.
 
     Args:
-        probs: head name -> [B, C] probabilities.
+        probs: head name -> [B, C] probabilities (torch tensors or numpy arrays).
         weights: head name -> non-negative weight.
 
     Returns:
-        [B, C] scores in [0, 1].
+        [B, C] scores in [0, 1], of the same kind as ``probs``.
     """
     bad = {h: w for h, w in weights.items() if not w >= 0}
     if bad:

@@ -53,6 +53,7 @@ class TwoStage:
     def __init__(self, retriever: Retriever, ranker: Ranker, item_counts: np.ndarray, business: BusinessTables):
         self.retriever = retriever
         self.ranker = ranker.eval()
+        self.device = next(ranker.parameters()).device
         self.scorer: torch.nn.Module = self.ranker
         self.tables = FeatureTables(retriever.item_category, item_counts, business, retriever.covisit)
 
@@ -123,11 +124,11 @@ class TwoStage:
             As :meth:`rank`.
         """
         cfg = self.ranker.cfg
-        device = next(self.ranker.parameters()).device
         with torch.inference_mode():
-            logits, attention = self.scorer(feats.to_torch(device))
-            probs = head_probabilities(logits, cfg.heads)
-            final = combine_heads(probs, {**cfg.head_weights, **(head_weights or {})}).cpu().numpy()
+            logits, attention = self.scorer(feats.to_torch(self.device))
+            probs = {h: p.cpu().numpy() for h, p in head_probabilities(logits, cfg.heads).items()}
+        # In numpy: on a few hundred scores each torch op would cost more than its arithmetic.
+        final = combine_heads(probs, {**cfg.head_weights, **(head_weights or {})})
         real = candidates.items > 0
         order = np.argsort(np.where(real, -final, np.inf), axis=1, kind="stable")
         rows = np.arange(len(order))[:, None]
@@ -140,7 +141,7 @@ class TwoStage:
             channels=candidates.channels[rows, order],
             attention=attention.cpu().numpy()[rows, order],
             history_items=window.items,
-            head_scores={h: zero_pad(p.cpu().numpy()) for h, p in probs.items()},
+            head_scores={h: zero_pad(p) for h, p in probs.items()},
             history_behaviors=window.behaviors,
             history_ts=window.ts,
         )

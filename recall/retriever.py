@@ -69,6 +69,7 @@ class Retriever:
         recommendable: np.ndarray | None = None,
     ):
         self.model = model.eval()
+        self.device = next(model.parameters()).device  # looked up once: a parameter walk per request costs ~50 us
         self.user_encoder: torch.nn.Module = model.user_tower
         self.item_vecs = item_vecs
         self.index = index
@@ -85,15 +86,13 @@ class Retriever:
         For a finished bundle; a retriever whose two-tower is still training must not be
         frozen, since the copy would not follow its weights.
         """
-        device = next(self.model.parameters()).device
-        example = tuple(torch.ones(1, self.model.cfg.history, dtype=torch.long, device=device) for _ in range(4))
+        example = tuple(torch.ones(1, self.model.cfg.history, dtype=torch.long, device=self.device) for _ in range(4))
         self.user_encoder = frozen_for_inference(self.model.user_tower, example)
 
     def user_vectors(self, window: Window, now: np.ndarray) -> np.ndarray:
         """User-tower vectors for a batch of windows as of the request times ``now`` [B]. Returns [B, d] float32."""
-        device = next(self.model.parameters()).device
         with torch.inference_mode():
-            return self.user_encoder(*user_tensors(window, now, device)).cpu().numpy()
+            return self.user_encoder(*user_tensors(window, now, self.device)).cpu().numpy()
 
     def retrieve(
         self,
