@@ -195,7 +195,7 @@ def frozen_ranker(model: Ranker) -> nn.Module:
         "cand_items": ids(1, 2), "cand_categories": ids(1, 2), "cand_channels": ids(1, 2),
         "dense": torch.zeros(1, 2, cfg.num_dense, device=device),
     }  # fmt: skip
-    return frozen_for_inference(model, (example,))
+    return frozen_for_inference(model, (example,), optimize=True)
 
 
 def head_probabilities(logits: torch.Tensor, heads: tuple[str, ...]) -> dict[str, torch.Tensor]:
