@@ -42,6 +42,9 @@ class ServerOptions:
         max_message_bytes: largest request accepted (INVALID_ARGUMENT beyond).
         token: bearer token required for LogEvents and Reload; ``None`` for none.
         tls_cert, tls_key: PEM files; both set serves TLS instead of plaintext.
+        reuse_port: bind with ``SO_REUSEPORT``, so several server processes share the
+            port (:mod:`server.processes`); off, a second server on a taken port fails
+            to start instead of silently taking part of the traffic.
     """
 
     max_workers: int = 32
@@ -51,6 +54,11 @@ class ServerOptions:
     token: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    reuse_port: bool = False
+
+
+class BindError(RuntimeError):
+    """The server's address cannot be bound (taken, or not an address of this machine)."""
 
 
 PROTECTED = tuple(f"/{SERVICE_NAME}/{m}" for m in ("LogEvents", "Reload"))
@@ -98,7 +106,7 @@ def create_server(addr: str, engine, *, max_workers: int = 8) -> tuple[grpc.Serv
         The unstarted server and the port it is bound to.
 
     Raises:
-        RuntimeError: ``addr`` could not be bound.
+        BindError: ``addr`` could not be bound.
     """
     built = build_server(addr, holder=EngineHolder(engine), options=ServerOptions(max_workers=max_workers))
     return built.server, built.port
@@ -115,7 +123,7 @@ def build_server(addr: str, *, holder: EngineHolder, options: ServerOptions | No
             swaps and refusals are counted there too.
 
     Raises:
-        RuntimeError: ``addr`` could not be bound.
+        BindError: ``addr`` could not be bound.
         OSError: a TLS file cannot be read.
     """
     options = options or ServerOptions()
@@ -136,7 +144,11 @@ def build_server(addr: str, *, holder: EngineHolder, options: ServerOptions | No
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="rpc"),
         interceptors=[interceptor],
-        options=[("grpc.max_receive_message_length", transport_limit), ("grpc.max_send_message_length", transport_limit)],
+        options=[
+            ("grpc.max_receive_message_length", transport_limit),
+            ("grpc.max_send_message_length", transport_limit),
+            ("grpc.so_reuseport", int(options.reuse_port)),
+        ],
     )
     servicer = RecommenderServicer(holder=holder, batcher=batcher, metrics=metrics)
     recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, server)
@@ -145,14 +157,16 @@ def build_server(addr: str, *, holder: EngineHolder, options: ServerOptions | No
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    credentials = None
     if options.tls_cert or options.tls_key:
         if not (options.tls_cert and options.tls_key):
             raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
         with open(options.tls_key, "rb") as key, open(options.tls_cert, "rb") as cert:
             credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
-        port = server.add_secure_port(addr, credentials)
-    else:
-        port = server.add_insecure_port(addr)
+    try:
+        port = server.add_secure_port(addr, credentials) if credentials else server.add_insecure_port(addr)
+    except RuntimeError as err:
+        raise BindError(f"cannot bind {addr}: is another server listening there? ({err})") from err
     return Server(server, port, holder, servicer, health_servicer, metrics, batcher)
 
 
@@ -260,9 +274,9 @@ def serve(
     built.server.start()
     engine = holder.engine
     log.info(
-        "serving %s (model %s, index %s) on %s:%d%s; batches of up to %d within %.1f ms; %d compute threads",
+        "serving %s (model %s, index %s) on %s:%d%s; batches of up to %d within %.1f ms; %d compute threads; pid %d",
         SERVICE_NAME, engine.model_version, engine.index_version, host, built.port, " with TLS" if options.tls_cert else "",
-        options.max_batch, options.batch_wait_ms, n_threads,
+        options.max_batch, options.batch_wait_ms, n_threads, os.getpid(),
     )
     if watch_interval_s > 0:
         holder.start_watching(watch_interval_s)

@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from server.app import TOKEN_ENV, ServerOptions
+from server.app import TOKEN_ENV, BindError, ServerOptions
 from server.eventlog import EventStoreError
 from server.state import MAX_EVENTS_PER_USER, StateUnavailable
 
@@ -22,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-wait-ms", type=float, default=ServerOptions.batch_wait_ms,
         help=f"how long a batch keeps gathering requests after its first one; 0 takes only those already waiting (default: {ServerOptions.batch_wait_ms})",
+    )
+    parser.add_argument(
+        "--processes", type=int, default=1,
+        help="server processes sharing --port (SO_REUSEPORT), each with its own engine, so more than one core computes; "
+        "needs --state redis://... so every process sees every logged event, and a fixed --port; process i serves "
+        "metrics on --metrics-port + i (default: 1)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: half the cores this process may use, at least 1: the other half runs the gRPC threads)")
     parser.add_argument("--watch-interval", type=float, default=2.0, help="seconds between checks of CURRENT for a new bundle; 0 only reloads on the Reload rpc (default: 2)")
@@ -57,22 +63,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from server.app import serve
+    from server.processes import ProcessesError, serve_processes
 
     event_log = args.event_log
     if args.no_event_log:
         event_log = None
-    elif event_log is None and args.state == "memory":
+    elif event_log is None and args.state == "memory" and args.processes == 1:
         event_log = os.path.join(args.bundle, "events.db")
     try:
         options = ServerOptions(
             max_workers=args.workers, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_message_bytes=args.max_message_bytes,
             token=args.token or None, tls_cert=args.tls_cert, tls_key=args.tls_key,
         )
-        serve(
-            args.bundle, host=args.host, port=args.port, options=options, metrics_port=args.metrics_port,
+        kwargs = dict(
+            bundle_dir=args.bundle, host=args.host, port=args.port, options=options, metrics_port=args.metrics_port,
             watch_interval_s=args.watch_interval, threads=args.threads, state=args.state, event_log=event_log, max_events_per_user=args.max_user_events,
         )
-    except (StateUnavailable, EventStoreError) as err:
+        if args.processes < 1:
+            raise ProcessesError(f"--processes must be at least 1, got {args.processes}")
+        if args.processes > 1:
+            return serve_processes(args.processes, kwargs)
+        serve(**kwargs)
+    except (StateUnavailable, EventStoreError, ProcessesError, BindError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

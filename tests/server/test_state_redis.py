@@ -1,13 +1,5 @@
-"""User state in Redis, against a real ``redis-server`` this module starts on a free loopback port.
+"""User state in Redis, against a real ``redis-server`` (the ``redis_url`` fixture of ``conftest.py``)."""
 
-The Debian package ``redis-server`` provides the binary; ``.ci/run`` installs it and sets
-``FUNNEL_REQUIRE_REDIS=1``, which turns a missing binary into a failure instead of a skip.
-"""
-
-import os
-import shutil
-import socket
-import subprocess
 import time
 
 import grpc
@@ -19,46 +11,6 @@ from server.engine import Engine
 from server.eventlog import UserEvent
 from server.rpc import recommender_pb2, recommender_pb2_grpc
 from server.state import LoggedState, RedisState, StateUnavailable, open_state
-
-START_TIMEOUT_S = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    binary = shutil.which("redis-server")
-    if binary is None:
-        message = "redis-server not installed (Debian: apt-get install redis-server; tools/setup.sh does it)"
-        if os.environ.get("FUNNEL_REQUIRE_REDIS"):
-            pytest.fail(message)
-        pytest.skip(message)
-    pytest.importorskip("redis")
-    workdir = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        try:
-            RedisState(url).close()
-            break
-        except StateUnavailable:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"redis-server on port {port} did not start (exit code {proc.poll()})")
-            time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -93,9 +45,9 @@ def test_replicas_share_one_state(redis_url, prefix):
     assert [e.item_id for e in one.recent("shared")] == [e.item_id for e in two.recent("shared")] == ["a", "b"]
 
 
-def test_unreachable_redis_is_state_unavailable(redis_url):
+def test_unreachable_redis_is_state_unavailable(redis_url, unused_port):
     with pytest.raises(StateUnavailable, match="cannot reach Redis"):
-        RedisState(f"redis://127.0.0.1:{free_port()}/0")
+        RedisState(f"redis://127.0.0.1:{unused_port}/0")
 
 
 def test_open_state_with_event_log_archives_without_replaying(redis_url, tmp_path):

@@ -1,0 +1,123 @@
+"""Several server processes on one port, so a multi-core machine is not held to one core by the GIL.
+
+Each process is a whole :func:`server.app.serve`: its own engine, micro-batcher and
+gRPC server, all bound to the same port with ``SO_REUSEPORT``, so the kernel spreads
+incoming connections over them. They are forked before any of them creates a gRPC
+server or runs torch (gRPC and OpenMP thread pools do not survive a fork), and load
+their bundle after the fork.
+
+They share nothing in memory, so users' logged behaviour must live where all of them
+read it: Redis (``state="redis://..."``); the parent refuses anything else. Each
+process follows ``CURRENT`` on its own; the ``Reload`` rpc reaches the one process
+that took the call, and the others switch at their next poll.
+"""
+
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+from typing import Any
+
+from server.app import BindError, ServerOptions, serve
+from server.eventlog import EventStoreError
+from server.state import StateUnavailable
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 30.0
+
+
+class ProcessesError(ValueError):
+    """Settings that several processes cannot run with."""
+
+
+def serve_processes(processes: int, serve_kwargs: dict[str, Any]) -> int:
+    """Run ``processes`` copies of :func:`server.app.serve` on one port until SIGINT or SIGTERM.
+
+    A signal to this (parent) process is passed on to every server, which drains its
+    in-flight requests and stops. If one server dies on its own, the others are stopped
+    too, so a supervisor sees the failure and restarts the whole set.
+
+    Args:
+        processes: server processes (at least 2; for 1, call ``serve`` directly).
+        serve_kwargs: keyword arguments of :func:`server.app.serve`. ``port`` must be
+            fixed (not 0), ``state`` a ``redis://`` URL and ``event_log`` None. Process
+            ``i`` (from 0) serves metrics on ``metrics_port + i``. ``threads`` defaults
+            to the cores divided between the processes (half for math, as in one process).
+
+    Returns:
+        0 after a requested stop; 1 if a server process failed.
+
+    Raises:
+        ProcessesError: for settings that several processes cannot share.
+    """
+    _check(processes, serve_kwargs)
+    cores = len(os.sched_getaffinity(0))
+    threads = serve_kwargs.get("threads") or max(1, cores // (2 * processes))
+    context = multiprocessing.get_context("fork")
+    children = []
+    for i in range(processes):
+        kwargs = dict(serve_kwargs, threads=threads, options=dataclasses.replace(serve_kwargs.get("options") or ServerOptions(), reuse_port=True))
+        if kwargs.get("metrics_port") is not None:
+            kwargs["metrics_port"] += i
+        children.append(context.Process(target=_child, args=(i, processes, kwargs), name=f"funnel-serve-{i}"))
+    stopping = False
+
+    def stop(*_) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.pid is not None and child.exitcode is None:
+                os.kill(child.pid, signal.SIGTERM)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for child in children:
+            child.start()
+        log.info("started %d server processes (pids %s), %d compute threads each", processes, ", ".join(str(c.pid) for c in children), threads)
+        multiprocessing.connection.wait([c.sentinel for c in children])
+        requested = stopping
+        if not requested:
+            for child in children:
+                if child.exitcode is not None:
+                    log.error("server process %s (pid %d) exited with code %s; stopping the others", child.name, child.pid, child.exitcode)
+            stop()
+        for child in children:
+            child.join(STOP_TIMEOUT_S)
+            if child.exitcode is None:
+                log.error("server process %s (pid %d) did not stop within %.0f s; killing it", child.name, child.pid, STOP_TIMEOUT_S)
+                child.kill()
+                child.join()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    # A process still loading its bundle when the stop came ends by the signal itself.
+    return 0 if requested and all(c.exitcode in (0, -signal.SIGTERM) for c in children) else 1
+
+
+def _check(processes: int, kwargs: dict[str, Any]) -> None:
+    if processes < 2:
+        raise ProcessesError(f"serve_processes runs 2 or more processes, got {processes}")
+    if not kwargs.get("port"):
+        raise ProcessesError("several server processes share one port: give a fixed --port, not 0")
+    if not str(kwargs.get("state", "")).startswith("redis://"):
+        raise ProcessesError(
+            "several server processes need the user state in Redis (--state redis://HOST:PORT), "
+            "so that an event logged through one process is seen by the next Recommend on any other"
+        )
+    if kwargs.get("event_log"):
+        raise ProcessesError("several server processes cannot share an embedded event log; with Redis, Redis holds the events")
+
+
+def _child(i: int, n: int, kwargs: dict[str, Any]) -> None:
+    # The parent's handlers were inherited; serve() installs its own once it is up.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    log.info("server process %d of %d (pid %d)", i + 1, n, os.getpid())
+    try:
+        serve(**kwargs)
+    except (StateUnavailable, EventStoreError, BindError) as err:
+        log.error("server process %d of %d: %s", i + 1, n, err)
+        raise SystemExit(2) from None

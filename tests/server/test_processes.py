@@ -1,0 +1,104 @@
+"""Several server processes on one port: a real ``funnel serve --processes 2`` with its state in Redis."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+from server.app import BindError, ServerOptions, build_server, create_server
+from server.engine import Engine
+from server.holder import EngineHolder
+from server.processes import ProcessesError, serve_processes
+from server.rpc import recommender_pb2, recommender_pb2_grpc
+from tools.recommend import wait_ready
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+START_TIMEOUT_S = 120.0
+CONNECTIONS = 8
+
+
+@pytest.mark.parametrize(
+    "processes, kwargs, message",
+    [
+        (1, {"port": 5000, "state": "redis://h:1"}, "2 or more"),
+        (2, {"port": 0, "state": "redis://h:1"}, "fixed --port"),
+        (2, {"port": 5000, "state": "memory"}, "Redis"),
+        (2, {"port": 5000, "state": "redis://h:1", "event_log": "e.db"}, "event log"),
+    ],
+)
+def test_settings_several_processes_cannot_share_are_refused(processes, kwargs, message):
+    with pytest.raises(ProcessesError, match=message):
+        serve_processes(processes, {"bundle_dir": "unused", **kwargs})
+
+
+def test_one_process_does_not_share_its_port(tiny_bundle):
+    engine = Engine.load(tiny_bundle)
+    server, port = create_server("127.0.0.1:0", engine)
+    try:
+        with pytest.raises(BindError, match="another server"):
+            build_server(f"127.0.0.1:{port}", holder=EngineHolder(engine), options=ServerOptions())
+    finally:
+        server.stop(None)
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        return [int(p) for p in fh.read().split()]
+
+
+def _connection(addr: str, i: int) -> grpc.Channel:
+    # A subchannel pool per channel, so each is a TCP connection of its own for the kernel to place.
+    return grpc.insecure_channel(addr, options=[("grpc.use_local_subchannel_pool", 1), ("test.connection", i)])
+
+
+@pytest.mark.slow
+def test_processes_share_the_port_and_the_users_state(tiny_bundle, redis_url, unused_port, tmp_path):
+    metrics_port = unused_port + 1 if unused_port < 65000 else unused_port - 10
+    port = unused_port
+    log_path = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "tools", "serve", "--bundle", tiny_bundle, "--host", "127.0.0.1", "--port", str(port), "--processes", "2",
+           "--state", redis_url, "--watch-interval", "0", "--metrics-port", str(metrics_port)]  # fmt: skip
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    addr = f"127.0.0.1:{port}"
+    channels = []
+    try:
+        wait_ready(addr, timeout=START_TIMEOUT_S)
+        for p in (metrics_port, metrics_port + 1):  # one metrics endpoint per process: both are up
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while True:
+                try:
+                    assert b"funnel_" in urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=5).read()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, log_path.read_text()
+                    time.sleep(0.2)
+        assert len(_children(proc.pid)) == 2
+
+        engine = Engine.load(tiny_bundle)
+        data = engine.bundle.data
+        items = [str(i) for i in data.items.decode(range(1, 11))]
+        end = int(data.seqs.ts.max())
+        channels = [_connection(addr, i) for i in range(CONNECTIONS)]
+        stubs = [recommender_pb2_grpc.RecommenderStub(ch) for ch in channels]
+        events = [recommender_pb2.Event(user_id="multi-process-user", item_id=item, behavior="buy", timestamp=end + n) for n, item in enumerate(items)]
+        assert stubs[0].LogEvents(recommender_pb2.LogEventsRequest(events=events), timeout=30).accepted == len(items)
+        # k covers the catalogue: a process that did not see the buys would return them among the rest.
+        recommend = lambda stub, seen: {
+            r.item_id for r in stub.Recommend(recommender_pb2.RecommendRequest(user_id="multi-process-user", k=1000, include_seen=seen), timeout=30).items
+        }
+        assert recommend(stubs[0], True) & set(items)
+        for stub in stubs:  # whichever process each connection landed on, it sees the logged buys
+            assert not recommend(stub, False) & set(items)
+    finally:
+        for channel in channels:
+            channel.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0, log_path.read_text()
+    assert "started 2 server processes" in log_path.read_text()
