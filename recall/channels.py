@@ -55,7 +55,7 @@ class CoVisitation:
     """
 
     graph: sp.csr_matrix
-    _keys: np.ndarray = field(init=False, repr=False)
+    _keys: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.graph.sort_indices()
@@ -123,12 +123,11 @@ class CoVisitation:
         return unique // width, unique % width, np.bincount(inverse, weights=weights, minlength=len(unique)).astype(np.float32)
 
     def pair_scores(self, recent: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """Graph weights from each recent item to each given item, without building :meth:`scores`' [B, M] rows.
+        """Graph weights from each recent item to each given item (the ranker's co-visitation features).
 
-        One binary search per (recent item, item) pair in the graph's sorted edge keys,
-        which for a few hundred items per user (the ranker's features) is several times
-        cheaper than :meth:`scores`. Weighted by :func:`recency_weights` and summed
-        over the last axis, they are the entries of :meth:`scores` at ``items``.
+        One binary search per (recent item, item) pair in the graph's sorted edge keys, so
+        nothing is gathered per call. Weighted by :func:`recency_weights` and summed over
+        the last axis, they are the entries of :meth:`scores` at ``items``.
 
         Args:
             recent: [B, n] item ids, most recent last, 0 = padding.
