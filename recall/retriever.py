@@ -5,6 +5,7 @@ co-visitation, then popularity) and one comparable recall score: the two-tower i
 product of the user and the item, whichever channel found it.
 """
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -98,7 +99,7 @@ class Retriever:
         self,
         window: Window,
         now: np.ndarray,
-        exclude: sp.csr_matrix,
+        exclude: "sp.csr_matrix | Excluded",
         category: int | None = None,
         channels: tuple[int, ...] = (TWO_TOWER, COVISIT, POPULAR),
         two_tower: int = 0,
@@ -108,7 +109,8 @@ class Retriever:
         Args:
             window: the users' recent behaviour, [B, n].
             now: [B] request times (time gaps are measured to them).
-            exclude: [B, M] sparse; non-zero items are never returned (seen or excluded).
+            exclude: [B, M] sparse, or :class:`Excluded`; these items are never returned
+                (seen or excluded by the caller).
             category: keep only items of this category id (all channels).
             channels: which channels to run (evaluation runs them one at a time too).
             two_tower: ask the two-tower channel for at least this many candidates
@@ -119,7 +121,7 @@ class Retriever:
         """
         cfg = self.config
         uv = self.user_vectors(window, now)
-        exclude = Excluded(exclude)
+        exclude = exclude if isinstance(exclude, Excluded) else Excluded(exclude)
         parts: list[tuple[np.ndarray, int]] = []
         if TWO_TOWER in channels:
             parts.append((self._two_tower(uv, exclude, category, max(cfg.two_tower, two_tower)), TWO_TOWER))
@@ -186,15 +188,23 @@ class Excluded:
     """The items each user of a batch must not get, as sorted ``row * M + item`` keys (one sort per batch).
 
     Args:
-        exclude: [B, M] sparse; non-zero entries are excluded.
+        exclude: [B, M] sparse, whose non-zero entries are excluded; or, per user, an
+            array of distinct excluded item ids (what a server builds per request,
+            without a sparse matrix's set-up cost).
+        width: M, when ``exclude`` is a list of arrays.
     """
 
-    def __init__(self, exclude: sp.csr_matrix):
-        exclude = exclude.tocsr()
-        per_row = np.diff(exclude.indptr)
-        self.width = exclude.shape[1]
-        self.most_per_row = int(per_row.max()) if exclude.nnz else 0
-        self.keys = np.sort(np.repeat(np.arange(exclude.shape[0], dtype=np.int64), per_row) * self.width + exclude.indices)
+    def __init__(self, exclude: sp.csr_matrix | Sequence[np.ndarray], width: int | None = None):
+        if sp.issparse(exclude):
+            exclude = exclude.tocsr()
+            per_row, cols, self.width = np.diff(exclude.indptr), exclude.indices, exclude.shape[1]
+        else:
+            if width is None:
+                raise ValueError("Excluded needs the catalogue width with per-user id arrays")
+            per_row = np.array([len(ids) for ids in exclude], np.int64)
+            cols, self.width = (np.concatenate(exclude) if len(exclude) else np.zeros(0, np.int64)), width
+        self.most_per_row = int(per_row.max(initial=0))
+        self.keys = np.sort(np.repeat(np.arange(len(per_row), dtype=np.int64), per_row) * self.width + cols)
 
     def pairs(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """bool: whether item ``cols[i]`` is excluded for user ``rows[i]``."""

@@ -6,13 +6,12 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.sparse as sp
 
 from events.schema import BEHAVIOR_CODE, BEHAVIORS
 from events.sequences import Sequences
 from events.vocab import PAD
 from rank.pipeline import Ranked
-from recall.retriever import CHANNELS
+from recall.retriever import CHANNELS, Excluded
 from server.bundle import Bundle, load_bundle
 from server.eventlog import UserEvent
 from server.query import Attended, BadQuery, RecommendQuery, RecommendResult, Recommendation
@@ -124,7 +123,7 @@ class Engine:
         seqs = _stack(user_seqs)
         window = seqs.user_window(np.arange(len(queries)), self.pipeline.history)
         now = np.array([max(self._data_end, int(s.ts.max()) if len(s) else 0) for s in user_seqs])  # [B]
-        exclude = sp.vstack([self._exclude(q, s) for q, s in zip(queries, user_seqs)]).tocsr()  # [B, M]
+        exclude = Excluded([self._exclude(q, s) for q, s in zip(queries, user_seqs)], width=self.bundle.data.items.size)
         candidates = self.pipeline.retriever.retrieve(
             window.tail(self.pipeline.retriever.model.cfg.history), now, exclude, category, two_tower=two_tower
         )
@@ -237,13 +236,12 @@ class Engine:
             1,
         )
 
-    def _exclude(self, query: RecommendQuery, seqs: Sequences) -> sp.csr_matrix:
-        data = self.bundle.data
-        excluded = data.items.encode(list(query.exclude_item_ids)) if query.exclude_item_ids else np.zeros(0, np.int64)
+    def _exclude(self, query: RecommendQuery, seqs: Sequences) -> np.ndarray:
+        """The distinct item ids this query must not get: what it names, and the user's history unless ``include_seen``."""
+        excluded = self.bundle.data.items.encode(list(query.exclude_item_ids)) if query.exclude_item_ids else np.zeros(0, np.int64)
         if not query.include_seen:
             excluded = np.concatenate([excluded, seqs.items])
-        excluded = np.unique(excluded[excluded != PAD])
-        return sp.csr_matrix((np.ones(len(excluded), np.float32), (np.zeros(len(excluded), np.int64), excluded)), shape=(1, data.items.size))
+        return np.unique(excluded[excluded != PAD])
 
 
 def _stack(user_seqs: list[Sequences]) -> Sequences:

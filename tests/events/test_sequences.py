@@ -81,3 +81,13 @@ def test_vocab_encode_decode_unknown_and_persistence(tmp_path):
     assert v2.encode(["x", "w"]).tolist() == [1, 4]
     v.save(str(tmp_path / "v.parquet"))
     assert Vocab.load(str(tmp_path / "v.parquet")).encode(["z"]).tolist() == [3]
+
+
+def test_vocab_encodes_few_and_many_ids_alike():
+    v = Vocab.fit(pd.Series([f"id{i}" for i in range(500)] + ["", "None"]))
+    many = [f"id{i}" for i in range(0, 1000, 3)] + ["", "None", "nope"]  # over the one-by-one limit
+    want = v.encode(many)
+    assert want[:3].tolist() == [1, 4, 7] and want[-1] == 0
+    for lo in range(0, len(many), 7):
+        assert v.encode(many[lo : lo + 7]).tolist() == want[lo : lo + 7].tolist()
+    assert v.encode(np.array(many[-3:], dtype=object)).tolist() == want[-3:].tolist()

@@ -16,3 +16,13 @@ def test_nothing_excluded():
     ex = Excluded(sp.csr_matrix((2, 10)))
     assert ex.most_per_row == 0
     assert ex.ids(np.array([[1, 2, 3], [4, 5, 6]])).shape == (2, 3) and not ex.ids(np.array([[1, 2, 3], [4, 5, 6]])).any()
+
+
+def test_per_user_id_arrays_exclude_like_the_sparse_matrix():
+    rows = [np.array([2, 5]), np.array([7]), np.array([], np.int64)]
+    ex = Excluded(rows, width=10)
+    want = Excluded(sp.csr_matrix(([1.0, 1.0, 1.0], ([0, 0, 1], [5, 2, 7])), shape=(3, 10)))
+    assert ex.most_per_row == want.most_per_row == 2
+    ids = np.array([[2, 7, 5, 0], [2, 7, 5, 0], [2, 7, 5, 9]])
+    assert ex.ids(ids).tolist() == want.ids(ids).tolist()
+    assert not Excluded([], width=10).most_per_row
