@@ -60,7 +60,7 @@ def serve_processes(processes: int, serve_kwargs: dict[str, Any]) -> int:
     children = []
     for i in range(processes):
         kwargs = dict(serve_kwargs, threads=threads, options=dataclasses.replace(serve_kwargs.get("options") or ServerOptions(), reuse_port=True))
-        if kwargs.get("metrics_port") is not None:
+        if kwargs.get("metrics_port"):  # 0 (any free port) stays 0
             kwargs["metrics_port"] += i
         children.append(context.Process(target=_child, args=(i, processes, kwargs), name=f"funnel-serve-{i}"))
     stopping = False
@@ -75,8 +75,11 @@ def serve_processes(processes: int, serve_kwargs: dict[str, Any]) -> int:
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for child in children:
+            if stopping:  # a signal during start-up: start no more
+                break
             child.start()
-        log.info("started %d server processes (pids %s), %d compute threads each", processes, ", ".join(str(c.pid) for c in children), threads)
+        children = [c for c in children if c.pid is not None]
+        log.info("started %d server processes (pids %s), %d compute threads each", len(children), ", ".join(str(c.pid) for c in children), threads)
         multiprocessing.connection.wait([c.sentinel for c in children])
         requested = stopping
         if not requested:
