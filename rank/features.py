@@ -183,8 +183,8 @@ def _seen_before(window: Window, cand_items: np.ndarray, valid: np.ndarray) -> t
     # candidate at all: one membership test spares the [B, C, L] comparisons.
     width = max(int(cand_items.max(initial=0)), int(window.items.max(initial=0))) + 1
     rows = np.arange(b, dtype=np.int64)[:, None] * width
-    seen = np.sort((rows + window.items)[valid])
-    if not len(seen) or not (seen[np.minimum(np.searchsorted(seen, rows + cand_items), len(seen) - 1)] == rows + cand_items).any():
+    seen, wanted = np.sort((rows + window.items)[valid]), rows + cand_items
+    if not len(seen) or not (seen[np.minimum(np.searchsorted(seen, wanted), len(seen) - 1)] == wanted).any():
         none = np.zeros((b, c), bool)
         return np.zeros((b, c), np.int64), np.full((b, c), np.iinfo(np.int64).min), none, none
     same_item = (window.items[:, None, :] == cand_items[:, :, None]) & valid[:, None, :]  # [B, C, L]
