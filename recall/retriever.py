@@ -6,7 +6,7 @@ product of the user and the item, whichever channel found it.
 """
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import scipy.sparse as sp
@@ -32,6 +32,37 @@ class RecallConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @staticmethod
+    def parse_counts(spec: str) -> dict[str, int]:
+        """Per-channel counts from ``"two_tower=150,covisit=50,popular=20"`` (any subset of the fields).
+
+        Args:
+            spec: comma-separated ``field=count`` pairs; counts are integers >= 0
+                (0 turns the co-visitation or popularity channel off); ``two_tower``
+                and ``recent`` at least 1.
+
+        Returns:
+            field -> count, to apply with ``dataclasses.replace(config, **counts)``.
+
+        Raises:
+            ValueError: naming the bad pair and what is allowed.
+        """
+        allowed = tuple(f.name for f in fields(RecallConfig))
+        counts: dict[str, int] = {}
+        for pair in filter(None, (p.strip() for p in spec.split(","))):
+            name, sep, value = (part.strip() for part in pair.partition("="))
+            if not sep or name not in allowed:
+                raise ValueError(f"{pair!r}: expected FIELD=COUNT with FIELD one of {', '.join(allowed)}")
+            if not value.isdigit():
+                raise ValueError(f"{pair!r}: the count must be a whole number >= 0")
+            counts[name] = int(value)
+        if not counts:
+            raise ValueError(f"no counts in {spec!r}; expected e.g. two_tower=150,covisit=50,popular=20")
+        for name in ("two_tower", "recent"):
+            if counts.get(name, 1) < 1:
+                raise ValueError(f"{name} must be at least 1, got {counts[name]}")
+        return counts
 
 
 @dataclass

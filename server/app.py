@@ -241,6 +241,7 @@ def serve(
     state: str = "memory",
     event_log: str | None = None,
     max_events_per_user: int = MAX_EVENTS_PER_USER,
+    candidates: dict[str, int] | None = None,
 ) -> None:
     """Serve a bundle until SIGINT or SIGTERM, then drain in-flight requests and return.
 
@@ -260,6 +261,8 @@ def serve(
         event_log: durable event store (SQLite) that ``LogEvents`` commits to before
             answering, replayed on start in ``memory`` mode; ``None`` for none.
         max_events_per_user: most recent events per user kept in the state.
+        candidates: per-channel candidate counts replacing those of every bundle served
+            (:meth:`recall.retriever.RecallConfig.parse_counts`); ``None`` keeps each bundle's.
     """
     from server.engine import Engine
     from server.state import open_state
@@ -269,14 +272,14 @@ def serve(
     metrics = Metrics()
     user_state = open_state(state, event_log=event_log, max_events_per_user=max_events_per_user)
     # Every engine, the first and each swapped-in one, shares the same user state.
-    holder = EngineHolder.open(bundle_dir, lambda path: Engine.load(path, user_state))
+    holder = EngineHolder.open(bundle_dir, lambda path: Engine.load(path, user_state, candidates))
     built = build_server(f"{host}:{port}", holder=holder, options=options, metrics=metrics)
     built.server.start()
     engine = holder.engine
     log.info(
-        "serving %s (model %s, index %s) on %s:%d%s; batches of up to %d within %.1f ms; %d compute threads; pid %d",
+        "serving %s (model %s, index %s) on %s:%d%s; candidates %s; batches of up to %d within %.1f ms; %d compute threads; pid %d",
         SERVICE_NAME, engine.model_version, engine.index_version, host, built.port, " with TLS" if options.tls_cert else "",
-        options.max_batch, options.batch_wait_ms, n_threads, os.getpid(),
+        engine.pipeline.retriever.config.to_dict(), options.max_batch, options.batch_wait_ms, n_threads, os.getpid(),
     )
     if watch_interval_s > 0:
         holder.start_watching(watch_interval_s)

@@ -47,9 +47,20 @@ class Engine:
         self._category_names = data.categories.decode(data.item_category)
 
     @classmethod
-    def load(cls, path: str, state: UserState | None = None) -> "Engine":
-        """Load the bundle at ``path`` (root or version directory), serving ``state``'s live behaviour."""
-        return cls(load_bundle(path), state)
+    def load(cls, path: str, state: UserState | None = None, candidates: dict[str, int] | None = None) -> "Engine":
+        """Load the bundle at ``path`` (root or version directory), serving ``state``'s live behaviour.
+
+        Args:
+            path: bundle root or version directory.
+            state: see the class docstring.
+            candidates: per-channel candidate counts that replace the bundle's
+                (:meth:`recall.retriever.RecallConfig.parse_counts`); fewer candidates
+                rank faster.
+        """
+        bundle = load_bundle(path)
+        if candidates:
+            bundle.recall_config = dataclasses.replace(bundle.recall_config, **candidates)
+        return cls(bundle, state)
 
     @property
     def model_version(self) -> str:

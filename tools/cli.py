@@ -5,6 +5,7 @@ import logging
 import sys
 
 from events.readers import EventFormatError
+from recall.retriever import RecallConfig
 from server.bundle import BundleError
 
 COMMANDS = {
@@ -18,6 +19,22 @@ COMMANDS = {
     "recommend": ("tools.recommend", "call a running server's Recommend and print the ranked items"),
     "loadtest": ("tools.loadtest", "open-loop load on a running server: latency percentiles, errors, model versions, health-check floor"),
 }
+
+
+def add_candidates_argument(parser: argparse.ArgumentParser, effect: str) -> None:
+    """``--candidates FIELD=COUNT,...``: per-channel candidate counts replacing the bundle's (parsed to a dict, ``None`` when absent)."""
+
+    def counts(spec: str) -> dict[str, int]:
+        try:
+            return RecallConfig.parse_counts(spec)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+
+    parser.add_argument(
+        "--candidates", type=counts, default=None, metavar="FIELD=COUNT,...",
+        help="recall candidates per channel instead of the bundle's, e.g. two_tower=150,covisit=50,popular=20 "
+        f"(fields: two_tower, covisit, popular, recent); {effect} (default: the bundle's)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -49,6 +49,7 @@ from rank.pipeline import TwoStage
 from recall.baselines import itemknn_topk, popularity_topk
 from recall.retriever import CHANNELS, COVISIT, POPULAR, TWO_TOWER
 from server.bundle import load_bundle
+from tools.cli import add_candidates_argument
 from tools.output import write_json
 from tools.report import write_report
 
@@ -76,6 +77,7 @@ def evaluate(
     report_dir: str | None = None,
     batch: int = 512,
     progress: bool = True,
+    candidates: dict[str, int] | None = None,
 ) -> dict:
     """Evaluate a bundle on the test targets of ``split`` over ``events``.
 
@@ -87,9 +89,12 @@ def evaluate(
         report_dir: directory for an HTML report with plots (metric vs K, calibration); None to skip.
         batch: users scored at a time.
         progress: progress bar.
+        candidates: per-channel candidate counts replacing the bundle's
+            (:meth:`recall.retriever.RecallConfig.parse_counts`), to measure what
+            serving with them (``funnel serve --candidates``) costs in quality.
 
     Returns:
-        The report: ``users``, ``items``, ``recall``, ``recall_channels``, ``final``,
+        The report: ``users``, ``items``, ``candidates`` (the recall counts used), ``recall``, ``recall_channels``, ``final``,
         ``baselines``, ``ranker`` (classifier metrics on held-out pairs, see
         :func:`_ranker_report`) and ``lift`` (recall order vs ranked order of the same
         candidates); multi-target splits add ``"protocol": "comirec"`` and report
@@ -97,6 +102,8 @@ def evaluate(
     """
     started = time.time()
     b = load_bundle(bundle)
+    if candidates:
+        b.recall_config = replace(b.recall_config, **candidates)
     pipe = b.pipeline()
     log_ = read_events(events, fmt, on_error=on_error, progress=progress)
     seqs = b.data.encode_log(log_)
@@ -118,6 +125,7 @@ def evaluate(
         "items": int(num_items - 1),
         "split": split,
         "bundle": {"path": b.path, "model_version": b.model_version, "index_version": b.index_version},
+        "candidates": b.recall_config.to_dict(),
         "recall": proto.score(lists.merged, proto.recall_ks),
         "recall_channels": {CHANNELS[c]: proto.score(top, proto.recall_ks) for c, top in lists.per_channel.items()},
         "final": proto.score(lists.final, proto.final_ks),
@@ -355,7 +363,8 @@ def format_report(report: dict) -> str:
     rows += [("final (ranked)", report["final"])]
     rows += [(f"baseline {name}", m) for name, m in report["baselines"].items()]
     cols = COMIREC_COLUMNS if report.get("protocol") == "comirec" else COLUMNS
-    lines = [f"{report['users']:,} users, {report['items']:,} items, split {report['split']}", f"{'':18}" + "".join(f"{c:>10}" for c in cols)]
+    counts = ", ".join(f"{name} {n}" for name, n in report["candidates"].items())
+    lines = [f"{report['users']:,} users, {report['items']:,} items, split {report['split']}; candidates: {counts}", f"{'':18}" + "".join(f"{c:>10}" for c in cols)]
     for name, m in rows:
         lines.append(f"{name:18}" + "".join(f"{m[c]:>10.4f}" if c in m else f"{'-':>10}" for c in cols))
     lines += ["", _format_ranker(report["ranker"]), "", _format_lift(report["lift"])]
@@ -393,13 +402,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--report", dest="report_dir", default=None, metavar="DIR",
         help="write DIR/report.html (HR/NDCG vs K for recall, final and baselines; ranker calibration) and DIR/curves.json",
     )
+    add_candidates_argument(parser, "to see what serving with them costs in quality")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     report = evaluate(
         bundle=args.bundle, events=args.events, fmt=args.fmt, split=args.split, on_error=args.on_error,
-        json_out=args.json_out, report_dir=args.report_dir, progress=not args.no_progress,
+        json_out=args.json_out, report_dir=args.report_dir, progress=not args.no_progress, candidates=args.candidates,
     )
     print(format_report(report))
     if args.report_dir:

@@ -7,6 +7,7 @@ import sys
 from server.app import TOKEN_ENV, BindError, ServerOptions
 from server.eventlog import EventStoreError
 from server.state import MAX_EVENTS_PER_USER, StateUnavailable
+from tools.cli import add_candidates_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-wait-ms", type=float, default=ServerOptions.batch_wait_ms,
         help=f"how long a batch keeps gathering requests after its first one; 0 takes only those already waiting (default: {ServerOptions.batch_wait_ms})",
     )
+    add_candidates_argument(parser, "fewer candidates rank faster; 'funnel evaluate --candidates' measures what they cost in quality")
     parser.add_argument(
         "--processes", type=int, default=1,
         help="server processes sharing --port (SO_REUSEPORT), each with its own engine, so more than one core computes; "
@@ -78,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         kwargs = dict(
             bundle_dir=args.bundle, host=args.host, port=args.port, options=options, metrics_port=args.metrics_port,
             watch_interval_s=args.watch_interval, threads=args.threads, state=args.state, event_log=event_log, max_events_per_user=args.max_user_events,
+            candidates=args.candidates,
         )
         if args.processes < 1:
             raise ProcessesError(f"--processes must be at least 1, got {args.processes}")

@@ -1,7 +1,8 @@
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
-from recall.retriever import Excluded
+from recall.retriever import Excluded, RecallConfig
 
 
 def test_excluded_answers_per_user_membership():
@@ -26,3 +27,25 @@ def test_per_user_id_arrays_exclude_like_the_sparse_matrix():
     ids = np.array([[2, 7, 5, 0], [2, 7, 5, 0], [2, 7, 5, 9]])
     assert ex.ids(ids).tolist() == want.ids(ids).tolist()
     assert not Excluded([], width=10).most_per_row
+
+
+def test_candidate_counts_parse_any_subset_of_fields():
+    assert RecallConfig.parse_counts("two_tower=150, covisit=50,popular=0") == {"two_tower": 150, "covisit": 50, "popular": 0}
+    assert RecallConfig.parse_counts("recent=3") == {"recent": 3}
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("", "no counts"),
+        ("towers=5", "FIELD one of two_tower, covisit, popular, recent"),
+        ("two_tower", "FIELD=COUNT"),
+        ("covisit=-1", "whole number"),
+        ("popular=2.5", "whole number"),
+        ("two_tower=0", "two_tower must be at least 1"),
+        ("recent=0", "recent must be at least 1"),
+    ],
+)
+def test_bad_candidate_counts_say_what_is_wrong(spec, message):
+    with pytest.raises(ValueError, match=message):
+        RecallConfig.parse_counts(spec)

@@ -4,6 +4,8 @@ import grpc
 import numpy as np
 import pytest
 
+from server.app import create_server
+from server.engine import Engine
 from server.query import Event
 from tools.recommend import recommend
 
@@ -74,3 +76,18 @@ def test_empty_user_is_invalid_argument(live):
     with pytest.raises(grpc.RpcError) as err:
         recommend(addr=addr, user_id="", k=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_candidate_counts_replace_the_bundles(tiny_bundle):
+    engine = Engine.load(tiny_bundle, candidates={"two_tower": 15, "covisit": 0, "popular": 0})
+    assert engine.pipeline.retriever.config.to_dict() == {"two_tower": 15, "covisit": 0, "popular": 0, "recent": 5}
+    server, port = create_server("127.0.0.1:0", engine)
+    server.start()
+    try:
+        user, _ = active_user(engine)
+        result = recommend(addr=f"127.0.0.1:{port}", user_id=user, k=10)
+    finally:
+        server.stop(None)
+    assert len(result.items) == 10 and {r.channel for r in result.items} == {"two_tower"}
+    # The bundle on disk keeps its own counts; only this engine ranks fewer candidates.
+    assert Engine.load(tiny_bundle).pipeline.retriever.config.covisit > 0

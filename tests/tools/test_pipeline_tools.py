@@ -73,3 +73,19 @@ def test_cli_help_lists_commands(capsys):
     out = capsys.readouterr().out
     for name in ("train", "evaluate", "rebuild-index", "serve", "recommend", "synth", "demo"):
         assert name in out
+
+
+def test_evaluate_with_fewer_candidates_reports_them(tiny_bundle, tiny_log_path):
+    full = evaluate(bundle=tiny_bundle, events=tiny_log_path, progress=False)
+    few = evaluate(bundle=tiny_bundle, events=tiny_log_path, progress=False, candidates={"two_tower": 20, "covisit": 0, "popular": 0})
+    assert few["candidates"] == {"two_tower": 20, "covisit": 0, "popular": 0, "recent": 5} != full["candidates"]
+    assert "candidates: two_tower 20, covisit 0, popular 0" in format_report(few)
+    # 20 candidates cannot hold the targets the full list finds beyond rank 20.
+    assert few["recall"]["hr@200"] < full["recall"]["hr@200"]
+
+
+def test_cli_refuses_bad_candidate_counts(tiny_bundle, tiny_log_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--bundle", tiny_bundle, "--events", tiny_log_path, "--candidates", "towers=5"])
+    assert exit_.value.code == 2
+    assert "--candidates: 'towers=5': expected FIELD=COUNT" in capsys.readouterr().err
