@@ -49,7 +49,7 @@ class ServerOptions:
 
     max_workers: int = 32
     max_batch: int = 32
-    batch_wait_ms: float = 1.0
+    batch_wait_ms: float = 0.0
     max_message_bytes: int = 4 * 1024 * 1024
     token: str | None = None
     tls_cert: str | None = None

@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=ServerOptions.max_batch, help=f"most Recommend requests computed as one batch; 1 turns batching off (default: {ServerOptions.max_batch})")
     parser.add_argument(
         "--batch-wait-ms", type=float, default=ServerOptions.batch_wait_ms,
-        help=f"how long a batch keeps gathering requests after its first one; 0 takes only those already waiting (default: {ServerOptions.batch_wait_ms})",
+        help="how long a batch keeps gathering requests after its first one; 0 takes only those already waiting, which still "
+        f"batches under load (requests queue while a batch computes) and adds no wait to a lone request (default: {ServerOptions.batch_wait_ms})",
     )
     add_candidates_argument(parser, "fewer candidates rank faster; 'funnel evaluate --candidates' measures what they cost in quality")
     parser.add_argument(
