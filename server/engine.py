@@ -147,23 +147,27 @@ class Engine:
 
     def _result(self, query: RecommendQuery, ranked: Ranked, row: int, timings: dict[str, int]) -> RecommendResult:
         """Row ``row`` of a ranked batch as one query's answer."""
-        data = self.bundle.data
-        items = ranked.items[row]
-        keep = np.flatnonzero(items > 0)[: query.k]
-        ids = data.items.decode(items[keep])
+        keep = np.flatnonzero(ranked.items[row] > 0)[: query.k]
+        items = ranked.items[row, keep]
+        # Python lists up front: per-element numpy scalar access costs more than the conversion.
+        ids = self.bundle.data.items.decode(items).tolist()
+        scores, recall_scores = ranked.scores[row, keep].tolist(), ranked.recall_scores[row, keep].tolist()
+        channels = ranked.channels[row, keep].tolist()
+        titles, categories = self._titles[items].tolist(), self._category_names[items].tolist()
+        heads = {head: p[row, keep].tolist() for head, p in ranked.head_scores.items()}
         because = self._because(ranked, row, keep)
         recs = [
             Recommendation(
                 item_id=str(ids[j]),
-                score=float(ranked.scores[row, i]),
-                recall_score=float(ranked.recall_scores[row, i]),
-                channel=CHANNELS[ranked.channels[row, i]],
-                title=str(self._titles[items[i]] or ""),
-                category=str(self._category_names[items[i]]),
+                score=scores[j],
+                recall_score=recall_scores[j],
+                channel=CHANNELS[channels[j]],
+                title=str(titles[j] or ""),
+                category=str(categories[j]),
                 because=because[j],
-                head_scores={head: float(p[row, i]) for head, p in ranked.head_scores.items()},
+                head_scores={head: p[j] for head, p in heads.items()},
             )
-            for j, i in enumerate(keep)
+            for j in range(len(keep))
         ]
         return RecommendResult(recs, self.model_version, self.index_version, dict(timings))
 
@@ -172,11 +176,12 @@ class Engine:
         hist = ranked.history_items[row]  # [L]
         att = np.where(hist > 0, ranked.attention[row, cols], 0.0)  # [K, L]; padding never explains anything
         top = np.argsort(-att, axis=1, kind="stable")[:, :EXPLAIN_TOP]  # [K, n]
-        ids = self.bundle.data.items.decode(hist)
-        behaviors, ts = ranked.history_behaviors[row], ranked.history_ts[row]
+        weights = np.take_along_axis(att, top, axis=1).tolist()
+        ids = self.bundle.data.items.decode(hist[top].ravel()).reshape(top.shape).tolist()
+        behaviors, ts = ranked.history_behaviors[row][top].tolist(), ranked.history_ts[row][top].tolist()
         return [
-            tuple(Attended(str(ids[t]), BEHAVIORS[behaviors[t] - 1], int(ts[t]), float(w[t])) for t in order if w[t] > 0)
-            for order, w in zip(top, att)
+            tuple(Attended(str(i), BEHAVIORS[b - 1], t, w) for i, b, t, w in zip(*per_item) if w > 0)
+            for per_item in zip(ids, behaviors, ts, weights)
         ]
 
     def log_events(self, events: Sequence[UserEvent]) -> int:
