@@ -54,7 +54,7 @@ class RecallConfig:
             name, sep, value = (part.strip() for part in pair.partition("="))
             if not sep or name not in allowed:
                 raise ValueError(f"{pair!r}: expected FIELD=COUNT with FIELD one of {', '.join(allowed)}")
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 raise ValueError(f"{pair!r}: the count must be a whole number >= 0")
             counts[name] = int(value)
         if not counts:

@@ -33,7 +33,7 @@ def add_candidates_argument(parser: argparse.ArgumentParser, effect: str) -> Non
     parser.add_argument(
         "--candidates", type=counts, default=None, metavar="FIELD=COUNT,...",
         help="recall candidates per channel instead of the bundle's, e.g. two_tower=150,covisit=50,popular=20 "
-        f"(fields: two_tower, covisit, popular, recent); {effect} (default: the bundle's)",
+        f"(recent=N: the latest events co-visitation starts from); {effect} (default: the bundle's)",
     )
 
 

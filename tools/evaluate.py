@@ -363,7 +363,7 @@ def format_report(report: dict) -> str:
     rows += [("final (ranked)", report["final"])]
     rows += [(f"baseline {name}", m) for name, m in report["baselines"].items()]
     cols = COMIREC_COLUMNS if report.get("protocol") == "comirec" else COLUMNS
-    counts = ", ".join(f"{name} {n}" for name, n in report["candidates"].items())
+    counts = ", ".join(f"{name} {report['candidates'][name]}" for name in ("two_tower", "covisit", "popular"))
     lines = [f"{report['users']:,} users, {report['items']:,} items, split {report['split']}; candidates: {counts}", f"{'':18}" + "".join(f"{c:>10}" for c in cols)]
     for name, m in rows:
         lines.append(f"{name:18}" + "".join(f"{m[c]:>10.4f}" if c in m else f"{'-':>10}" for c in cols))

@@ -42,6 +42,7 @@ def test_candidate_counts_parse_any_subset_of_fields():
         ("two_tower", "FIELD=COUNT"),
         ("covisit=-1", "whole number"),
         ("popular=2.5", "whole number"),
+        ("popular=\u00b2", "whole number"),
         ("two_tower=0", "two_tower must be at least 1"),
         ("recent=0", "recent must be at least 1"),
     ],
