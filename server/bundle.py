@@ -301,8 +301,14 @@ def _load_model(path: str, cls, config_cls):
     return model.eval()
 
 
-def load_bundle(path: str, device: str = "cpu") -> Bundle:
+def load_bundle(path: str, device: str = "cpu", candidates: dict[str, int] | None = None) -> Bundle:
     """Load and validate a bundle (root or version directory).
+
+    Args:
+        path: bundle root or version directory.
+        device: where the models go.
+        candidates: per-channel candidate counts replacing the manifest's
+            (:meth:`recall.retriever.RecallConfig.parse_counts`); fewer candidates rank faster.
 
     Raises:
         BundleError: when anything is missing, truncated or inconsistent.
@@ -328,7 +334,8 @@ def load_bundle(path: str, device: str = "cpu") -> Bundle:
     if len(set(sizes.values())) != 1 or max(two_tower.cfg.num_items, ranker.cfg.num_items, len(business.item)) > data.items.size:
         raise BundleError(f"{version_dir}: item id spaces disagree: {sizes}, model tables {two_tower.cfg.num_items}/{ranker.cfg.num_items}, business table {len(business.item)}")
     bundle = Bundle(
-        version_dir, manifest, data, two_tower, ranker, item_vecs, index, spec, covisit, Popularity.from_counts(counts), RecallConfig(**manifest["recall_config"]), business
+        version_dir, manifest, data, two_tower, ranker, item_vecs, index, spec, covisit, Popularity.from_counts(counts),
+        RecallConfig(**{**manifest["recall_config"], **(candidates or {})}), business,
     )
     recommendable = int(bundle.recommendable.sum())
     if index.ntotal != recommendable:

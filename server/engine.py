@@ -54,13 +54,9 @@ class Engine:
             path: bundle root or version directory.
             state: see the class docstring.
             candidates: per-channel candidate counts that replace the bundle's
-                (:meth:`recall.retriever.RecallConfig.parse_counts`); fewer candidates
-                rank faster.
+                (:func:`server.bundle.load_bundle`).
         """
-        bundle = load_bundle(path)
-        if candidates:
-            bundle.recall_config = dataclasses.replace(bundle.recall_config, **candidates)
-        return cls(bundle, state)
+        return cls(load_bundle(path, candidates=candidates), state)
 
     @property
     def model_version(self) -> str:

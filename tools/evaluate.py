@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -101,9 +101,7 @@ def evaluate(
         ``recall@K``, ``hr@K``, ``ndcg@K`` instead of ``hr``/``ndcg``/``mrr``.
     """
     started = time.time()
-    b = load_bundle(bundle)
-    if candidates:
-        b.recall_config = replace(b.recall_config, **candidates)
+    b = load_bundle(bundle, candidates=candidates)
     pipe = b.pipeline()
     log_ = read_events(events, fmt, on_error=on_error, progress=progress)
     seqs = b.data.encode_log(log_)
