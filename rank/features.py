@@ -14,7 +14,7 @@ from events.schema import BEHAVIOR_CODE
 from events.sequences import Window
 from events.timegap import gap_buckets
 from rank.business import ITEM_FEATURES, POPULARITY_WINDOWS_S, USER_FEATURES, BusinessTables, user_business_features
-from recall.channels import CoVisitation, recency_weights
+from recall.channels import CoVisitation, recency_weights, sorted_lookup
 
 CANDIDATE_FEATURES = (
     "recall_score",
@@ -184,7 +184,7 @@ def _seen_before(window: Window, cand_items: np.ndarray, valid: np.ndarray) -> t
     width = max(int(cand_items.max(initial=0)), int(window.items.max(initial=0))) + 1
     rows = np.arange(b, dtype=np.int64)[:, None] * width
     seen, wanted = np.sort((rows + window.items)[valid]), rows + cand_items
-    if not len(seen) or not (seen[np.minimum(np.searchsorted(seen, wanted), len(seen) - 1)] == wanted).any():
+    if not len(seen) or not sorted_lookup(seen, wanted)[1].any():
         none = np.zeros((b, c), bool)
         return np.zeros((b, c), np.int64), np.full((b, c), np.iinfo(np.int64).min), none, none
     same_item = (window.items[:, None, :] == cand_items[:, :, None]) & valid[:, None, :]  # [B, C, L]

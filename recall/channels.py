@@ -22,6 +22,16 @@ def top_per_row(m: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
     return top_entries(m.row, m.col, m.data, m.shape[0], k)
 
 
+def sorted_lookup(keys: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each query would sit in the sorted, non-empty ``keys``, and whether it is there.
+
+    Returns:
+        (positions, clipped to ``len(keys) - 1``; bool found), both shaped like ``query``.
+    """
+    at = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+    return at, keys[at] == query
+
+
 def top_entries(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, num_rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Largest ``k`` of the entries ``(rows[i], cols[i], vals[i])`` in each row, best first.
 
@@ -141,8 +151,8 @@ class CoVisitation:
             return np.zeros((*items.shape, recent.shape[1]), np.float32)
         ok = ((recent > 0) & (recent < g.shape[0]))[:, None, :] & ((items > 0) & (items < g.shape[1]))[:, :, None]  # [B, C, n]
         query = np.where(ok, recent[:, None, :] * np.int64(g.shape[1]) + items[:, :, None], -1)  # [B, C, n]; -1 matches no edge
-        at = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
-        return np.where(keys[at] == query, g.data[at], 0.0).astype(np.float32)
+        at, found = sorted_lookup(keys, query)
+        return np.where(found, g.data[at], 0.0).astype(np.float32)
 
 
 def recency_weights(n: int) -> np.ndarray:

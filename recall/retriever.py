@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import torch
 
 from events.sequences import Window
-from recall.channels import CoVisitation, Popularity, top_entries
+from recall.channels import CoVisitation, Popularity, sorted_lookup, top_entries
 from recall.index import search
 from recall.model import TwoTower, frozen_for_inference, user_tensors
 
@@ -241,9 +241,7 @@ class Excluded:
         """bool: whether item ``cols[i]`` is excluded for user ``rows[i]``."""
         if not len(self.keys):
             return np.zeros(np.broadcast_shapes(np.shape(rows), np.shape(cols)), dtype=bool)
-        query = np.asarray(rows, np.int64) * self.width + cols
-        at = np.minimum(np.searchsorted(self.keys, query), len(self.keys) - 1)
-        return self.keys[at] == query
+        return sorted_lookup(self.keys, np.asarray(rows, np.int64) * self.width + cols)[1]
 
     def ids(self, ids: np.ndarray) -> np.ndarray:
         """bool [B, K]: whether each id in row b of ``ids`` is excluded for user b."""

@@ -2,7 +2,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from events.sequences import Sequences
-from recall.channels import CoVisitation, Popularity, recency_weights, top_per_row
+from recall.channels import CoVisitation, Popularity, recency_weights, sorted_lookup, top_per_row
 
 
 def seqs(users, items):
@@ -80,3 +80,10 @@ def test_pair_scores_equal_the_channel_scores_at_the_given_items():
     for j in range(4):  # each recent item's own link
         np.testing.assert_allclose(got[..., j], at_items(recent[:, j : j + 1]), rtol=1e-6)
     assert (got[0] > 0).any() and (got[1] == 0).all()
+
+
+def test_sorted_lookup_finds_present_keys_only():
+    keys = np.array([2, 5, 9])
+    at, found = sorted_lookup(keys, np.array([[5, 1], [9, 12]]))
+    assert found.tolist() == [[True, False], [True, False]]
+    assert keys[at[found]].tolist() == [5, 9]
