@@ -86,8 +86,12 @@ class RankFeatures:
         """Stack batches of features with the same history length and candidate count."""
         return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)})
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Field name -> contiguous array: the ranker's inputs (int64 ids, float32 ``dense``)."""
+        return {f.name: np.ascontiguousarray(getattr(self, f.name), dtype=np.float32 if f.name == "dense" else np.int64) for f in fields(self)}
+
     def to_torch(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        return {f.name: torch.from_numpy(np.ascontiguousarray(getattr(self, f.name))).to(device) for f in fields(self)}
+        return {name: torch.from_numpy(a).to(device) for name, a in self.arrays().items()}
 
 
 def build_features(

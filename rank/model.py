@@ -19,10 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.export import Dim
 
 from events.schema import BEHAVIORS, NUM_BEHAVIOR_CODES
 from rank.features import NUM_DENSE
 from recall.model import frozen_for_inference, lookup
+from recall.runtime import export_onnx
 
 
 ArrayLike = TypeVar("ArrayLike", torch.Tensor, np.ndarray)
@@ -198,10 +200,37 @@ def frozen_ranker(model: Ranker) -> nn.Module:
     return frozen_for_inference(model, (example,), optimize=True)
 
 
-def head_probabilities(logits: torch.Tensor, heads: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Per-head probabilities from :meth:`Ranker.forward` logits [B, C, H] (ESMM chain through ``click``)."""
-    click = torch.sigmoid(logits[..., 0])  # [B, C]
-    return {name: click if i == 0 else click * torch.sigmoid(logits[..., i]) for i, name in enumerate(heads)}
+def export_ranker(model: Ranker, path: str) -> None:
+    """Write the ranker as ONNX: inputs named like :class:`rank.features.RankFeatures`' fields, outputs ``logits``, ``attention``.
+
+    Batch, candidate count and history length are dynamic (history at least ``cfg.short``).
+    """
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    ids = lambda *shape: torch.ones(shape, dtype=torch.long, device=device)
+    example = {
+        "hist_items": ids(2, cfg.history), "hist_categories": ids(2, cfg.history), "hist_behaviors": ids(2, cfg.history), "hist_gaps": ids(2, cfg.history),
+        "cand_items": ids(2, 3), "cand_categories": ids(2, 3), "cand_channels": ids(2, 3),
+        "dense": torch.zeros(2, 3, cfg.num_dense, device=device),
+    }  # fmt: skip
+    batch, cand, history = Dim("batch"), Dim("cand"), Dim("history", min=cfg.short)
+    dynamic = {name: ({0: batch, 1: history} if name.startswith("hist_") else {0: batch, 1: cand}) for name in example}
+    export_onnx(model, example, dynamic, ["logits", "attention"], path, as_dict="f")
+
+
+def head_probabilities(logits: ArrayLike, heads: tuple[str, ...]) -> dict[str, ArrayLike]:
+    """Per-head probabilities from :meth:`Ranker.forward` logits [B, C, H] (ESMM chain through ``click``).
+
+    Logits may be torch tensors (training) or numpy arrays (serving, where a torch call
+    per request would cost more than this arithmetic).
+    """
+    sigmoid = torch.sigmoid if isinstance(logits, torch.Tensor) else _sigmoid
+    click = sigmoid(logits[..., 0])  # [B, C]
+    return {name: click if i == 0 else click * sigmoid(logits[..., i]) for i, name in enumerate(heads)}
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (np.tanh(0.5 * x) + 1.0)  # overflow-free for large |x|, unlike 1 / (1 + exp(-x))
 
 
 def combine_heads(probs: dict[str, ArrayLike], weights: dict[str, float]) -> ArrayLike:

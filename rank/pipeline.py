@@ -1,6 +1,7 @@
 """The two stages together: recall candidates, then rank them. Used by training,
 evaluation and the server alike, so every path scores exactly the same way."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +13,7 @@ from rank.business import BusinessTables
 from rank.features import FeatureTables, RankFeatures, build_features
 from rank.model import Ranker, combine_heads, frozen_ranker, head_probabilities
 from recall.retriever import Candidates, Retriever
+from recall.runtime import OnnxModel
 
 
 @dataclass
@@ -54,7 +56,7 @@ class TwoStage:
         self.retriever = retriever
         self.ranker = ranker.eval()
         self.device = next(ranker.parameters()).device
-        self.scorer: torch.nn.Module = self.ranker
+        self._score: Callable[[RankFeatures], tuple[np.ndarray, np.ndarray]] = self._torch_scorer(self.ranker)
         self.tables = FeatureTables(retriever.item_category, item_counts, business, retriever.covisit)
 
     def freeze(self) -> None:
@@ -63,7 +65,20 @@ class TwoStage:
         For serving and evaluation of a finished bundle; a pipeline whose ranker is still
         training must not be frozen, since the copy would not follow its weights.
         """
-        self.scorer = frozen_ranker(self.ranker)
+        self._score = self._torch_scorer(frozen_ranker(self.ranker))
+
+    def use_onnx(self, path: str) -> None:
+        """Score with ONNX Runtime over the ranker's export at ``path`` (:func:`rank.model.export_ranker`) from now on."""
+        session = OnnxModel(path)
+        self._score = lambda feats: tuple(session(**feats.arrays()))
+
+    def _torch_scorer(self, ranker: torch.nn.Module) -> Callable[[RankFeatures], tuple[np.ndarray, np.ndarray]]:
+        def score(feats: RankFeatures) -> tuple[np.ndarray, np.ndarray]:
+            with torch.inference_mode():
+                logits, attention = ranker(feats.to_torch(self.device))
+            return logits.cpu().numpy(), attention.cpu().numpy()
+
+        return score
 
     @property
     def history(self) -> int:
@@ -124,10 +139,9 @@ class TwoStage:
             As :meth:`rank`.
         """
         cfg = self.ranker.cfg
-        with torch.inference_mode():
-            logits, attention = self.scorer(feats.to_torch(self.device))
-            probs = {h: p.cpu().numpy() for h, p in head_probabilities(logits, cfg.heads).items()}
+        logits, attention = self._score(feats)  # [B, C, H], [B, C, L]
         # In numpy: on a few hundred scores each torch op would cost more than its arithmetic.
+        probs = head_probabilities(logits, cfg.heads)
         final = combine_heads(probs, {**cfg.head_weights, **(head_weights or {})})
         real = candidates.items > 0
         order = np.argsort(np.where(real, -final, np.inf), axis=1, kind="stable")
@@ -139,7 +153,7 @@ class TwoStage:
             scores=zero_pad(final),
             recall_scores=candidates.scores[rows, order],
             channels=candidates.channels[rows, order],
-            attention=attention.cpu().numpy()[rows, order],
+            attention=attention[rows, order],
             history_items=window.items,
             head_scores={h: zero_pad(p) for h, p in probs.items()},
             history_behaviors=window.behaviors,

@@ -12,10 +12,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.export import Dim
 
 from events.schema import NUM_BEHAVIOR_CODES
 from events.sequences import Window
 from events.timegap import GAP_BUCKETS, gap_buckets
+from recall.runtime import export_onnx
 
 log = logging.getLogger("funnel.recall")
 
@@ -160,19 +162,39 @@ class TwoTower(nn.Module):
         return out
 
 
-def user_tensors(window: Window, now: np.ndarray, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
-    """User-tower inputs from a window of recent behaviour and the request times.
+USER_INPUTS: tuple[str, ...] = ("items", "categories", "behaviors", "gaps")
+"""The user tower's inputs, in :meth:`UserTower.forward` order (also the ONNX export's input names)."""
+
+
+def user_arrays(window: Window, now: np.ndarray) -> tuple[np.ndarray, ...]:
+    """User-tower inputs from a window of recent behaviour and the request times, as numpy.
 
     Args:
         window: right-aligned [B, n] behaviour.
         now: [B] request (or target) times, from which time gaps are measured.
 
     Returns:
-        (items, categories, behaviors, gap buckets), each [B, n] int64 on ``device``.
+        (items, categories, behaviors, gap buckets), each [B, n] contiguous int64.
     """
     gaps = gap_buckets(now, window.ts, window.items > 0)
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
-    return t(window.items), t(window.categories), t(window.behaviors), t(gaps)
+    return tuple(np.ascontiguousarray(a, dtype=np.int64) for a in (window.items, window.categories, window.behaviors, gaps))
+
+
+def user_tensors(window: Window, now: np.ndarray, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """:func:`user_arrays` as torch tensors on ``device``."""
+    return tuple(torch.from_numpy(a).to(device) for a in user_arrays(window, now))
+
+
+def export_user_tower(model: TwoTower, path: str) -> None:
+    """Write the user tower as ONNX: inputs :data:`USER_INPUTS` [batch, history] int64, output ``user`` [batch, dim].
+
+    Batch and history length are dynamic (history at least ``cfg.short``).
+    """
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    example = {name: torch.ones(2, cfg.history, dtype=torch.long, device=device) for name in USER_INPUTS}
+    batch, history = Dim("batch"), Dim("history", min=cfg.short)
+    export_onnx(model.user_tower, example, {name: {0: batch, 1: history} for name in USER_INPUTS}, ["user"], path)
 
 
 def frozen_for_inference(module: nn.Module, example: tuple, optimize: bool = False) -> nn.Module:

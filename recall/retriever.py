@@ -5,7 +5,7 @@ co-visitation, then popularity) and one comparable recall score: the two-tower i
 product of the user and the item, whichever channel found it.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -15,7 +15,8 @@ import torch
 from events.sequences import Window
 from recall.channels import CoVisitation, Popularity, sorted_lookup, top_entries
 from recall.index import search
-from recall.model import TwoTower, frozen_for_inference, user_tensors
+from recall.model import USER_INPUTS, TwoTower, frozen_for_inference, user_arrays
+from recall.runtime import OnnxModel
 
 CHANNELS: tuple[str, ...] = ("none", "two_tower", "covisit", "popular")
 TWO_TOWER, COVISIT, POPULAR = 1, 2, 3
@@ -102,7 +103,7 @@ class Retriever:
     ):
         self.model = model.eval()
         self.device = next(model.parameters()).device  # looked up once: a parameter walk per request costs ~50 us
-        self.user_encoder: torch.nn.Module = model.user_tower
+        self._encode: Callable[..., np.ndarray] = self._torch_encoder(model.user_tower)
         self.item_vecs = item_vecs
         self.index = index
         self.covisit = covisit
@@ -119,12 +120,23 @@ class Retriever:
         frozen, since the copy would not follow its weights.
         """
         example = tuple(torch.ones(1, self.model.cfg.history, dtype=torch.long, device=self.device) for _ in range(4))
-        self.user_encoder = frozen_for_inference(self.model.user_tower, example)
+        self._encode = self._torch_encoder(frozen_for_inference(self.model.user_tower, example))
+
+    def use_onnx(self, path: str) -> None:
+        """Encode users with ONNX Runtime over the user tower's export at ``path`` (:func:`recall.model.export_user_tower`) from now on."""
+        session = OnnxModel(path)
+        self._encode = lambda *arrays: session(**dict(zip(USER_INPUTS, arrays)))[0]
+
+    def _torch_encoder(self, tower: torch.nn.Module) -> Callable[..., np.ndarray]:
+        def encode(*arrays: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return tower(*(torch.from_numpy(a).to(self.device) for a in arrays)).cpu().numpy()
+
+        return encode
 
     def user_vectors(self, window: Window, now: np.ndarray) -> np.ndarray:
         """User-tower vectors for a batch of windows as of the request times ``now`` [B]. Returns [B, d] float32."""
-        with torch.inference_mode():
-            return self.user_encoder(*user_tensors(window, now, self.device)).cpu().numpy()
+        return self._encode(*user_arrays(window, now))
 
     def retrieve(
         self,

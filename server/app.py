@@ -242,6 +242,7 @@ def serve(
     event_log: str | None = None,
     max_events_per_user: int = MAX_EVENTS_PER_USER,
     candidates: dict[str, int] | None = None,
+    runtime: str = "onnx",
 ) -> None:
     """Serve a bundle until SIGINT or SIGTERM, then drain in-flight requests and return.
 
@@ -263,6 +264,7 @@ def serve(
         max_events_per_user: most recent events per user kept in the state.
         candidates: per-channel candidate counts replacing those of every bundle served
             (:meth:`recall.retriever.RecallConfig.parse_counts`); ``None`` keeps each bundle's.
+        runtime: ``onnx`` or ``torch``, for every bundle served (:class:`server.engine.Engine`).
     """
     from server.engine import Engine
     from server.state import open_state
@@ -272,7 +274,7 @@ def serve(
     metrics = Metrics()
     user_state = open_state(state, event_log=event_log, max_events_per_user=max_events_per_user)
     # Every engine, the first and each swapped-in one, shares the same user state.
-    holder = EngineHolder.open(bundle_dir, lambda path: Engine.load(path, user_state, candidates))
+    holder = EngineHolder.open(bundle_dir, lambda path: Engine.load(path, user_state, candidates, runtime))
     built = build_server(f"{host}:{port}", holder=holder, options=options, metrics=metrics)
     built.server.start()
     engine = holder.engine

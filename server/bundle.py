@@ -20,21 +20,26 @@ import torch
 
 from events.dataset import Dataset
 from rank.business import BusinessTables
-from rank.model import Ranker, RankerConfig
+from rank.model import Ranker, RankerConfig, export_ranker
 from rank.pipeline import TwoStage
 from recall.channels import CoVisitation, Popularity
 from recall.index import IndexSpec, load_index, save_index
-from recall.model import TwoTower, TwoTowerConfig
+from recall.model import TwoTower, TwoTowerConfig, export_user_tower
 from recall.retriever import RecallConfig, Retriever
+from recall.runtime import RUNTIMES
 from recall.train import recommendable_items
 
-FORMAT_VERSION = 3  # 2: multi-head ranker with business-feature tables; 3: low-rank cross layers
+FORMAT_VERSION = 4  # 2: multi-head ranker with business-feature tables; 3: low-rank cross layers; 4: ONNX exports
+UPGRADABLE_FORMATS = (3,)
+"""Older formats that ``funnel rebuild-index`` turns into the current one (it adds the ONNX exports)."""
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 INDEX_FILE = "recall/index.faiss"
 VECTORS_FILE = "recall/item_vectors.npy"
 POPULARITY_FILE = "recall/popularity.npy"
 BUSINESS_FILE = "rank/business.npz"
+USER_TOWER_ONNX = "recall/user_tower.onnx"
+RANKER_ONNX = "rank/ranker.onnx"
 
 
 class BundleError(ValueError):
@@ -84,26 +89,46 @@ class Bundle:
         """bool [M]: items the index holds (seen in training, or listed in the catalogue)."""
         return recommendable_items(self.data, self.popularity.counts > 0)
 
-    def retriever(self) -> Retriever:
-        """The recall stage alone (what rebuilding the index needs: no ranker, no ranking tables),
-        with its user tower frozen for inference (a bundle's weights never change)."""
+    def retriever(self, runtime: str = "onnx") -> Retriever:
+        """The recall stage alone (what rebuilding the index needs: no ranker, no ranking tables).
+
+        Args:
+            runtime: ``onnx`` encodes users with ONNX Runtime over the bundle's export,
+                ``torch`` with a frozen TorchScript copy of the user tower (a bundle's
+                weights never change).
+        """
         retriever = Retriever(
             self.two_tower, self.item_vecs, self.index, self.covisit, self.popularity, self.data.item_category, self.recall_config, self.recommendable
         )
-        retriever.freeze()
+        if _runtime(runtime) == "onnx":
+            retriever.use_onnx(self._onnx_file(USER_TOWER_ONNX))
+        else:
+            retriever.freeze()
         return retriever
 
-    def pipeline(self) -> TwoStage:
+    def pipeline(self, runtime: str = "onnx") -> TwoStage:
         """The two stages wired together for serving or evaluation.
 
         The popularity features are tabulated at the bundle's last event, the request
-        time of every server request without newer behaviour, and both models are frozen
-        for inference (a bundle's weights never change).
+        time of every server request without newer behaviour.
+
+        Args:
+            runtime: ``onnx`` runs both models with ONNX Runtime over the bundle's exports
+                (no torch work per request), ``torch`` runs frozen TorchScript copies.
         """
-        pipeline = TwoStage(self.retriever(), self.ranker, self.popularity.counts, self.business)
+        pipeline = TwoStage(self.retriever(runtime), self.ranker, self.popularity.counts, self.business)
         pipeline.tables.business.fix_time(self.data_end)
-        pipeline.freeze()
+        if runtime == "onnx":
+            pipeline.use_onnx(self._onnx_file(RANKER_ONNX))
+        else:
+            pipeline.freeze()
         return pipeline
+
+    def _onnx_file(self, name: str) -> str:
+        path = os.path.join(self.path, name)
+        if not os.path.isfile(path):
+            raise BundleError(f"{self.path}: {name} is missing; add the ONNX exports with `funnel rebuild-index --bundle ROOT --index {self.index_spec}`")
+        return path
 
     @property
     def data_end(self) -> int:
@@ -174,6 +199,8 @@ def write_version(
     np.save(os.path.join(stage, POPULARITY_FILE), popularity.counts)
     save_model(ranker, os.path.join(stage, "rank", "ranker.pt"))
     business.save(os.path.join(stage, BUSINESS_FILE))
+    export_user_tower(two_tower, os.path.join(stage, USER_TOWER_ONNX))
+    export_ranker(ranker, os.path.join(stage, RANKER_ONNX))
     manifest = {
         "format_version": FORMAT_VERSION,
         "model_version": version,
@@ -198,6 +225,7 @@ def replace_index(
     data: Dataset | None = None,
     item_counts: np.ndarray | None = None,
     info: dict | None = None,
+    models: "tuple[TwoTower, Ranker] | None" = None,
 ) -> str:
     """Publish a new version with a new index (and, when the catalogue grew, new item data).
 
@@ -211,15 +239,17 @@ def replace_index(
         data: the dataset with an extended catalogue, when new items were added.
         item_counts: [M] training counts matching ``data`` (new items count 0).
         info: extra manifest fields.
+        models: the bundle's two-tower and ranker, exported to ONNX when the current
+            version is of an older format without the exports (else they are linked).
 
     Returns:
         The new version directory.
     """
     current = resolve(root)
-    manifest = read_manifest(current)
+    manifest = read_manifest(current, upgrade=True)
     if os.path.abspath(current) == os.path.abspath(root):
         raise BundleError(f"{root} is a single version directory; rebuilding needs a bundle root with {CURRENT}")
-    rewritten = {INDEX_FILE, VECTORS_FILE} | ({POPULARITY_FILE} if data is not None else set())
+    rewritten = {INDEX_FILE, VECTORS_FILE, USER_TOWER_ONNX, RANKER_ONNX} | ({POPULARITY_FILE} if data is not None else set())
     stage = _stage_dir(root)
     for name in manifest["files"]:
         if name in rewritten or (data is not None and name.startswith("data/")):
@@ -229,14 +259,28 @@ def replace_index(
     os.makedirs(os.path.join(stage, "recall"), exist_ok=True)
     save_index(index, os.path.join(stage, INDEX_FILE))
     np.save(os.path.join(stage, VECTORS_FILE), item_vecs)
+    _export_onnx(current, stage, models)
     if data is not None:
         data.save(os.path.join(stage, "data"))
         np.save(os.path.join(stage, POPULARITY_FILE), item_counts)
         manifest["counts"] = {**manifest.get("counts", {}), "items": len(data.items), "categories": len(data.categories)}
     version = new_version()
     manifest = {k: v for k, v in manifest.items() if k != "files"}
+    manifest["format_version"] = FORMAT_VERSION
     manifest.update(index_version=version, index_spec=str(index_spec), previous_version=os.path.basename(current), **(info or {}))
     return _publish(root, stage, version, manifest)
+
+
+def _export_onnx(current: str, stage: str, models: "tuple[TwoTower, Ranker] | None") -> None:
+    """The ONNX exports for a new version: linked from ``current`` when it has them, else exported from ``models``."""
+    for name, export, model in ((USER_TOWER_ONNX, export_user_tower, 0), (RANKER_ONNX, export_ranker, 1)):
+        if os.path.isfile(os.path.join(current, name)):
+            _link_or_copy(os.path.join(current, name), os.path.join(stage, name))
+        elif models is None:
+            raise BundleError(f"{current}: {name} is missing and no models were given to export it")
+        else:
+            os.makedirs(os.path.dirname(os.path.join(stage, name)), exist_ok=True)
+            export(models[model], os.path.join(stage, name))
 
 
 def _stage_dir(root: str) -> str:
@@ -271,16 +315,28 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_manifest(version_dir: str) -> dict:
-    """Parse and check a version's manifest: known format, every file present with its recorded size."""
+def read_manifest(version_dir: str, upgrade: bool = False) -> dict:
+    """Parse and check a version's manifest: known format, every file present with its recorded size.
+
+    Args:
+        version_dir: the version directory.
+        upgrade: also accept the formats in :data:`UPGRADABLE_FORMATS` (for ``rebuild-index``,
+            which writes the current format).
+    """
     path = os.path.join(version_dir, MANIFEST)
     try:
         with open(path) as fh:
             manifest = json.load(fh)
     except (OSError, json.JSONDecodeError) as err:
         raise BundleError(f"{path}: unreadable manifest ({err})") from err
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format {manifest.get('format_version')!r}, this Funnel reads {FORMAT_VERSION}")
+    found = manifest.get("format_version")
+    if found in UPGRADABLE_FORMATS and not upgrade:
+        raise BundleError(
+            f"{path}: bundle format {found} has no ONNX exports of its models, which this Funnel serves with; "
+            f"`funnel rebuild-index --bundle ROOT --index {manifest.get('index_spec', 'flat')}` exports them into a new version (no retraining)"
+        )
+    if found != FORMAT_VERSION and not (upgrade and found in UPGRADABLE_FORMATS):
+        raise BundleError(f"{path}: bundle format {found!r}, this Funnel reads {FORMAT_VERSION}; retrain it with `funnel train`")
     for name, size in manifest.get("files", {}).items():
         full = os.path.join(version_dir, name)
         if not os.path.isfile(full):
@@ -301,7 +357,7 @@ def _load_model(path: str, cls, config_cls):
     return model.eval()
 
 
-def load_bundle(path: str, device: str = "cpu", candidates: dict[str, int] | None = None) -> Bundle:
+def load_bundle(path: str, device: str = "cpu", candidates: dict[str, int] | None = None, upgrade: bool = False) -> Bundle:
     """Load and validate a bundle (root or version directory).
 
     Args:
@@ -309,12 +365,13 @@ def load_bundle(path: str, device: str = "cpu", candidates: dict[str, int] | Non
         device: where the models go.
         candidates: per-channel candidate counts replacing the manifest's
             (:meth:`recall.retriever.RecallConfig.parse_counts`); fewer candidates rank faster.
+        upgrade: also load an older format that ``rebuild-index`` can upgrade (see :func:`read_manifest`).
 
     Raises:
         BundleError: when anything is missing, truncated or inconsistent.
     """
     version_dir = resolve(path)
-    manifest = read_manifest(version_dir)
+    manifest = read_manifest(version_dir, upgrade)
     join = lambda *p: os.path.join(version_dir, *p)
     try:
         data = Dataset.load(join("data"))
@@ -341,3 +398,9 @@ def load_bundle(path: str, device: str = "cpu", candidates: dict[str, int] | Non
     if index.ntotal != recommendable:
         raise BundleError(f"{version_dir}: index holds {index.ntotal} vectors for {recommendable} recommendable items")
     return bundle
+
+
+def _runtime(runtime: str) -> str:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    return runtime

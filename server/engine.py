@@ -35,19 +35,21 @@ class Engine:
         state: users' logged behaviour (see :mod:`server.state`), shared with the
             engines of later bundles; ``None`` serves without live behaviour and
             refuses :meth:`log_events`.
+        runtime: ``onnx`` (ONNX Runtime, no torch work per request) or ``torch``
+            (:meth:`server.bundle.Bundle.pipeline`).
     """
 
-    def __init__(self, bundle: Bundle, state: UserState | None = None):
+    def __init__(self, bundle: Bundle, state: UserState | None = None, runtime: str = "onnx"):
         self.bundle = bundle
         self.state = state
-        self.pipeline = bundle.pipeline()
+        self.pipeline = bundle.pipeline(runtime)
         data = bundle.data
         self._data_end = bundle.data_end
         self._titles = data.item_title
         self._category_names = data.categories.decode(data.item_category)
 
     @classmethod
-    def load(cls, path: str, state: UserState | None = None, candidates: dict[str, int] | None = None) -> "Engine":
+    def load(cls, path: str, state: UserState | None = None, candidates: dict[str, int] | None = None, runtime: str = "onnx") -> "Engine":
         """Load the bundle at ``path`` (root or version directory), serving ``state``'s live behaviour.
 
         Args:
@@ -55,8 +57,9 @@ class Engine:
             state: see the class docstring.
             candidates: per-channel candidate counts that replace the bundle's
                 (:func:`server.bundle.load_bundle`).
+            runtime: see the class docstring.
         """
-        return cls(load_bundle(path, candidates=candidates), state)
+        return cls(load_bundle(path, candidates=candidates), state, runtime)
 
     @property
     def model_version(self) -> str:

@@ -48,6 +48,7 @@ from rank.model import HEAD_BEHAVIORS
 from rank.pipeline import TwoStage
 from recall.baselines import itemknn_topk, popularity_topk
 from recall.retriever import CHANNELS, COVISIT, POPULAR, TWO_TOWER
+from recall.runtime import RUNTIMES
 from server.bundle import load_bundle
 from tools.cli import add_candidates_argument
 from tools.output import write_json
@@ -78,6 +79,7 @@ def evaluate(
     batch: int = 512,
     progress: bool = True,
     candidates: dict[str, int] | None = None,
+    runtime: str = "onnx",
 ) -> dict:
     """Evaluate a bundle on the test targets of ``split`` over ``events``.
 
@@ -92,6 +94,8 @@ def evaluate(
         candidates: per-channel candidate counts replacing the bundle's
             (:meth:`recall.retriever.RecallConfig.parse_counts`), to measure what
             serving with them (``funnel serve --candidates``) costs in quality.
+        runtime: ``onnx`` scores with ONNX Runtime, as the server does; ``torch`` with
+            the frozen PyTorch models (:meth:`server.bundle.Bundle.pipeline`).
 
     Returns:
         The report: ``users``, ``items``, ``candidates`` (the recall counts used), ``recall``, ``recall_channels``, ``final``,
@@ -102,7 +106,7 @@ def evaluate(
     """
     started = time.time()
     b = load_bundle(bundle, candidates=candidates)
-    pipe = b.pipeline()
+    pipe = b.pipeline(runtime)
     log_ = read_events(events, fmt, on_error=on_error, progress=progress)
     seqs = b.data.encode_log(log_)
     dropped = log_.report.rows - len(seqs)
@@ -124,6 +128,7 @@ def evaluate(
         "split": split,
         "bundle": {"path": b.path, "model_version": b.model_version, "index_version": b.index_version},
         "candidates": b.recall_config.to_dict(),
+        "runtime": runtime,
         "recall": proto.score(lists.merged, proto.recall_ks),
         "recall_channels": {CHANNELS[c]: proto.score(top, proto.recall_ks) for c, top in lists.per_channel.items()},
         "final": proto.score(lists.final, proto.final_ks),
@@ -401,6 +406,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write DIR/report.html (HR/NDCG vs K for recall, final and baselines; ranker calibration) and DIR/curves.json",
     )
     add_candidates_argument(parser, "to see what serving with them costs in quality")
+    parser.add_argument(
+        "--runtime", choices=RUNTIMES, default="onnx",
+        help="score with ONNX Runtime over the bundle's exports, as the server does (onnx, default), or with the PyTorch models (torch)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -408,6 +417,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(
         bundle=args.bundle, events=args.events, fmt=args.fmt, split=args.split, on_error=args.on_error,
         json_out=args.json_out, report_dir=args.report_dir, progress=not args.no_progress, candidates=args.candidates,
+        runtime=args.runtime,
     )
     print(format_report(report))
     if args.report_dir:

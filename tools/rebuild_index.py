@@ -57,7 +57,7 @@ def rebuild_index(*, bundle: str, index: str, min_recall: float = 0.95, k: int =
         IndexRejected: when recall is below ``min_recall`` (nothing is published).
     """
     t0 = time.perf_counter()
-    b = load_bundle(bundle)
+    b = load_bundle(bundle, upgrade=True)
     started = time.perf_counter()
     vecs = item_vectors(b.two_tower, b.data, b.popularity.counts > 0)
     embedded = time.perf_counter()
@@ -87,16 +87,17 @@ def rebuild_index(*, bundle: str, index: str, min_recall: float = 0.95, k: int =
     log.info("%s over %d items: recall@%d %.4f, %.1f s to embed, build and validate", spec, report["items"], k, recall, report["total_seconds"])
     if recall < min_recall:
         raise IndexRejected(f"index {spec} reaches recall@{k} {recall:.4f} against exact search, below --min-recall {min_recall}; the old index stays")
-    report["version"] = replace_index(bundle, index=ann, index_spec=spec, item_vecs=vecs, info={"index_validation": report})
+    report["version"] = replace_index(bundle, index=ann, index_spec=spec, item_vecs=vecs, info={"index_validation": report}, models=(b.two_tower, b.ranker))
     return report
 
 
 def _validation_queries(b: Bundle, sample_users: int, seed: int) -> np.ndarray:
     # Each sampled user's current vector: everything they did, as of their latest event.
+    # Torch runtime: a bundle of an older format has no ONNX export yet.
     seqs = b.data.seqs
     active = np.flatnonzero(seqs.lengths > 0)
     users = np.sort(np.random.default_rng(seed).choice(active, min(sample_users, len(active)), replace=False))
-    return b.retriever().user_vectors(seqs.user_window(users, b.two_tower.cfg.history), seqs.ts[seqs.offsets[users + 1] - 1])
+    return b.retriever(runtime="torch").user_vectors(seqs.user_window(users, b.two_tower.cfg.history), seqs.ts[seqs.offsets[users + 1] - 1])
 
 
 def _validate(ann: faiss.Index, queries: np.ndarray, vecs: np.ndarray, among: np.ndarray, k: int) -> tuple[float, dict]:

@@ -4,6 +4,7 @@ import argparse
 import os
 import sys
 
+from recall.runtime import RUNTIMES
 from server.app import TOKEN_ENV, BindError, ServerOptions
 from server.eventlog import EventStoreError
 from server.state import MAX_EVENTS_PER_USER, StateUnavailable
@@ -31,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="server processes sharing --port (SO_REUSEPORT), each with its own engine, so more than one core computes; "
         "needs --state redis://... so every process sees every logged event, and a fixed --port; process i serves "
         "metrics on --metrics-port + i (default: 1)",
+    )
+    parser.add_argument(
+        "--runtime", choices=RUNTIMES, default="onnx",
+        help="model runtime: ONNX Runtime over the bundle's exports, one thread, no torch work per request (onnx, default), "
+        "or the frozen PyTorch models (torch)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: half the cores this process may use, at least 1: the other half runs the gRPC threads)")
     parser.add_argument("--watch-interval", type=float, default=2.0, help="seconds between checks of CURRENT for a new bundle; 0 only reloads on the Reload rpc (default: 2)")
@@ -81,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         kwargs = dict(
             bundle_dir=args.bundle, host=args.host, port=args.port, options=options, metrics_port=args.metrics_port,
             watch_interval_s=args.watch_interval, threads=args.threads, state=args.state, event_log=event_log, max_events_per_user=args.max_user_events,
-            candidates=args.candidates,
+            candidates=args.candidates, runtime=args.runtime,
         )
         if args.processes < 1:
             raise ProcessesError(f"--processes must be at least 1, got {args.processes}")

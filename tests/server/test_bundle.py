@@ -3,7 +3,10 @@ import os
 
 import pytest
 
-from server.bundle import BundleError, load_bundle, read_manifest, resolve
+from server.bundle import FORMAT_VERSION, BundleError, load_bundle, read_manifest, resolve
+from server.engine import Engine
+from server.query import RecommendQuery
+from tools.rebuild_index import rebuild_index
 
 
 def test_bundle_loads_and_manifest_records_data(tiny_bundle, tiny_log_path):
@@ -38,3 +41,30 @@ def test_unknown_format_and_missing_pointer(tiny_bundle, tmp_path):
         read_manifest(str(copy))
     with pytest.raises(BundleError, match="not a bundle"):
         load_bundle(str(tmp_path))
+
+
+def _as_format_3(tiny_bundle, root) -> None:
+    """A bundle root whose only version looks like one written before the ONNX exports (format 3)."""
+    import shutil
+
+    version = root / "versions" / "old"
+    shutil.copytree(resolve(tiny_bundle), version)
+    manifest = json.loads((version / "manifest.json").read_text())
+    for name in ("recall/user_tower.onnx", "rank/ranker.onnx"):
+        os.remove(version / name)
+        del manifest["files"][name]
+    manifest["format_version"] = 3
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    (root / "CURRENT").write_text("old\n")
+
+
+def test_format_3_is_refused_with_the_command_that_upgrades_it(tiny_bundle, tmp_path):
+    root = tmp_path / "root"
+    _as_format_3(tiny_bundle, root)
+    with pytest.raises(BundleError, match=r"no ONNX exports .* `funnel rebuild-index --bundle ROOT --index flat`"):
+        load_bundle(str(root))
+    report = rebuild_index(bundle=str(root), index="flat", sample_users=20)
+    upgraded = load_bundle(str(root))
+    assert upgraded.path == report["version"] and upgraded.manifest["format_version"] == FORMAT_VERSION
+    assert os.path.isfile(os.path.join(upgraded.path, "rank", "ranker.onnx")) and "recall/user_tower.onnx" in upgraded.manifest["files"]
+    assert Engine(upgraded).recommend(RecommendQuery(user_id="x", k=5)).items
