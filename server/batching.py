@@ -8,6 +8,11 @@ batch function once for the rest. Under overload this keeps the worker on reques
 that can still be answered in time instead of on answers nobody waits for. While a batch
 computes, new requests queue up, so under load batches grow by themselves and an
 idle server adds at most ``max_wait_s`` to a lone request.
+
+Admission control: an item whose deadline the queued work would already overrun
+(judged by the recent cost per item) is refused at once with :class:`Overloaded`, as is
+any item beyond ``max_queue``, so overload sheds the excess without delay instead of
+building a queue that every later request must wait through.
 """
 
 import logging
@@ -23,6 +28,11 @@ log = logging.getLogger(__name__)
 
 class DeadlineExpired(Exception):
     """The caller's deadline passed before its batch ran; the item was not computed."""
+
+
+class Overloaded(Exception):
+    """Refused on arrival: the work already queued would not finish before the caller's deadline
+    (or the queue is full), so the item was not queued."""
 
 
 @dataclass
@@ -54,6 +64,7 @@ class MicroBatcher:
         max_wait_s: how long to keep gathering after the first item of a batch; 0
             takes only what is already waiting.
         on_batch: called with a :class:`BatchStats` after every batch (metrics).
+        max_queue: most items waiting; more are refused with :class:`Overloaded`.
     """
 
     def __init__(
@@ -63,6 +74,7 @@ class MicroBatcher:
         max_batch: int = 32,
         max_wait_s: float = 0.002,
         on_batch: Callable[[BatchStats], None] | None = None,
+        max_queue: int = 1024,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -72,9 +84,11 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
+        self.max_queue = max_queue
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._closed = False
         self._run_s = 0.0  # moving average of batch run times: how long a new batch will likely take
+        self._item_s = 0.0  # moving average of batch run time per item: what each queued item adds
         self._worker = threading.Thread(target=self._loop, name="micro-batcher", daemon=True)
         self._worker.start()
 
@@ -88,9 +102,19 @@ class MicroBatcher:
 
         Raises:
             RuntimeError: after :meth:`close`.
+            Overloaded: the queued work would overrun ``deadline``, or ``max_queue`` items wait.
         """
         if self._closed:
             raise RuntimeError("micro-batcher is closed")
+        waiting = self._queue.qsize()
+        if waiting >= self.max_queue:
+            raise Overloaded(f"{waiting} requests already queued (the most is {self.max_queue})")
+        if deadline is not None and self._item_s > 0:
+            # The batch now running, then every queued item and this one at the recent cost per item.
+            expected = self._run_s + (waiting + 1) * self._item_s
+            left = deadline - time.monotonic()
+            if expected > left:
+                raise Overloaded(f"{waiting} requests queued ahead, about {expected * 1e3:.1f} ms of work, more than the {max(left, 0) * 1e3:.1f} ms left")
         pending = _Pending(item, deadline)
         self._queue.put(pending)
         return pending.future
@@ -150,6 +174,8 @@ class MicroBatcher:
         run_s = time.monotonic() - started
         if live:
             self._run_s = run_s if self._run_s == 0 else 0.8 * self._run_s + 0.2 * run_s
+            item_s = run_s / len(live)
+            self._item_s = item_s if self._item_s == 0 else 0.8 * self._item_s + 0.2 * item_s
         if self.on_batch is not None:
             stats = BatchStats(len(live), [started - p.enqueued for p in live], run_s, expired)
             try:

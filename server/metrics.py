@@ -24,6 +24,7 @@ class Metrics:
             ``batch`` (one batch's engine time), ``recall`` and ``rank`` (engine stages).
         batch_size: histogram of requests per batch.
         expired: counter of requests dropped because their deadline passed before their batch.
+        shed: counter of requests refused on arrival by admission control (RESOURCE_EXHAUSTED).
         bundle: gauge set to 1 for the served ``model_version``/``index_version`` pair (0 for earlier ones).
         reloads: counter of bundle loads by ``outcome`` (``swapped``, ``refused``).
         events_logged: counter of behaviour events accepted by ``LogEvents``.
@@ -37,6 +38,7 @@ class Metrics:
         self.stage = Histogram("funnel_stage_seconds", "Latency of one serving stage.", ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("funnel_batch_size", "Recommend requests per micro-batch.", buckets=BATCH_BUCKETS, registry=r)
         self.expired = Counter("funnel_deadline_expired", "Requests not computed because their deadline had passed.", registry=r)
+        self.shed = Counter("funnel_requests_shed", "Requests refused on arrival because the queued work would overrun their deadline.", registry=r)
         self.bundle = Gauge("funnel_bundle_info", "1 for the bundle being served.", ["model_version", "index_version"], registry=r)
         self.reloads = Counter("funnel_bundle_reloads", "Bundle loads by outcome.", ["outcome"], registry=r)
         self.events_logged = Counter("funnel_events_logged", "Behaviour events accepted by LogEvents.", registry=r)

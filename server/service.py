@@ -13,7 +13,7 @@ import grpc
 from events.schema import BEHAVIORS
 from rank.model import HEADS
 from server.eventlog import UserEvent
-from server.batching import DeadlineExpired, MicroBatcher
+from server.batching import DeadlineExpired, MicroBatcher, Overloaded
 from server.holder import BundleRefused, EngineHolder
 from server.metrics import Metrics
 from server.query import BadQuery, Event, RecommendQuery, RecommendResult
@@ -161,7 +161,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self.holder.engine = engine
 
     def Recommend(self, request: recommender_pb2.RecommendRequest, context: grpc.ServicerContext) -> recommender_pb2.RecommendResponse:
-        """Validate, run the engine (batched), convert; aborts with INVALID_ARGUMENT, DEADLINE_EXCEEDED or INTERNAL."""
+        """Validate, run the engine (batched), convert; aborts with INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (shed) or INTERNAL."""
         try:
             query = validate(request)
         except BadQuery as err:
@@ -181,6 +181,9 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except DeadlineExpired as err:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"not computed: {err}")
+        except Overloaded as err:
+            self.metrics.shed.inc()
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"overloaded, not queued (retry later or elsewhere): {err}")
         except Exception:
             log.exception("Recommend failed (request_id=%r, user_id=%r)", request.request_id, request.user_id)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error serving request_id={request.request_id!r}; see the server log")

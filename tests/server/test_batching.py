@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from server.app import ServerOptions, build_server
-from server.batching import DeadlineExpired, MicroBatcher
+from server.batching import DeadlineExpired, MicroBatcher, Overloaded
 from server.engine import Engine
 from server.holder import EngineHolder
 from server.query import BadQuery, Event, RecommendQuery, RecommendResult, Recommendation
@@ -185,8 +185,24 @@ def test_item_that_cannot_finish_before_its_deadline_is_not_computed():
 
     batcher = MicroBatcher(slow, max_batch=8, max_wait_s=0)
     assert batcher.submit("first").result(5) == "first"  # teaches the batcher that a batch takes ~0.3 s
-    with pytest.raises(DeadlineExpired):
-        batcher.submit("hopeless", deadline=time.monotonic() + 0.1).result(5)
+    # Admission control refuses it on arrival; the batch start check drops it had it been queued.
+    with pytest.raises(Overloaded, match="more than the"):
+        batcher.submit("hopeless", deadline=time.monotonic() + 0.1)
     assert batcher.submit("roomy", deadline=time.monotonic() + 30).result(5) == "roomy"
     assert computed == ["first", "roomy"]
+    batcher.close()
+
+
+def test_overload_is_shed_on_arrival_and_the_queue_recovers():
+    gate = Gate()
+    batcher = MicroBatcher(gate, max_batch=1, max_wait_s=0, max_queue=3)
+    first = batcher.submit(0)
+    assert gate.entered.wait(5)
+    queued = [batcher.submit(i) for i in (1, 2, 3)]
+    with pytest.raises(Overloaded, match="3 requests already queued"):
+        batcher.submit(4)
+    gate.release.set()
+    assert first.result(5) == 0 and [f.result(5) for f in queued] == [10, 20, 30]
+    # Each batch of one took no time once released: a deadline far less than the gate's wait is admitted again.
+    assert batcher.submit(5, deadline=time.monotonic() + 1).result(5) == 50
     batcher.close()
