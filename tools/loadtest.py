@@ -8,6 +8,9 @@ runs at the same rate through the same channels: its figures (``floor``) are the
 latency of the transport and of this client on this machine, so Recommend latency
 can be read as a ratio to it.
 
+``--ramp`` steps the offered rate instead (one open-loop run per step, no floor) until
+p99 passes ``--p99-limit-ms`` or errors appear, and reports the highest rate that held.
+
 The JSON report: ``achieved_qps``, ``p50_ms``, ``p90_ms``, ``p99_ms``, ``max_ms``,
 ``errors`` (status name -> count), ``model_versions`` (model_version -> responses)
 and ``model_version_spans`` (model_version -> [first, last] due time in seconds
@@ -289,6 +292,60 @@ def loadtest(
     return report
 
 
+def ramp(
+    *,
+    start_qps: float = 100.0,
+    step_qps: float = 100.0,
+    max_qps: float = 10_000.0,
+    step_duration: float = 10.0,
+    p99_limit_ms: float = 50.0,
+    max_error_share: float = 0.001,
+    json_out: str | None = None,
+    **load,
+) -> dict:
+    """Step the offered rate up until a step's p99 passes ``p99_limit_ms`` or its errors pass ``max_error_share``.
+
+    Args:
+        start_qps, step_qps, max_qps: the rates offered: ``start_qps``, then ``step_qps`` more each step, at most ``max_qps``.
+        step_duration: seconds of load per step.
+        p99_limit_ms: a step holds while its p99 is at most this.
+        max_error_share: ... and while at most this share of its calls fail.
+        json_out: write the report here (atomically) as well.
+        load: the other :func:`loadtest` arguments (``addr``, ``users_from`` or ``users``, ...).
+
+    Returns:
+        ``highest_qps_held`` (``None`` when the first step failed), its step's
+        ``achieved_qps`` and ``p99_ms``, the limits, and every step's report under ``steps``.
+    """
+    if step_qps <= 0 or start_qps <= 0 or max_qps < start_qps:
+        raise ValueError(f"ramp needs start > 0, step > 0 and max >= start, got {start_qps}, {step_qps}, {max_qps}")
+    steps, held = [], None
+    qps = start_qps
+    while qps <= max_qps:
+        report = loadtest(qps=qps, duration=step_duration, floor_duration=0, **load)
+        calls = max(int(round(qps * step_duration)), 1)
+        error_share = sum(report["errors"].values()) / calls
+        ok = report["p99_ms"] is not None and report["p99_ms"] <= p99_limit_ms and error_share <= max_error_share
+        steps.append({"qps": qps, "held": ok, "error_share": round(error_share, 5), **report})
+        log.info("ramp: %.0f/s offered, %.0f/s answered, p99 %s ms, errors %.2f%%: %s", qps, report["achieved_qps"], report["p99_ms"], 100 * error_share, "held" if ok else "failed")
+        if not ok:
+            break
+        held = steps[-1]
+        qps += step_qps
+    out = {
+        "highest_qps_held": held["qps"] if held else None,
+        "achieved_qps": held["achieved_qps"] if held else None,
+        "p99_ms": held["p99_ms"] if held else None,
+        "p99_limit_ms": p99_limit_ms,
+        "max_error_share": max_error_share,
+        "step_duration_s": step_duration,
+        "steps": steps,
+    }
+    if json_out:
+        write_json(json_out, out)
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--addr", default="localhost:50051", help="server address host:port (default: localhost:50051)")
     parser.add_argument("--qps", type=float, default=100.0, help="arrivals per second, on a fixed schedule (default: 100)")
@@ -304,9 +361,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify a TLS server; plaintext when omitted")
     parser.add_argument("--seed", type=int, default=0, help="seed for the user draws (default: 0)")
     parser.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the report to this JSON file")
+    parser.add_argument(
+        "--ramp", action="store_true",
+        help="step the rate from --qps up by --ramp-step every --duration seconds until p99 passes --p99-limit-ms or more than "
+        "0.1%% of calls fail; report the highest rate that held",
+    )
+    parser.add_argument("--ramp-step", type=float, default=100.0, help="rate added per ramp step (default: 100)")
+    parser.add_argument("--ramp-max", type=float, default=10_000.0, help="highest rate a ramp offers (default: 10000)")
+    parser.add_argument("--p99-limit-ms", type=float, default=50.0, help="p99 a ramp step must hold (default: 50)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ramp:
+        report = ramp(
+            start_qps=args.qps, step_qps=args.ramp_step, max_qps=args.ramp_max, step_duration=args.duration, p99_limit_ms=args.p99_limit_ms,
+            json_out=args.json_out, addr=args.addr, concurrency=args.concurrency, users_from=args.users_from, fmt=args.fmt, k=args.k,
+            timeout=args.timeout, log_events_fraction=args.log_events_fraction, token=args.token, tls_ca=args.tls_ca, seed=args.seed,
+        )
+        print(json.dumps({key: value for key, value in report.items() if key != "steps"}, indent=2))
+        return 0 if report["highest_qps_held"] is not None else 1
     report = loadtest(
         addr=args.addr, qps=args.qps, duration=args.duration, concurrency=args.concurrency, users_from=args.users_from, fmt=args.fmt,
         k=args.k, timeout=args.timeout, floor_duration=args.floor_duration, log_events_fraction=args.log_events_fraction,

@@ -11,7 +11,7 @@ from server.app import ServerOptions, build_server
 from server.holder import EngineHolder
 from server.query import RecommendResult, Recommendation
 from tools.cli import build_parser
-from tools.loadtest import loadtest, summarize, version_report
+from tools.loadtest import loadtest, ramp, summarize, version_report
 
 
 def test_summarize_on_hand_computed_latencies():
@@ -86,9 +86,27 @@ def test_latency_counts_from_the_scheduled_time_so_queueing_shows():
     assert report["achieved_qps"] < 20
 
 
+def test_ramp_stops_at_the_first_rate_the_server_cannot_hold(tmp_path):
+    # One request at a time, 25 ms each: about 40/s. 10/s and 20/s hold a 300 ms p99; 60/s queues past it.
+    built, addr = serve(SleepyEngine(0.025), max_workers=1, max_batch=1)
+    out = tmp_path / "ramp.json"
+    try:
+        report = ramp(addr=addr, users=["u"], concurrency=1, start_qps=10, step_qps=10, max_qps=200, step_duration=1.5, p99_limit_ms=300, timeout=10.0, json_out=str(out))
+    finally:
+        built.stop(None)
+    assert json.loads(out.read_text()) == report
+    held = [s["qps"] for s in report["steps"] if s["held"]]
+    assert held == [10 * (i + 1) for i in range(len(held))] and report["highest_qps_held"] == held[-1]
+    assert 20 <= report["highest_qps_held"] < 60 and not report["steps"][-1]["held"]
+
+
 def test_cli_registers_loadtest_and_checks_its_inputs():
     args = build_parser().parse_args(["loadtest", "--addr", "h:1", "--qps", "200", "--duration", "60", "--concurrency", "8", "--users-from", "e.csv", "--json", "o.json"])
     assert (args.addr, args.qps, args.duration, args.concurrency, args.users_from, args.json_out) == ("h:1", 200.0, 60.0, 8, "e.csv", "o.json")
+    args = build_parser().parse_args(["loadtest", "--users-from", "e.csv", "--ramp", "--ramp-step", "50", "--p99-limit-ms", "20"])
+    assert (args.ramp, args.ramp_step, args.p99_limit_ms) == (True, 50.0, 20.0)
+    with pytest.raises(ValueError, match="ramp needs"):
+        ramp(addr="h:1", users=["u"], start_qps=10, step_qps=0)
     with pytest.raises(ValueError, match="users-from"):
         loadtest(addr="h:1")
     with pytest.raises(ValueError, match="qps"):
