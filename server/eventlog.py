@@ -101,6 +101,9 @@ class EventStore:
         self._lock = threading.Lock()
         self._queue_lock = threading.Lock()
         self._queue: list[_Pending] = []
+        # Reads on their own connection: in WAL mode they neither wait for nor block a commit's fsync.
+        self._reader = sqlite3.connect(path, check_same_thread=False)
+        self._read_lock = threading.Lock()
 
     def append(self, events: Sequence[UserEvent]) -> None:
         """Store a batch atomically; returns once it is committed to disk.
@@ -160,10 +163,23 @@ class EventStore:
             last = rows[-1][0]
             yield [UserEvent(*row[1:]) for row in rows]
 
+    def since(self, seq: int, size: int = 10_000) -> tuple[int, list[UserEvent]]:
+        """Events committed after sequence number ``seq`` (by any process), at most ``size``, in append order.
+
+        Returns:
+            The last sequence number read (``seq`` when there was nothing new) and the events.
+        """
+        with self._read_lock:
+            rows = self._reader.execute(
+                "SELECT seq, user_id, item_id, category_id, behavior, ts FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, size)
+            ).fetchall()
+        return (rows[-1][0] if rows else seq), [UserEvent(*row[1:]) for row in rows]
+
     def close(self) -> None:
         """Close the file; later calls fail."""
-        with self._lock:
+        with self._lock, self._read_lock:
             self._conn.close()
+            self._reader.close()
 
 
 def read_event_store(path: str) -> EventLog:

@@ -7,7 +7,9 @@ server or runs torch (gRPC and OpenMP thread pools do not survive a fork), and l
 their bundle after the fork.
 
 They share nothing in memory, so users' logged behaviour must live where all of them
-read it: Redis (``state="redis://..."``); the parent refuses anything else. Each
+read it: the SQLite event store they share (``state="memory"`` with an ``event_log``;
+each process reads what the others committed before each lookup) or Redis
+(``state="redis://..."``); the parent refuses memory state without an event log. Each
 process follows ``CURRENT`` on its own; the ``Reload`` rpc reaches the one process
 that took the call, and the others switch at their next poll.
 """
@@ -43,7 +45,7 @@ def serve_processes(processes: int, serve_kwargs: dict[str, Any]) -> int:
     Args:
         processes: server processes (at least 2; for 1, call ``serve`` directly).
         serve_kwargs: keyword arguments of :func:`server.app.serve`. ``port`` must be
-            fixed (not 0), ``state`` a ``redis://`` URL and ``event_log`` None. Process
+            fixed (not 0); ``state`` ``memory`` with an ``event_log`` file, or a ``redis://`` URL. Process
             ``i`` (from 0) serves metrics on ``metrics_port + i``. ``threads`` defaults
             to the cores divided between the processes (half for math, as in one process).
 
@@ -105,13 +107,11 @@ def _check(processes: int, kwargs: dict[str, Any]) -> None:
         raise ProcessesError(f"serve_processes runs 2 or more processes, got {processes}")
     if not kwargs.get("port"):
         raise ProcessesError("several server processes share one port: give a fixed --port, not 0")
-    if not str(kwargs.get("state", "")).startswith("redis://"):
+    if kwargs.get("state", "memory") == "memory" and not kwargs.get("event_log"):
         raise ProcessesError(
-            "several server processes need the user state in Redis (--state redis://HOST:PORT), "
-            "so that an event logged through one process is seen by the next Recommend on any other"
+            "several server processes share logged events through the event log (--event-log PATH) or Redis (--state redis://HOST:PORT), "
+            "so that an event logged through one process is seen by the next Recommend on any other; without either they would not"
         )
-    if kwargs.get("event_log"):
-        raise ProcessesError("several server processes cannot share an embedded event log; with Redis, Redis holds the events")
 
 
 def _child(i: int, n: int, kwargs: dict[str, Any]) -> None:

@@ -4,10 +4,12 @@ The state lives outside the engine, so it survives bundle swaps: a new engine is
 handed the same state object. Events are kept raw (string ids), so a new bundle
 encodes them with its own vocabulary and items it did not know before count at once.
 
-Two implementations behind :class:`UserState`:
+Implementations behind :class:`UserState`:
 
-* :class:`MemoryState`: one process; durability comes from the event store it is
-  wrapped in (:class:`LoggedState`), replayed on start.
+* :class:`MemoryState`: one process, nothing durable.
+* :class:`SharedLogState`: memory fed by the SQLite event store, replayed on start
+  and read for new events before each lookup, so the server processes on one machine
+  that share the file see each other's events.
 * :class:`RedisState`: a list per user in Redis, shared by several replicas; an
   event counts as stored once Redis acknowledged it (run Redis with
   ``appendonly yes`` and ``appendfsync always`` for on-disk durability).
@@ -192,6 +194,49 @@ class LoggedState(UserState):
         self.store.close()
 
 
+class SharedLogState(UserState):
+    """Memory state fed only by the durable event store, which several server processes may share.
+
+    ``append`` commits to the store; ``recent`` first takes in whatever any process
+    committed since its last read (one indexed SQLite read, on a connection of its own
+    in WAL mode), so an event logged through one process is seen by the next
+    ``Recommend`` on any process that shares the file.
+
+    Args:
+        store: the event store; replayed into memory when the state is built.
+        max_events_per_user: hot-state bound per user.
+    """
+
+    def __init__(self, store: EventStore, max_events_per_user: int = MAX_EVENTS_PER_USER):
+        self.inner = MemoryState(max_events_per_user)
+        self.store = store
+        self._seen = 0
+        self._lock = threading.Lock()
+        self.catch_up()
+
+    def append(self, events: Sequence[UserEvent]) -> None:
+        self.store.append(events)
+        self.catch_up()
+
+    def recent(self, user_id: str) -> tuple[UserEvent, ...]:
+        self.catch_up()
+        return self.inner.recent(user_id)
+
+    def catch_up(self) -> int:
+        """Take in the events committed since the last call; returns how many."""
+        taken = 0
+        with self._lock:
+            while True:
+                last, events = self.store.since(self._seen)
+                if not events:
+                    return taken
+                self.inner.append(events)
+                self._seen, taken = last, taken + len(events)
+
+    def close(self) -> None:
+        self.store.close()
+
+
 def _group(events: Sequence[UserEvent]) -> dict[str, list[UserEvent]]:
     by_user: dict[str, list[UserEvent]] = defaultdict(list)
     for e in events:
@@ -205,9 +250,11 @@ def open_state(spec: str = "memory", *, event_log: str | None = None, max_events
     Args:
         spec: ``"memory"`` or ``"redis://HOST:PORT[/DB]"``.
         event_log: path of the durable event store, or ``None`` for none. With
-            ``memory`` the store is replayed into the new state; with Redis (which
-            already holds the shared state) it is only appended to, as an archive
-            for ``funnel train --fold-events``.
+            ``memory`` the store is replayed into the new state and read again for
+            new events before each lookup (:class:`SharedLogState`: server processes
+            sharing the file see each other's events); with Redis (which already
+            holds the shared state) it is only appended to, as an archive for
+            ``funnel train --fold-events``.
         max_events_per_user: hot-state bound per user.
 
     Returns:
@@ -219,17 +266,13 @@ def open_state(spec: str = "memory", *, event_log: str | None = None, max_events
         server.eventlog.EventStoreError: the event log is unusable.
     """
     if spec == "memory":
-        inner: UserState = MemoryState(max_events_per_user)
-    elif spec.startswith(("redis://", "rediss://", "unix://")):
-        inner = RedisState(spec, max_events_per_user)
-    else:
+        if event_log is None:
+            return MemoryState(max_events_per_user)
+        shared = SharedLogState(EventStore(event_log), max_events_per_user)
+        stats = shared.inner.stats()
+        log.info("replayed %d events from %s: %d users, %d events held", shared.store.count(), event_log, stats["users"], stats["events"])
+        return shared
+    if not spec.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"unknown state {spec!r}; expected 'memory' or 'redis://HOST:PORT'")
-    if event_log is None:
-        return inner
-    store = EventStore(event_log)
-    if isinstance(inner, MemoryState):
-        for batch in store.batches():
-            inner.append(batch)
-        stats = inner.stats()
-        log.info("replayed %d events from %s: %d users, %d events held", store.count(), event_log, stats["users"], stats["events"])
-    return LoggedState(inner, store)
+    inner = RedisState(spec, max_events_per_user)
+    return inner if event_log is None else LoggedState(inner, EventStore(event_log))

@@ -28,10 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_candidates_argument(parser, "fewer candidates rank faster; 'funnel evaluate --candidates' measures what they cost in quality")
     parser.add_argument(
-        "--processes", type=int, default=1,
-        help="server processes sharing --port (SO_REUSEPORT), each with its own engine, so more than one core computes; "
-        "needs --state redis://... so every process sees every logged event, and a fixed --port; process i serves "
-        "metrics on --metrics-port + i (default: 1)",
+        "--processes", type=int, default=None,
+        help="server processes sharing --port (SO_REUSEPORT), each with its own engine, so every core computes; they see each "
+        "other's logged events through the shared event log (or Redis); process i serves metrics on --metrics-port + i "
+        "(default: one per core; one with --port 0, which processes cannot share)",
     )
     parser.add_argument(
         "--runtime", choices=RUNTIMES, default="onnx",
@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--event-log", default=None, metavar="PATH",
         help="durable event store (SQLite, WAL, fsync per LogEvents call): written before LogEvents answers, replayed on "
-        "start with --state memory, folded into training by 'funnel train --fold-events PATH' "
+        "start with --state memory and shared by the server processes, folded into training by 'funnel train --fold-events PATH' "
         "(default: BUNDLE/events.db with --state memory, none with Redis)",
     )
     parser.add_argument("--no-event-log", action="store_true", help="keep logged events only in the state (lost on restart with --state memory)")
@@ -74,10 +74,11 @@ def run(args: argparse.Namespace) -> int:
     from server.app import serve
     from server.processes import ProcessesError, serve_processes
 
+    processes = args.processes if args.processes is not None else (len(os.sched_getaffinity(0)) if args.port else 1)
     event_log = args.event_log
     if args.no_event_log:
         event_log = None
-    elif event_log is None and args.state == "memory" and args.processes == 1:
+    elif event_log is None and args.state == "memory":
         event_log = os.path.join(args.bundle, "events.db")
     try:
         options = ServerOptions(
@@ -89,10 +90,10 @@ def run(args: argparse.Namespace) -> int:
             watch_interval_s=args.watch_interval, threads=args.threads, state=args.state, event_log=event_log, max_events_per_user=args.max_user_events,
             candidates=args.candidates, runtime=args.runtime,
         )
-        if args.processes < 1:
-            raise ProcessesError(f"--processes must be at least 1, got {args.processes}")
-        if args.processes > 1:
-            return serve_processes(args.processes, kwargs)
+        if processes < 1:
+            raise ProcessesError(f"--processes must be at least 1, got {processes}")
+        if processes > 1:
+            return serve_processes(processes, kwargs)
         serve(**kwargs)
     except (StateUnavailable, EventStoreError, ProcessesError, BindError) as err:
         print(f"error: {err}", file=sys.stderr)

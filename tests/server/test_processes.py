@@ -1,4 +1,4 @@
-"""Several server processes on one port: a real ``funnel serve --processes 2`` with its state in Redis."""
+"""Several server processes on one port: a real ``funnel serve --processes 2`` with its state in Redis or in the shared event log."""
 
 import os
 import signal
@@ -27,8 +27,7 @@ CONNECTIONS = 8
     [
         (1, {"port": 5000, "state": "redis://h:1"}, "2 or more"),
         (2, {"port": 0, "state": "redis://h:1"}, "fixed --port"),
-        (2, {"port": 5000, "state": "memory"}, "Redis"),
-        (2, {"port": 5000, "state": "redis://h:1", "event_log": "e.db"}, "event log"),
+        (2, {"port": 5000, "state": "memory"}, "event log"),
     ],
 )
 def test_settings_several_processes_cannot_share_are_refused(processes, kwargs, message):
@@ -56,13 +55,21 @@ def _connection(addr: str, i: int) -> grpc.Channel:
     return grpc.insecure_channel(addr, options=[("grpc.use_local_subchannel_pool", 1), ("test.connection", i)])
 
 
+@pytest.fixture(params=["redis", "event-log"])
+def shared_state(request, tmp_path) -> list[str]:
+    """``funnel serve`` arguments for user state the processes share: Redis, or the embedded default with its SQLite event log."""
+    if request.param == "redis":
+        return ["--state", request.getfixturevalue("redis_url")]
+    return ["--event-log", str(tmp_path / "events.db")]
+
+
 @pytest.mark.slow
-def test_processes_share_the_port_and_the_users_state(tiny_bundle, redis_url, unused_port, tmp_path):
+def test_processes_share_the_port_and_the_users_state(tiny_bundle, shared_state, unused_port, tmp_path):
     metrics_port = unused_port + 1 if unused_port < 65000 else unused_port - 10
     port = unused_port
     log_path = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "tools", "serve", "--bundle", tiny_bundle, "--host", "127.0.0.1", "--port", str(port), "--processes", "2",
-           "--state", redis_url, "--watch-interval", "0", "--metrics-port", str(metrics_port)]  # fmt: skip
+           *shared_state, "--watch-interval", "0", "--metrics-port", str(metrics_port)]  # fmt: skip
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     addr = f"127.0.0.1:{port}"

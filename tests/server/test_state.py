@@ -12,7 +12,7 @@ from events.schema import BEHAVIOR_CODE, BEHAVIORS
 from server.engine import Engine
 from server.eventlog import EventStore, EventStoreError, UserEvent, _Pending, fold_events, read_event_store
 from server.query import Event, RecommendQuery
-from server.state import LoggedState, MemoryState, StateUnavailable, open_state
+from server.state import MemoryState, SharedLogState, StateUnavailable, open_state
 
 
 def ev(user: str, item: str, ts: int, behavior: str = "pv", category: str = "c") -> UserEvent:
@@ -112,11 +112,24 @@ def test_open_state_replays_the_log(tmp_path):
     first.append([ev("u", "a", 1), ev("u", "b", 2)])
     first.close()
     second = open_state("memory", event_log=path, max_events_per_user=1)
-    assert isinstance(second, LoggedState)
+    assert isinstance(second, SharedLogState)
     assert [e.item_id for e in second.recent("u")] == ["b"]
     assert second.store.count() == 2
     with pytest.raises(ValueError, match="unknown state"):
         open_state("postgres://x")
+
+
+def test_states_sharing_an_event_log_see_each_others_events(tmp_path):
+    # Two server processes' states on one file: what one commits, the other's next lookup returns.
+    path = str(tmp_path / "events.db")
+    a, b = open_state("memory", event_log=path), open_state("memory", event_log=path)
+    a.append([ev("u", "x", 1)])
+    assert [e.item_id for e in b.recent("u")] == ["x"]
+    b.append([ev("u", "y", 2), ev("v", "z", 3)])
+    assert [e.item_id for e in a.recent("u")] == ["x", "y"] and [e.item_id for e in a.recent("v")] == ["z"]
+    assert [e.item_id for e in b.recent("u")] == ["x", "y"]  # its own append is held once, not twice
+    a.close()
+    b.close()
 
 
 def test_read_event_store_and_fold_into_a_log(tmp_path):
