@@ -1,6 +1,6 @@
-"""gRPC server assembly: the Recommender servicer behind one interceptor (token, size limit, metrics,
-access log), a micro-batcher, an engine holder that follows the bundle root, health checking and
-reflection; :func:`serve` runs it all until a signal."""
+"""gRPC server assembly: a ``grpc.aio`` server (:mod:`server.aio`) with the Recommender servicer
+behind one interceptor (token, size limit, metrics, access log), a micro-batcher, an engine holder
+that follows the bundle root, health checking and reflection; :func:`serve` runs it all until a signal."""
 
 import logging
 import os
@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server.aio import AioServer
 from server.batching import BatchStats, MicroBatcher
 from server.holder import EngineHolder
 from server.interceptors import ServerInterceptor
@@ -35,7 +36,8 @@ class ServerOptions:
     """How a server runs; every field has a working default.
 
     Attributes:
-        max_workers: request threads; they wait on the batcher, so keep it >= ``max_batch``.
+        max_workers: threads for blocking work beside the event loop: LogEvents commits
+            (concurrent ones share one fsync), reloads, and Recommend when batching is off.
         max_batch: most Recommend requests per micro-batch (1 turns batching off).
         batch_wait_ms: how long a batch keeps gathering after its first request; 0 takes
             only the requests already waiting.
@@ -69,7 +71,8 @@ class Server:
     """A built server and the parts that stop with it.
 
     Attributes:
-        server: the gRPC server (unstarted when returned by :func:`build_server`).
+        server: the gRPC server (unstarted when returned by :func:`build_server`); an
+            :class:`server.aio.AioServer`, with a synchronous server's ``start()`` and ``stop(grace).wait()``.
         port: the bound port.
         holder: the engine holder (``holder.reload()``, ``holder.engine``).
         servicer: the Recommender servicer.
@@ -78,29 +81,32 @@ class Server:
         batcher: the micro-batcher, or ``None`` when batching is off.
     """
 
-    server: grpc.Server
+    server: AioServer
     port: int
     holder: EngineHolder
     servicer: RecommenderServicer
-    health: health.HealthServicer
+    health: health.aio.HealthServicer
     metrics: Metrics
     batcher: MicroBatcher | None
+    executor: futures.ThreadPoolExecutor
 
     def stop(self, grace: float | None = None) -> None:
         """Stop taking requests, let in-flight ones finish for ``grace`` seconds, then stop the batcher."""
-        self.health.enter_graceful_shutdown()
+        if self.server.loop.is_running():
+            self.server.run(self.health.enter_graceful_shutdown())
         self.server.stop(grace).wait()
         if self.batcher is not None:
             self.batcher.close()
+        self.executor.shutdown(wait=False)
 
 
-def create_server(addr: str, engine, *, max_workers: int = 8) -> tuple[grpc.Server, int]:
+def create_server(addr: str, engine, *, max_workers: int = 8) -> tuple[AioServer, int]:
     """Build a server for ``engine`` bound to ``addr``; the caller starts and stops it.
 
     Args:
         addr: ``host:port`` to bind; port 0 picks a free one.
         engine: object with ``recommend(RecommendQuery) -> RecommendResult``.
-        max_workers: request threads.
+        max_workers: threads for blocking work (see :class:`ServerOptions`).
 
     Returns:
         The unstarted server and the port it is bound to.
@@ -141,8 +147,7 @@ def build_server(addr: str, *, holder: EngineHolder, options: ServerOptions | No
     )
     interceptor = ServerInterceptor(metrics, token=options.token, protected=PROTECTED, max_request_bytes=options.max_message_bytes)
     transport_limit = options.max_message_bytes * TRANSPORT_SLACK
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="rpc"),
+    server = AioServer(
         interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", transport_limit),
@@ -150,13 +155,18 @@ def build_server(addr: str, *, holder: EngineHolder, options: ServerOptions | No
             ("grpc.so_reuseport", int(options.reuse_port)),
         ],
     )
-    servicer = RecommenderServicer(holder=holder, batcher=batcher, metrics=metrics)
-    recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    executor = futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="rpc-blocking")
+    servicer = RecommenderServicer(holder=holder, batcher=batcher, metrics=metrics, executor=executor)
+    health_servicer = health.aio.HealthServicer()
+
+    async def register() -> None:
+        recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, server.aio)
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server.aio)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server.aio)
+
+    server.run(register())
     credentials = None
     if options.tls_cert or options.tls_key:
         if not (options.tls_cert and options.tls_key):
@@ -166,8 +176,9 @@ def build_server(addr: str, *, holder: EngineHolder, options: ServerOptions | No
     try:
         port = server.add_secure_port(addr, credentials) if credentials else server.add_insecure_port(addr)
     except RuntimeError as err:
+        server.stop(None)
         raise BindError(f"cannot bind {addr}: is another server listening there? ({err})") from err
-    return Server(server, port, holder, servicer, health_servicer, metrics, batcher)
+    return Server(server, port, holder, servicer, health_servicer, metrics, batcher, executor)
 
 
 def recommend_batcher(holder: EngineHolder, metrics: Metrics, *, max_batch: int, max_wait_s: float) -> MicroBatcher:

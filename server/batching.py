@@ -153,10 +153,12 @@ class MicroBatcher:
         live, expired = [], 0
         finish_by = started + self._run_s
         for p in batch:
-            if p.deadline is not None and p.deadline <= finish_by:
+            if not p.future.set_running_or_notify_cancel():
+                expired += 1  # its caller gave up waiting (deadline passed or cancelled)
+            elif p.deadline is not None and p.deadline <= finish_by:
                 expired += 1
                 p.future.set_exception(DeadlineExpired(f"deadline {p.deadline - started:+.3f}s away when its batch (about {self._run_s:.3f}s) would start"))
-            elif p.future.set_running_or_notify_cancel():
+            else:
                 live.append(p)
         if live:
             try:

@@ -5,7 +5,9 @@ The access log is one record per rpc on the ``funnel.access`` logger with the fi
 emits them as keys): DEBUG for OK, WARNING otherwise.
 """
 
+import asyncio
 import hmac
+import inspect
 import logging
 import time
 from collections.abc import Collection
@@ -17,8 +19,8 @@ from server.metrics import Metrics
 access_log = logging.getLogger("funnel.access")
 
 
-class ServerInterceptor(grpc.ServerInterceptor):
-    """Wraps every unary-unary handler.
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every unary-unary handler of a ``grpc.aio`` server.
 
     Args:
         metrics: where request counts and latencies go.
@@ -35,8 +37,8 @@ class ServerInterceptor(grpc.ServerInterceptor):
         self.protected = frozenset(protected)
         self.max_request_bytes = max_request_bytes
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
         method = handler_call_details.method
@@ -44,18 +46,26 @@ class ServerInterceptor(grpc.ServerInterceptor):
         guarded = self._expected is not None and method in self.protected
         behavior = handler.unary_unary
 
-        def wrapped(request, context):
+        async def wrapped(request, context):
             started = time.perf_counter()
             try:
                 if guarded and not self._authorized(context):
-                    context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{short} needs metadata 'authorization: Bearer <token>' with the server's token")
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{short} needs metadata 'authorization: Bearer <token>' with the server's token")
                 if self.max_request_bytes and request.ByteSize() > self.max_request_bytes:
-                    context.abort(
+                    await context.abort(
                         grpc.StatusCode.INVALID_ARGUMENT, f"request is {request.ByteSize()} bytes; this server accepts at most {self.max_request_bytes}"
                     )
                 response = behavior(request, context)
+                if inspect.isawaitable(response):
+                    response = await response
                 self._record(short, context.code() or grpc.StatusCode.OK, started, request)
                 return response
+            except asyncio.CancelledError:
+                # The caller's deadline passed or it cancelled: the rpc ends without a handler status.
+                remaining = context.time_remaining()
+                gone = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+                self._record(short, gone, started, request)
+                raise
             except BaseException:
                 self._record(short, context.code() or grpc.StatusCode.UNKNOWN, started, request)
                 raise
@@ -64,7 +74,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
             wrapped, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
         )
 
-    def _authorized(self, context: grpc.ServicerContext) -> bool:
+    def _authorized(self, context: grpc.aio.ServicerContext) -> bool:
         for key, value in context.invocation_metadata():
             if key == "authorization":
                 given = value.encode() if isinstance(value, str) else value

@@ -4,9 +4,11 @@ The engine only ever sees :class:`server.query.RecommendQuery`; everything that 
 rejected from the request alone is rejected here, before the engine runs.
 """
 
+import asyncio
 import logging
 import math
 import time
+from concurrent.futures import Executor
 
 import grpc
 
@@ -132,25 +134,34 @@ def to_response(result: RecommendResult, request_id: str) -> recommender_pb2.Rec
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
-    """Serves the Recommender rpcs from the engine an :class:`EngineHolder` holds.
+    """Serves the Recommender rpcs, on a ``grpc.aio`` event loop, from the engine an :class:`EngineHolder` holds.
+
+    The loop does only protocol work: a ``Recommend`` waits on the micro-batcher (whose
+    thread runs the engine) and blocking calls run on ``executor``, so no engine work
+    ever holds up the loop.
 
     Args:
         engine: the engine to serve (``recommend(RecommendQuery) -> RecommendResult``,
             optionally ``recommend_batch``); ignored when ``holder`` is given.
         holder: owns the engine and swaps bundles (``Reload``); default: a fixed one.
         batcher: gathers concurrent ``Recommend`` calls (see :func:`server.app.recommend_batcher`);
-            ``None`` runs each on its request thread.
+            ``None`` runs each on ``executor``.
         metrics: where stage timings and logged-event counts go.
+        executor: threads for blocking work (unbatched ``Recommend``, ``LogEvents``
+            commits, ``Reload``); ``None`` for the loop's default executor.
 
     Attributes:
         engine: the serving engine. Assigning a new one swaps it for later requests;
             requests already running finish on the engine they started with.
     """
 
-    def __init__(self, engine=None, *, holder: EngineHolder | None = None, batcher: MicroBatcher | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, engine=None, *, holder: EngineHolder | None = None, batcher: MicroBatcher | None = None, metrics: Metrics | None = None, executor: Executor | None = None
+    ) -> None:
         self.holder = holder if holder is not None else EngineHolder(engine)
         self.batcher = batcher
         self.metrics = metrics if metrics is not None else Metrics()
+        self.executor = executor
 
     @property
     def engine(self):
@@ -160,46 +171,49 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def engine(self, engine) -> None:
         self.holder.engine = engine
 
-    def Recommend(self, request: recommender_pb2.RecommendRequest, context: grpc.ServicerContext) -> recommender_pb2.RecommendResponse:
+    async def _blocking(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def Recommend(self, request: recommender_pb2.RecommendRequest, context: grpc.aio.ServicerContext) -> recommender_pb2.RecommendResponse:
         """Validate, run the engine (batched), convert; aborts with INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (shed) or INTERNAL."""
         try:
             query = validate(request)
         except BadQuery as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         try:
             if self.batcher is None:
                 # One read, so a swap mid-request cannot mix two engines' versions and results.
-                result = self.engine.recommend(query)
+                result = await self._blocking(self.engine.recommend, query)
             else:
                 remaining = context.time_remaining()
                 deadline = time.monotonic() + remaining if remaining is not None else None
-                result = self.batcher.submit(query, deadline).result()
+                result = await asyncio.wrap_future(self.batcher.submit(query, deadline))
             self.metrics.stage.labels("recall").observe(result.timings_us.get("recall", 0) / 1e6)
             self.metrics.stage.labels("rank").observe(result.timings_us.get("rank", 0) / 1e6)
             return to_response(result, request.request_id)
         except BadQuery as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except DeadlineExpired as err:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"not computed: {err}")
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"not computed: {err}")
         except Overloaded as err:
             self.metrics.shed.inc()
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"overloaded, not queued (retry later or elsewhere): {err}")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"overloaded, not queued (retry later or elsewhere): {err}")
         except Exception:
             log.exception("Recommend failed (request_id=%r, user_id=%r)", request.request_id, request.user_id)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error serving request_id={request.request_id!r}; see the server log")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error serving request_id={request.request_id!r}; see the server log")
 
-    def Reload(self, request: recommender_pb2.ReloadRequest, context: grpc.ServicerContext) -> recommender_pb2.ReloadResponse:
+    async def Reload(self, request: recommender_pb2.ReloadRequest, context: grpc.aio.ServicerContext) -> recommender_pb2.ReloadResponse:
         """Swap in the bundle ``CURRENT`` names now; FAILED_PRECONDITION with the reason when it is refused."""
         try:
-            outcome = self.holder.reload()
+            outcome = await self._blocking(self.holder.reload)
         except BundleRefused as err:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"bundle refused, the old one keeps serving: {err}")
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"bundle refused, the old one keeps serving: {err}")
         except Exception:
             log.exception("Reload failed")
-            context.abort(grpc.StatusCode.INTERNAL, "internal error reloading the bundle; see the server log")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error reloading the bundle; see the server log")
         return recommender_pb2.ReloadResponse(changed=outcome.changed, model_version=outcome.model_version, index_version=outcome.index_version)
 
-    def LogEvents(self, request: recommender_pb2.LogEventsRequest, context: grpc.ServicerContext) -> recommender_pb2.LogEventsResponse:
+    async def LogEvents(self, request: recommender_pb2.LogEventsRequest, context: grpc.aio.ServicerContext) -> recommender_pb2.LogEventsResponse:
         """Validate and store a batch; returns once it is durable.
 
         Aborts with INVALID_ARGUMENT (bad batch, nothing stored), FAILED_PRECONDITION
@@ -209,16 +223,16 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         try:
             events = validate_events(request)
         except BadQuery as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         if getattr(engine, "state", None) is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server was started without user state; LogEvents is not available")
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server was started without user state; LogEvents is not available")
         try:
-            unknown = engine.log_events(events)
+            unknown = await self._blocking(engine.log_events, events)
         except StateUnavailable as err:
             log.warning("LogEvents: %s", err)
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"user state store unavailable, the batch is not acknowledged (retry): {err}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"user state store unavailable, the batch is not acknowledged (retry): {err}")
         except Exception:
             log.exception("LogEvents failed (%d events)", len(events))
-            context.abort(grpc.StatusCode.INTERNAL, "internal error storing events; see the server log")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error storing events; see the server log")
         self.metrics.events_logged.inc(len(events))
         return recommender_pb2.LogEventsResponse(accepted=len(events), unknown_items=unknown)
