@@ -1,23 +1,20 @@
 """The recommendation engine behind the gRPC service: one bundle, both stages, raw ids in and out."""
 
 import dataclasses
-import logging
 import time
 from collections.abc import Sequence
 
 import numpy as np
 
-from events.schema import BEHAVIOR_CODE, BEHAVIORS
-from events.sequences import Sequences
+from events.schema import BEHAVIORS
 from events.vocab import PAD
 from rank.pipeline import Ranked
 from recall.retriever import CHANNELS, Excluded
 from server.bundle import Bundle, load_bundle
 from server.eventlog import UserEvent
+from server.history import UserHistory, stack
 from server.query import Attended, BadQuery, RecommendQuery, RecommendResult, Recommendation
 from server.state import StateUnavailable, UserState
-
-log = logging.getLogger("funnel.engine")
 
 EXPLAIN_TOP = 3
 """Attended behaviours returned per item."""
@@ -42,6 +39,7 @@ class Engine:
     def __init__(self, bundle: Bundle, state: UserState | None = None, runtime: str = "onnx"):
         self.bundle = bundle
         self.state = state
+        self.history = UserHistory(bundle.data, state)
         self.pipeline = bundle.pipeline(runtime)
         data = bundle.data
         self._data_end = bundle.data_end
@@ -129,11 +127,11 @@ class Engine:
 
     def _recommend_group(self, queries: list[RecommendQuery], category: int | None, two_tower: int, head_weights: tuple[tuple[str, float], ...]) -> list[RecommendResult]:
         started = time.perf_counter()
-        user_seqs = [self._user_sequence(q) for q in queries]
-        seqs = _stack(user_seqs)
+        user_seqs = [self.history.sequence(q) for q in queries]
+        seqs = stack(user_seqs)
         window = seqs.user_window(np.arange(len(queries)), self.pipeline.history)
         now = np.array([max(self._data_end, int(s.ts.max()) if len(s) else 0) for s in user_seqs])  # [B]
-        exclude = Excluded([self._exclude(q, s) for q, s in zip(queries, user_seqs)], width=self.bundle.data.items.size)
+        exclude = Excluded([self.history.excluded(q, s) for q, s in zip(queries, user_seqs)], width=self.bundle.data.items.size)
         candidates = self.pipeline.retriever.retrieve(
             window.tail(self.pipeline.retriever.model.cfg.history), now, exclude, category, two_tower=two_tower
         )
@@ -206,65 +204,6 @@ class Engine:
         events = [e if e.category_id or not item else dataclasses.replace(e, category_id=str(name)) for e, item, name in zip(events, items, names)]
         self.state.append(events)
         return int((items == PAD).sum())
-
-    def _logged(self, user_id: str, lo: int, hi: int) -> tuple[UserEvent, ...]:
-        """The user's logged events minus those the bundle already holds (folded in by training)."""
-        if self.state is None:
-            return ()
-        try:
-            logged = self.state.recent(user_id)
-        except StateUnavailable as err:
-            # Recommend sits in callers' request paths: answer from the bundle rather than fail.
-            log.warning("user state unavailable, serving %r without live behaviour: %s", user_id, err)
-            return ()
-        seqs = self.bundle.data.seqs
-        if not logged or hi == lo or logged[0].timestamp > seqs.ts[hi - 1]:
-            return logged
-        held = set(zip(self.bundle.data.items.decode(seqs.items[lo:hi]), seqs.behaviors[lo:hi].tolist(), seqs.ts[lo:hi].tolist()))
-        return tuple(e for e in logged if (e.item_id, BEHAVIOR_CODE[e.behavior], e.timestamp) not in held)
-
-    def _user_sequence(self, query: RecommendQuery) -> Sequences:
-        """The user's bundle history, logged events and this request's recent events, as one time-ordered sequence.
-
-        Events on items this bundle does not know are left out (they stay in the state
-        and count once a bundle includes the items).
-        """
-        data = self.bundle.data
-        user = int(data.users.encode([query.user_id])[0])
-        lo, hi = (data.seqs.offsets[user], data.seqs.offsets[user + 1]) if user != PAD else (0, 0)
-        recent = (*self._logged(query.user_id, lo, hi), *query.recent_events)
-        items = data.items.encode([e.item_id for e in recent]) if recent else np.zeros(0, np.int64)
-        known = items != PAD
-        if not known.all():
-            # Items newer than the bundle cannot be embedded yet; they count once a rebuild includes them.
-            log.debug("request %s: %d logged or recent events on unknown items ignored", query.request_id, int((~known).sum()))
-        behaviors = np.array([BEHAVIOR_CODE[e.behavior] for e in recent], dtype=np.int8)[known]
-        ts = np.array([e.timestamp for e in recent], dtype=np.int64)[known]
-        items = items[known]
-        n = hi - lo + len(items)
-        return Sequences.from_encoded(
-            np.zeros(n, np.int64),
-            np.concatenate([data.seqs.items[lo:hi], items]),
-            np.concatenate([data.seqs.categories[lo:hi], data.item_category[items]]),
-            np.concatenate([data.seqs.behaviors[lo:hi], behaviors]),
-            np.concatenate([data.seqs.ts[lo:hi], ts]),
-            1,
-        )
-
-    def _exclude(self, query: RecommendQuery, seqs: Sequences) -> np.ndarray:
-        """The distinct item ids this query must not get: what it names, and the user's history unless ``include_seen``."""
-        excluded = self.bundle.data.items.encode(list(query.exclude_item_ids)) if query.exclude_item_ids else np.zeros(0, np.int64)
-        if not query.include_seen:
-            excluded = np.concatenate([excluded, seqs.items])
-        return np.unique(excluded[excluded != PAD])
-
-
-def _stack(user_seqs: list[Sequences]) -> Sequences:
-    """One-user sequences side by side as a batch of users (user ``b`` is ``user_seqs[b]``)."""
-    lengths = np.array([len(s) for s in user_seqs], np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    cat = lambda name: np.concatenate([getattr(s, name) for s in user_seqs])
-    return Sequences(offsets, cat("items"), cat("categories"), cat("behaviors"), cat("ts"))
 
 
 def _us(seconds: float) -> int:

@@ -52,4 +52,4 @@ def test_train_folds_the_event_log_into_the_next_bundle(tmp_path):
     offered = {r.item_id for r in engine.recommend(RecommendQuery(user_id="someone-else", k=1000)).items}
     assert "brand-new-item" in offered
     # The folded events are in the bundle and in the replayed state: they count once.
-    assert len(engine._user_sequence(RecommendQuery(user_id="folded-user-0", k=5))) == 5
+    assert len(engine.history.sequence(RecommendQuery(user_id="folded-user-0", k=5))) == 5

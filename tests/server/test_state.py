@@ -171,7 +171,7 @@ def test_engine_merges_logged_and_recent_events_in_time_order(engine):
     end = int(data.seqs.ts[hi - 1])
     a, b, c = (str(x) for x in data.items.decode(np.array([3, 4, 5])))
     engine.state.append([ev(user, b, end + 20, "buy"), ev(user, "not-in-bundle", end + 5), ev(user, a, end + 10, "cart")])
-    seqs = engine._user_sequence(RecommendQuery(user_id=user, k=5, recent_events=(Event(c, "fav", end + 15),)))
+    seqs = engine.history.sequence(RecommendQuery(user_id=user, k=5, recent_events=(Event(c, "fav", end + 15),)))
     assert len(seqs) == hi - lo + 4 - 1  # the unknown item is skipped for scoring
     assert list(data.items.decode(seqs.items[-3:])) == [a, c, b]
     assert list(seqs.behaviors[-3:]) == [BEHAVIOR_CODE["cart"], BEHAVIOR_CODE["fav"], BEHAVIOR_CODE["buy"]]
@@ -188,7 +188,7 @@ def test_engine_skips_logged_events_the_bundle_already_holds(engine):
     folded = UserEvent(user, item, "", BEHAVIORS[data.seqs.behaviors[hi - 1] - 1], ts)
     fresh = ev(user, item, ts - 1, "buy")
     engine.state.append([folded, fresh])
-    assert len(engine._user_sequence(RecommendQuery(user_id=user, k=5))) == hi - lo + 1
+    assert len(engine.history.sequence(RecommendQuery(user_id=user, k=5))) == hi - lo + 1
 
 
 def test_log_events_fills_categories_and_counts_unknown_items(engine):
@@ -204,7 +204,7 @@ def test_state_survives_an_engine_swap(engine):
     swapped = Engine(engine.bundle, engine.state)
     item = str(engine.bundle.data.items.decode(np.array([9]))[0])
     engine.log_events([ev("swap-user", item, 100)])
-    assert item in set(engine.bundle.data.items.decode(swapped._user_sequence(RecommendQuery(user_id="swap-user", k=3)).items))
+    assert item in set(engine.bundle.data.items.decode(swapped.history.sequence(RecommendQuery(user_id="swap-user", k=3)).items))
 
 
 def test_engine_without_state_refuses_events_and_still_serves(tiny_bundle, engine):
