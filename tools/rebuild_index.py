@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 
 from events.metrics import overlap_recall
-from recall.index import IndexSpec, build_index, resolve, search
+from recall.index import MIN_GATE_RECALL, IndexSpec, build_index, resolve, search
 from recall.scoring import exact_topk, subset_rows
 from recall.train import item_vectors
 from server.bundle import Bundle, load_bundle, replace_index
@@ -34,7 +34,7 @@ class IndexRejected(RuntimeError):
     """The rebuilt index's recall against exact search is below the required minimum."""
 
 
-def rebuild_index(*, bundle: str, index: str, min_recall: float = 0.95, k: int = 200, sample_users: int = 1000, seed: int = 0) -> dict:
+def rebuild_index(*, bundle: str, index: str, min_recall: float = MIN_GATE_RECALL, k: int = 200, sample_users: int = 1000, seed: int = 0) -> dict:
     """Embed the catalogue with the bundle's item tower, build ``index``, validate, publish.
 
     Args:
@@ -139,7 +139,7 @@ def _tie_aware_recall(queries: np.ndarray, vecs: np.ndarray, approx: np.ndarray,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", required=True, help="bundle root (with CURRENT); a new version with the new index is published there")
     parser.add_argument("--index", required=True, help="index spec: flat | ivf:nlist=N,nprobe=P | ivfpq:nlist=N,m=M,nprobe=P | hnsw:m=M,ef_search=E; IVF settings left out are sized to the catalogue")
-    parser.add_argument("--min-recall", type=float, default=0.95, help="publish only if recall@k against exact search reaches this (default: 0.95)")
+    parser.add_argument("--min-recall", type=float, default=MIN_GATE_RECALL, help=f"publish only if recall@k against exact search reaches this (default: {MIN_GATE_RECALL})")
     parser.add_argument("-k", type=int, default=200, help="depth of the recall comparison (default: 200)")
     parser.add_argument("--sample-users", type=int, default=1000, help="users whose vectors validate the index (default: 1000)")
 

@@ -14,14 +14,20 @@ from events.split import SPLITS, make_split
 from rank.business import BusinessTables
 from rank.train import RankerTrainConfig, train_ranker
 from recall.channels import CoVisitation, Popularity
-from recall.index import IndexSpec, build_index
+from recall.index import AUTO_IVF_MIN_ITEMS, MIN_GATE_RECALL, IndexSpec, build_index, gate_recall, resolve
 from recall.retriever import RecallConfig, Retriever
-from recall.train import TwoTowerTrainConfig, item_vectors, known_items, recommendable_items, train_two_tower
+from recall.train import TwoTowerTrainConfig, item_vectors, known_items, recommendable_items, train_two_tower, user_vectors
 from server.bundle import write_version
 from server.eventlog import fold_events as fold_events_into
 from server.eventlog import read_event_store
 
 log = logging.getLogger("funnel.train")
+
+AUTO_INDEX = "auto"
+GATE_USERS = 1000
+"""Users whose vectors check an automatically chosen IVF index against exact search."""
+GATE_K = 200
+"""Depth of that check: the two-tower channel's candidate count."""
 
 
 def train(
@@ -33,7 +39,7 @@ def train(
     fold_events: str | None = None,
     split: str = "leave-last-out",
     on_error: str = "fail",
-    index: str = "flat",
+    index: str = "auto",
     seed: int = 0,
     two_tower: TwoTowerTrainConfig | None = None,
     ranker: RankerTrainConfig | None = None,
@@ -56,7 +62,11 @@ def train(
         split: ``leave-last-out``, ``time`` or ``comirec`` (held-out users; see
             :func:`events.split.comirec_split`).
         on_error: ``fail`` or ``skip`` for bad rows.
-        index: index spec string, e.g. ``flat`` or ``ivf:nlist=1024,nprobe=32``.
+        index: index spec string, e.g. ``flat`` or ``ivf:nlist=1024,nprobe=32``; ``auto``
+            (default): exact search below :data:`recall.index.AUTO_IVF_MIN_ITEMS`
+            recommendable items, above it an IVF index sized to the catalogue if it reaches
+            :data:`recall.index.MIN_GATE_RECALL` recall@200 against exact search on real
+            user vectors (else exact search).
         seed: seed for both models (overrides the configs' seeds).
         two_tower, ranker, recall: stage settings (defaults when omitted).
         progress: progress bars and per-epoch lines.
@@ -65,7 +75,8 @@ def train(
         The new version directory.
     """
     started = time.time()
-    spec = IndexSpec.parse(index)
+    if index != AUTO_INDEX:
+        IndexSpec.parse(index)  # a bad spec fails before hours of training
     log_ = read_events(events, fmt, on_error=on_error, progress=progress)
     log.info("%s: %s", events, log_.report.summary())
     base_rows = log_.report.rows
@@ -83,6 +94,7 @@ def train(
     vecs = item_vectors(model, data, known)
     recommendable = recommendable_items(data, known)
     ids = np.flatnonzero(recommendable)
+    spec, index_gate = _choose_index(index, model, data, parts, vecs, recommendable, seed)
     ann = build_index(vecs[ids], ids, spec)
     # Channels and popularity see only the training part, like the models.
     mask = parts.train_mask(data.seqs)
@@ -104,6 +116,7 @@ def train(
             "split": split,
         },
         "training": {"two_tower": tt_history, "ranker": rk_history, "seconds": round(time.time() - started, 1)},
+        "index_choice": index_gate,
     }
     version = write_version(
         out,
@@ -123,6 +136,31 @@ def train(
     return version
 
 
+def _choose_index(index: str, model, data: Dataset, parts, vecs: np.ndarray, recommendable: np.ndarray, seed: int) -> tuple[IndexSpec, dict | None]:
+    """The index spec to build: ``index`` as given, or for ``auto`` exact search or a gated IVF (see :func:`train`).
+
+    Returns:
+        The spec and, for ``auto``, what decided it (items, candidate spec, measured recall).
+    """
+    if index != AUTO_INDEX:
+        return IndexSpec.parse(index), None
+    n = int(recommendable.sum())
+    if n < AUTO_IVF_MIN_ITEMS:
+        return IndexSpec(), {"items": n, "chosen": "flat", "reason": f"fewer than {AUTO_IVF_MIN_ITEMS} items: exact search is cheap"}
+    candidate = resolve(IndexSpec(kind="ivf"), n)
+    ids = np.flatnonzero(recommendable)
+    ivf = build_index(vecs[ids], ids, candidate)
+    # Real queries: sampled users as of their validation target, the state training ends in.
+    users, targets = parts.targets("valid")
+    pick = np.random.default_rng(seed).choice(len(users), min(GATE_USERS, len(users)), replace=False)
+    queries = user_vectors(model, data, users[pick], targets[pick])
+    k = min(GATE_K, n)
+    recall = gate_recall(ivf, queries, vecs, recommendable, k)
+    chosen = candidate if recall >= MIN_GATE_RECALL else IndexSpec()
+    log.info("index auto: %d items; %s reaches recall@%d %.4f against exact search on %d users -> %s", n, candidate, k, recall, len(queries), chosen)
+    return chosen, {"items": n, "candidate": str(candidate), "recall_at_k": round(recall, 5), "k": k, "users": len(queries), "chosen": str(chosen)}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", required=True, help="behaviour log: a Taobao CSV, a MovieLens directory or a parquet file")
     parser.add_argument("--format", dest="fmt", choices=FORMATS, default="taobao", help="log format (default: taobao)")
@@ -131,7 +169,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=SPLITS, default="leave-last-out", help="how to hold out validation/test targets (default: leave-last-out)")
     parser.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="bad rows: stop with file:line (fail, default) or skip and count them")
     parser.add_argument("--out", required=True, help="bundle root; a new version is written under OUT/versions and OUT/CURRENT flips to it")
-    parser.add_argument("--index", default="flat", help="index spec: flat | ivf:nlist=N,nprobe=P | ivfpq:nlist=N,m=M,nprobe=P | hnsw:m=M,ef_search=E (default: flat)")
+    parser.add_argument(
+        "--index", default=AUTO_INDEX,
+        help="index spec: auto | flat | ivf:nlist=N,nprobe=P | ivfpq:nlist=N,m=M,nprobe=P | hnsw:m=M,ef_search=E; auto: exact search "
+        f"below {AUTO_IVF_MIN_ITEMS:,} items, above it an IVF index sized to the catalogue if its recall@{GATE_K} against exact search "
+        f"on real user vectors reaches {MIN_GATE_RECALL} (else exact search) (default: auto)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed for both models (default: 0)")
     parser.add_argument("--epochs", type=int, default=None, help="maximum epochs per model (early stopping usually ends sooner)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -1,0 +1,33 @@
+"""``train --index auto``: exact search for small catalogues, a gated IVF index above the threshold."""
+
+import tools.train as train_tool
+from events.split import make_split
+from recall.index import IndexSpec
+from server.bundle import load_bundle
+
+
+def _choose(bundle, spec="auto"):
+    b = load_bundle(bundle)
+    parts = make_split(b.data.seqs, "leave-last-out")
+    return train_tool._choose_index(spec, b.two_tower, b.data, parts, b.item_vecs, b.recommendable, seed=0)
+
+
+def test_small_catalogue_gets_exact_search(tiny_bundle):
+    spec, why = _choose(tiny_bundle)
+    assert spec == IndexSpec() and why["chosen"] == "flat" and why["items"] < train_tool.AUTO_IVF_MIN_ITEMS
+
+
+def test_large_catalogue_gets_ivf_only_through_the_recall_gate(tiny_bundle, monkeypatch):
+    monkeypatch.setattr(train_tool, "AUTO_IVF_MIN_ITEMS", 10)
+    spec, why = _choose(tiny_bundle)
+    assert why["candidate"].startswith("ivf") and 0 <= why["recall_at_k"] <= 1 and why["users"] > 0
+    assert (spec.kind == "ivf") == (why["recall_at_k"] >= train_tool.MIN_GATE_RECALL)
+    # A gate no index can pass keeps exact search.
+    monkeypatch.setattr(train_tool, "MIN_GATE_RECALL", 1.01)
+    spec, why = _choose(tiny_bundle)
+    assert spec == IndexSpec() and why["chosen"] == "flat"
+
+
+def test_an_explicit_spec_is_taken_as_given(tiny_bundle):
+    spec, why = _choose(tiny_bundle, "hnsw:m=16")
+    assert spec.kind == "hnsw" and spec.m == 16 and why is None
