@@ -189,15 +189,21 @@ def frozen_ranker(model: Ranker) -> nn.Module:
         A module with the same inputs and outputs as :meth:`Ranker.forward`, for any
         batch size and candidate count.
     """
+    return frozen_for_inference(model, (example_inputs(model, 1, 2),), optimize=True)
+
+
+def example_inputs(model: Ranker, batch: int, candidates: int) -> dict[str, torch.Tensor]:
+    """Inputs of :meth:`Ranker.forward` for tracing or export: ids 1, dense features 0, on the model's device.
+
+    Returns:
+        ``hist_*`` [batch, cfg.history], ``cand_*`` [batch, candidates], ``dense`` [batch, candidates, num_dense].
+    """
     cfg = model.cfg
     device = next(model.parameters()).device
     ids = lambda *shape: torch.ones(shape, dtype=torch.long, device=device)
-    example = {
-        "hist_items": ids(1, cfg.history), "hist_categories": ids(1, cfg.history), "hist_behaviors": ids(1, cfg.history), "hist_gaps": ids(1, cfg.history),
-        "cand_items": ids(1, 2), "cand_categories": ids(1, 2), "cand_channels": ids(1, 2),
-        "dense": torch.zeros(1, 2, cfg.num_dense, device=device),
-    }  # fmt: skip
-    return frozen_for_inference(model, (example,), optimize=True)
+    hist = {name: ids(batch, cfg.history) for name in ("hist_items", "hist_categories", "hist_behaviors", "hist_gaps")}
+    cand = {name: ids(batch, candidates) for name in ("cand_items", "cand_categories", "cand_channels")}
+    return {**hist, **cand, "dense": torch.zeros(batch, candidates, cfg.num_dense, device=device)}
 
 
 def export_ranker(model: Ranker, path: str) -> None:
@@ -205,15 +211,8 @@ def export_ranker(model: Ranker, path: str) -> None:
 
     Batch, candidate count and history length are dynamic (history at least ``cfg.short``).
     """
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    ids = lambda *shape: torch.ones(shape, dtype=torch.long, device=device)
-    example = {
-        "hist_items": ids(2, cfg.history), "hist_categories": ids(2, cfg.history), "hist_behaviors": ids(2, cfg.history), "hist_gaps": ids(2, cfg.history),
-        "cand_items": ids(2, 3), "cand_categories": ids(2, 3), "cand_channels": ids(2, 3),
-        "dense": torch.zeros(2, 3, cfg.num_dense, device=device),
-    }  # fmt: skip
-    batch, cand, history = Dim("batch"), Dim("cand"), Dim("history", min=cfg.short)
+    example = example_inputs(model, 2, 3)
+    batch, cand, history = Dim("batch"), Dim("cand"), Dim("history", min=model.cfg.short)
     dynamic = {name: ({0: batch, 1: history} if name.startswith("hist_") else {0: batch, 1: cand}) for name in example}
     export_onnx(model, example, dynamic, ["logits", "attention"], path, as_dict="f")
 
