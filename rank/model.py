@@ -23,7 +23,7 @@ from torch.export import Dim
 
 from events.schema import BEHAVIORS, NUM_BEHAVIOR_CODES
 from rank.features import NUM_DENSE
-from recall.model import frozen_for_inference, lookup
+from recall.model import frozen_for_inference, lookup, masked_bias
 from recall.runtime import export_onnx
 
 
@@ -122,9 +122,10 @@ class TargetAttention(nn.Module):
         Returns:
             (interest [B, C, d], weights [B, C, L]; all zero for an empty history).
         """
-        att = self.query(target) @ self.key(events).transpose(1, 2) * self.scale  # [B, C, L]
-        att = att.masked_fill(~mask[:, None, :], float("-inf"))
-        weights = torch.nan_to_num(torch.softmax(att, dim=-1), nan=0.0)  # [B, C, L]
+        att = (self.query(target) * self.scale) @ self.key(events).transpose(1, 2) + masked_bias(mask)[:, None, :]  # [B, C, L]
+        # Padding gets exactly 0 from the softmax where the row has a real event, and the
+        # mask zeroes the rows of an empty history: fewer [B, C, L] ops than -inf and nan_to_num.
+        weights = torch.softmax(att, dim=-1) * mask[:, None, :].to(att.dtype)  # [B, C, L]
         return weights @ events, weights
 
 

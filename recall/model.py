@@ -125,10 +125,19 @@ class UserTower(nn.Module):
         return F.normalize(fused + self.mlp(torch.cat([fused, last], dim=-1)), dim=-1)
 
 
+MASKED_LOGIT = -1e4
+"""Added to the attention logits of padding: exp() of it relative to any real logit is exactly 0 in
+float32, and unlike -inf it keeps an all-padding row finite (also in float16)."""
+
+
+def masked_bias(mask: torch.Tensor) -> torch.Tensor:
+    """0 where ``mask`` holds, :data:`MASKED_LOGIT` elsewhere, in float32 (same shape)."""
+    return (~mask).to(torch.float32) * MASKED_LOGIT
+
+
 def _masked_pool(logits: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Softmax-weighted sum over real positions; all-padding rows pool to zero. Returns [B, d]."""
-    w = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)  # [B, n]
-    w = torch.nan_to_num(w, nan=0.0)
+    w = torch.softmax(logits + masked_bias(mask), dim=-1) * mask.to(logits.dtype)  # [B, n]
     return (w.unsqueeze(-1) * values).sum(1)
 
 
