@@ -101,19 +101,30 @@ class Dataset:
         ).to_parquet(
             os.path.join(directory, "item_meta.parquet")
         )
-        np.savez(os.path.join(directory, "sequences.npz"), **{f: getattr(self.seqs, f) for f in _SEQ_FIELDS})
+        # One .npy per field, not an .npz: a plain array file can be memory-mapped, so the
+        # server processes on a machine share one copy in the page cache.
+        for f in _SEQ_FIELDS:
+            np.save(os.path.join(directory, f"sequences_{f}.npy"), getattr(self.seqs, f))
 
     @classmethod
     def load(cls, directory: str) -> "Dataset":
-        """Read what :meth:`save` wrote, checking that the pieces agree in size."""
+        """Read what :meth:`save` wrote, checking that the pieces agree in size.
+
+        The sequences are memory-mapped read-only (bundles before format 4 kept them in
+        one ``sequences.npz``, which is read into memory).
+        """
         users = Vocab.load(os.path.join(directory, "users.parquet"))
         items = Vocab.load(os.path.join(directory, "items.parquet"))
         categories = Vocab.load(os.path.join(directory, "categories.parquet"))
         tags = Vocab.load(os.path.join(directory, "tags.parquet"))
         item_tags = np.load(os.path.join(directory, "item_tags.npy"))
         meta = pd.read_parquet(os.path.join(directory, "item_meta.parquet"))
-        with np.load(os.path.join(directory, "sequences.npz")) as npz:
-            seqs = Sequences(**{f: npz[f] for f in _SEQ_FIELDS})
+        legacy = os.path.join(directory, "sequences.npz")
+        if os.path.isfile(legacy):
+            with np.load(legacy) as npz:
+                seqs = Sequences(**{f: npz[f] for f in _SEQ_FIELDS})
+        else:
+            seqs = Sequences(**{f: np.load(os.path.join(directory, f"sequences_{f}.npy"), mmap_mode="r") for f in _SEQ_FIELDS})
         if len(meta) != items.size or len(item_tags) != items.size:
             raise ValueError(f"{directory}: item metadata has {len(meta)} rows for {items.size} item ids")
         if seqs.num_users != users.size or seqs.offsets[-1] != len(seqs.items):

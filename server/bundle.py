@@ -29,7 +29,7 @@ from recall.retriever import RecallConfig, Retriever
 from recall.runtime import RUNTIMES
 from recall.train import recommendable_items
 
-FORMAT_VERSION = 4  # 2: multi-head ranker with business-feature tables; 3: low-rank cross layers; 4: ONNX exports
+FORMAT_VERSION = 4  # 2: multi-head ranker with business-feature tables; 3: low-rank cross layers; 4: ONNX exports, memory-mapped sequences
 UPGRADABLE_FORMATS = (3,)
 """Older formats that ``funnel rebuild-index`` turns into the current one (it adds the ONNX exports)."""
 CURRENT = "CURRENT"
@@ -377,7 +377,7 @@ def load_bundle(path: str, device: str = "cpu", candidates: dict[str, int] | Non
         data = Dataset.load(join("data"))
         two_tower = _load_model(join("recall", "two_tower.pt"), TwoTower, TwoTowerConfig).to(device)
         ranker = _load_model(join("rank", "ranker.pt"), Ranker, RankerConfig).to(device)
-        item_vecs = np.load(join(VECTORS_FILE))
+        item_vecs = np.load(join(VECTORS_FILE), mmap_mode="r")  # shared by the server processes through the page cache
         spec = IndexSpec.parse(manifest["index_spec"])
         index = load_index(join(INDEX_FILE), spec)
         covisit = CoVisitation(sp.load_npz(join("recall", "covisit.npz")).tocsr())

@@ -68,3 +68,12 @@ def test_format_3_is_refused_with_the_command_that_upgrades_it(tiny_bundle, tmp_
     assert upgraded.path == report["version"] and upgraded.manifest["format_version"] == FORMAT_VERSION
     assert os.path.isfile(os.path.join(upgraded.path, "rank", "ranker.onnx")) and "recall/user_tower.onnx" in upgraded.manifest["files"]
     assert Engine(upgraded).recommend(RecommendQuery(user_id="x", k=5)).items
+
+
+def test_sequences_and_item_vectors_are_memory_mapped(tiny_bundle):
+    # Server processes on one machine share these through the page cache instead of each holding a copy.
+    import numpy as np
+
+    b = load_bundle(tiny_bundle)
+    assert all(isinstance(getattr(b.data.seqs, f), np.memmap) for f in ("offsets", "items", "categories", "behaviors", "ts"))
+    assert isinstance(b.item_vecs, np.memmap) and not b.item_vecs.flags.writeable
