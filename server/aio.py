@@ -27,7 +27,7 @@ class AioServer:
 
     def __init__(self, *, interceptors: Sequence[Any] = (), options: Sequence[tuple[str, Any]] = ()):
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-aio", daemon=True)
+        self._thread = threading.Thread(target=self._run_loop, name="grpc-aio", daemon=True)
         self._thread.start()
         self._stopped = threading.Event()
 
@@ -35,6 +35,10 @@ class AioServer:
             return grpc.aio.server(interceptors=list(interceptors), options=list(options))
 
         self.aio = self.run(create())
+
+    def _run_loop(self) -> None:
+        self.loop.run_forever()
+        self.loop.close()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the server's loop and wait for its result."""
@@ -64,7 +68,7 @@ class AioServer:
         Returns:
             An event set once everything stopped (``.wait()`` as on a synchronous server's stop).
         """
-        if self._stopped.is_set() or not self.loop.is_running():
+        if self._stopped.is_set() or self.loop.is_closed() or not self.loop.is_running():
             self._stopped.set()
             return self._stopped
 

@@ -79,6 +79,7 @@ class Server:
         health: the health servicer (NOT_SERVING on shutdown).
         metrics: the server's metrics.
         batcher: the micro-batcher, or ``None`` when batching is off.
+        executor: the threads for blocking work (:attr:`ServerOptions.max_workers`).
     """
 
     server: AioServer
@@ -92,7 +93,7 @@ class Server:
 
     def stop(self, grace: float | None = None) -> None:
         """Stop taking requests, let in-flight ones finish for ``grace`` seconds, then stop the batcher."""
-        if self.server.loop.is_running():
+        if not self.server.loop.is_closed() and self.server.loop.is_running():
             self.server.run(self.health.enter_graceful_shutdown())
         self.server.stop(grace).wait()
         if self.batcher is not None:
