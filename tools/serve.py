@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", default="0.0.0.0", help="address to bind (default: 0.0.0.0)")
     parser.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (default: 50051)")
-    parser.add_argument("--workers", type=int, default=ServerOptions.max_workers, help=f"request threads; keep it >= --max-batch (default: {ServerOptions.max_workers})")
+    parser.add_argument("--workers", type=int, default=ServerOptions.max_workers, help=f"threads for blocking work beside the event loop: LogEvents commits, reloads, Recommend with --max-batch 1 (default: {ServerOptions.max_workers})")
     parser.add_argument("--max-batch", type=int, default=ServerOptions.max_batch, help=f"most Recommend requests computed as one batch; 1 turns batching off (default: {ServerOptions.max_batch})")
     parser.add_argument(
         "--batch-wait-ms", type=float, default=ServerOptions.batch_wait_ms,
