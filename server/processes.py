@@ -14,6 +14,7 @@ process follows ``CURRENT`` on its own; the ``Reload`` rpc reaches the one proce
 that took the call, and the others switch at their next poll.
 """
 
+import ctypes
 import dataclasses
 import logging
 import multiprocessing
@@ -64,7 +65,7 @@ def serve_processes(processes: int, serve_kwargs: dict[str, Any]) -> int:
         kwargs = dict(serve_kwargs, threads=threads, options=dataclasses.replace(serve_kwargs.get("options") or ServerOptions(), reuse_port=True))
         if kwargs.get("metrics_port"):  # 0 (any free port) stays 0
             kwargs["metrics_port"] += i
-        children.append(context.Process(target=_child, args=(i, processes, kwargs), name=f"funnel-serve-{i}"))
+        children.append(context.Process(target=_child, args=(i, processes, kwargs, os.getpid()), name=f"funnel-serve-{i}"))
     stopping = False
 
     def stop(*_) -> None:
@@ -114,13 +115,29 @@ def _check(processes: int, kwargs: dict[str, Any]) -> None:
         )
 
 
-def _child(i: int, n: int, kwargs: dict[str, Any]) -> None:
+def _child(i: int, n: int, kwargs: dict[str, Any], parent: int) -> None:
     # The parent's handlers were inherited; serve() installs its own once it is up.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _stop_with_parent(parent)
     log.info("server process %d of %d (pid %d)", i + 1, n, os.getpid())
     try:
         serve(**kwargs)
     except (StateUnavailable, EventStoreError, BindError) as err:
         log.error("server process %d of %d: %s", i + 1, n, err)
         raise SystemExit(2) from None
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when its parent (pid ``parent``) dies (Linux), so a
+    parent killed with SIGKILL leaves no orphan servers holding the port; elsewhere nothing is done."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -109,3 +109,31 @@ def test_processes_share_the_port_and_the_users_state(tiny_bundle, shared_state,
         proc.wait(timeout=60)
     assert proc.returncode == 0, log_path.read_text()
     assert "started 2 server processes" in log_path.read_text()
+
+
+@pytest.mark.slow
+def test_servers_stop_when_their_parent_is_killed(tiny_bundle, unused_port, tmp_path):
+    # kill -9 of `funnel serve` must not leave orphan servers holding the port.
+    cmd = [sys.executable, "-m", "tools", "serve", "--bundle", tiny_bundle, "--host", "127.0.0.1", "--port", str(unused_port), "--processes", "2",
+           "--event-log", str(tmp_path / "events.db"), "--watch-interval", "0"]  # fmt: skip
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        wait_ready(f"127.0.0.1:{unused_port}", timeout=START_TIMEOUT_S)
+        children = _children(proc.pid)
+        assert len(children) == 2
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in children):
+        assert time.monotonic() < deadline, "server processes outlived their parent"
+        time.sleep(0.2)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
