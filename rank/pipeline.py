@@ -1,6 +1,7 @@
 """The two stages together: recall candidates, then rank them. Used by training,
 evaluation and the server alike, so every path scores exactly the same way."""
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ from events.sequences import Window
 from rank.business import BusinessTables
 from rank.features import FeatureTables, RankFeatures, build_features
 from rank.model import Ranker, combine_heads, frozen_ranker, head_probabilities
-from recall.retriever import Candidates, Retriever
+from recall.retriever import Candidates, Excluded, Retriever
 from recall.runtime import OnnxModel
 
 
@@ -40,6 +41,16 @@ class Ranked:
     head_scores: dict[str, np.ndarray]
     history_behaviors: np.ndarray
     history_ts: np.ndarray
+
+
+@dataclass
+class Recommended:
+    """What :meth:`TwoStage.recommend` returns: both stages' output and their wall-clock seconds."""
+
+    candidates: Candidates
+    ranked: Ranked
+    recall_s: float
+    rank_s: float
 
 
 class TwoStage:
@@ -161,20 +172,32 @@ class TwoStage:
         )
 
     def recommend(
-        self, window: Window, now: np.ndarray, user_activity: np.ndarray, exclude: sp.csr_matrix, category: int | None = None, head_weights: dict[str, float] | None = None
-    ) -> tuple[Candidates, Ranked]:
-        """Both stages for a batch of users.
+        self,
+        window: Window,
+        now: np.ndarray,
+        user_activity: np.ndarray,
+        exclude: "sp.csr_matrix | Excluded",
+        category: int | None = None,
+        head_weights: dict[str, float] | None = None,
+        two_tower: int = 0,
+    ) -> Recommended:
+        """Both stages for a batch of users: the request path the server and ``funnel evaluate`` share.
 
         Args:
             window: recent behaviour, at least :attr:`history` long.
             now: [B] request times.
             user_activity: [B] events in each user's whole history.
-            exclude: [B, M] items never to return (seen, excluded by the caller).
+            exclude: [B, M] sparse, or per-user id arrays (:class:`recall.retriever.Excluded`):
+                items never to return (seen, excluded by the caller).
             category: only items of this category id.
             head_weights: as in :meth:`rank`.
+            two_tower: ask the two-tower channel for at least this many candidates.
 
         Returns:
-            The recall candidates (recall order) and the ranked list.
+            The recall candidates (recall order), the ranked list and each stage's seconds.
         """
-        candidates = self.retriever.retrieve(window.tail(self.retriever.model.cfg.history), now, exclude, category)
-        return candidates, self.rank(window, now, user_activity, candidates, head_weights)
+        started = time.perf_counter()
+        candidates = self.retriever.retrieve(window.tail(self.retriever.model.cfg.history), now, exclude, category, two_tower=two_tower)
+        recalled = time.perf_counter()
+        ranked = self.rank(window, now, user_activity, candidates, head_weights)
+        return Recommended(candidates, ranked, recalled - started, time.perf_counter() - recalled)

@@ -132,15 +132,12 @@ class Engine:
         window = seqs.user_window(np.arange(len(queries)), self.pipeline.history)
         now = np.array([max(self._data_end, int(s.ts.max()) if len(s) else 0) for s in user_seqs])  # [B]
         exclude = Excluded([self.history.excluded(q, s) for q, s in zip(queries, user_seqs)], width=self.bundle.data.items.size)
-        candidates = self.pipeline.retriever.retrieve(
-            window.tail(self.pipeline.retriever.model.cfg.history), now, exclude, category, two_tower=two_tower
-        )
-        recalled = time.perf_counter()
-        ranked = self.pipeline.rank(window, now, seqs.lengths, candidates, head_weights=dict(head_weights) or None)
-        done = time.perf_counter()
-        # Stage times are the group's: every query in it waited for the whole pass.
-        timings = {"recall": _us(recalled - started), "rank": _us(done - recalled), "total": _us(time.perf_counter() - started)}
-        return [self._result(query, ranked, row, timings) for row, query in enumerate(queries)]
+        assembled = time.perf_counter()
+        out = self.pipeline.recommend(window, now, seqs.lengths, exclude, category, head_weights=dict(head_weights) or None, two_tower=two_tower)
+        # Stage times are the group's: every query in it waited for the whole pass. Recall
+        # includes assembling the users' histories.
+        timings = {"recall": _us(assembled - started + out.recall_s), "rank": _us(out.rank_s), "total": _us(time.perf_counter() - started)}
+        return [self._result(query, out.ranked, row, timings) for row, query in enumerate(queries)]
 
     def _result(self, query: RecommendQuery, ranked: Ranked, row: int, timings: dict[str, int]) -> RecommendResult:
         """Row ``row`` of a ranked batch as one query's answer."""

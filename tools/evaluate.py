@@ -224,10 +224,10 @@ def _ranked_lists(pipe: TwoStage, seqs: Sequences, users: np.ndarray, pos: np.nd
         u, p, e = users[lo : lo + batch], pos[lo : lo + batch], ends[lo : lo + batch]
         window = seqs.window(p, pipe.history, seqs.offsets[u])
         exclude = seqs.history_matrix(u, p, num_items)
-        cands, ranked = pipe.recommend(window, seqs.ts[p], p - seqs.offsets[u], exclude)
-        merged.append(_top(cands.items, k))
-        final.append(_top(ranked.items, k))
-        pairs.append(_batch_pairs(ranked, seqs, p, e, num_items, lo))
+        out = pipe.recommend(window, seqs.ts[p], p - seqs.offsets[u], exclude)
+        merged.append(_top(out.candidates.items, k))
+        final.append(_top(out.ranked.items, k))
+        pairs.append(_batch_pairs(out.ranked, seqs, p, e, num_items, lo))
         recall_window = window.tail(pipe.retriever.model.cfg.history)
         for channel, out in per_channel.items():
             out.append(_top(pipe.retriever.retrieve(recall_window, seqs.ts[p], exclude, channels=(channel,)).items, k))

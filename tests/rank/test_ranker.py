@@ -196,13 +196,15 @@ def test_ranker_trains_multi_task_on_tiny_data(tiny_data, tiny_stages):
     seqs = tiny_data.seqs
     pipe = TwoStage(retriever, model, pop.counts, business)
     window = seqs.window(pos[:8], pipe.history, seqs.offsets[users[:8]])
-    cands, ranked = pipe.recommend(window, seqs.ts[pos[:8]], pos[:8] - seqs.offsets[users[:8]], seqs.history_matrix(users[:8], pos[:8], tiny_data.items.size))
+    out = pipe.recommend(window, seqs.ts[pos[:8]], pos[:8] - seqs.offsets[users[:8]], seqs.history_matrix(users[:8], pos[:8], tiny_data.items.size))
+    ranked = out.ranked
+    assert out.recall_s > 0 and out.rank_s > 0 and out.candidates.items.shape == ranked.items.shape
     real = ranked.items > 0
     assert set(ranked.head_scores) == set(model.cfg.heads)
     assert (np.diff(np.where(real, ranked.scores, -1), axis=1) <= 0).all()  # sorted by the final score
     assert ranked.attention.shape == (*ranked.items.shape, pipe.ranker.cfg.history)
     assert ranked.history_behaviors.shape == ranked.history_items.shape == ranked.history_ts.shape
-    _, buy_only = pipe.recommend(window, seqs.ts[pos[:8]], pos[:8] - seqs.offsets[users[:8]], seqs.history_matrix(users[:8], pos[:8], tiny_data.items.size), head_weights={"click": 0.0, "cart_fav": 0.0, "buy": 1.0})
+    buy_only = pipe.recommend(window, seqs.ts[pos[:8]], pos[:8] - seqs.offsets[users[:8]], seqs.history_matrix(users[:8], pos[:8], tiny_data.items.size), head_weights={"click": 0.0, "cart_fav": 0.0, "buy": 1.0}).ranked
     assert (np.diff(np.where(real, buy_only.head_scores["buy"], -1), axis=1) <= 0).all()  # per-call weights reorder the list
 
 
