@@ -141,7 +141,18 @@ def file_fingerprint(path: str) -> str:
     for p in paths:
         if os.path.isfile(p):
             digest.update(os.path.basename(p).encode())
-            with open(p, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    digest.update(block)
+            _hash_file(digest, p)
     return digest.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of one file's bytes."""
+    return _hash_file(hashlib.sha256(), path).hexdigest()
+
+
+def _hash_file(digest, path: str):
+    """Feed a file to ``digest`` in 4 MiB blocks (bounded memory for multi-GB files); returns ``digest``."""
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest

@@ -3,7 +3,7 @@
 A bundle root holds ``versions/<version>/`` directories and a ``CURRENT`` file naming
 the live one. A version is written completely under a temporary name, renamed into
 place, and only then does ``CURRENT`` flip (``os.replace``), so a reader never sees a
-half-written bundle. The manifest records each file's size, checked on load.
+half-written bundle. The manifest records each file's size and SHA-256, checked on load.
 """
 
 import json
@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from events.dataset import Dataset
+from events.dataset import Dataset, file_sha256
 from rank.business import BusinessTables
 from rank.model import Ranker, RankerConfig, export_ranker
 from rank.pipeline import TwoStage
@@ -265,7 +265,7 @@ def replace_index(
         np.save(os.path.join(stage, POPULARITY_FILE), item_counts)
         manifest["counts"] = {**manifest.get("counts", {}), "items": len(data.items), "categories": len(data.categories)}
     version = new_version()
-    manifest = {k: v for k, v in manifest.items() if k != "files"}
+    manifest = {k: v for k, v in manifest.items() if k not in ("files", "sha256")}
     manifest["format_version"] = FORMAT_VERSION
     manifest.update(index_version=version, index_spec=str(index_spec), previous_version=os.path.basename(current), **(info or {}))
     return _publish(root, stage, version, manifest)
@@ -296,9 +296,9 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def _publish(root: str, stage: str, version: str, manifest: dict) -> str:
-    manifest["files"] = {
-        os.path.relpath(os.path.join(d, f), stage): os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(stage) for f in files
-    }
+    names = sorted(os.path.relpath(os.path.join(d, f), stage) for d, _, files in os.walk(stage) for f in files)
+    manifest["files"] = {name: os.path.getsize(os.path.join(stage, name)) for name in names}
+    manifest["sha256"] = {name: file_sha256(os.path.join(stage, name)) for name in names}
     _write_atomic(os.path.join(stage, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
     final = os.path.join(root, "versions", version)
     os.replace(stage, final)
@@ -343,7 +343,13 @@ def read_manifest(version_dir: str, upgrade: bool = False) -> dict:
             raise BundleError(f"{version_dir}: {name} is missing")
         if os.path.getsize(full) != size:
             raise BundleError(f"{version_dir}: {name} is {os.path.getsize(full)} bytes, the manifest says {size}")
+    # Same-size damage (a bad disk block, a partial overwrite) shows only in the content.
+    digests = manifest.get("sha256", {})
+    for name in manifest.get("files", {}):
+        if name in digests and file_sha256(os.path.join(version_dir, name)) != digests[name]:
+            raise BundleError(f"{version_dir}: {name} does not match its SHA-256 in the manifest (damaged or changed after publishing)")
     return manifest
+
 
 
 def _load_model(path: str, cls, config_cls):

@@ -15,6 +15,7 @@ COMMANDS = {
     "evaluate": ("tools.evaluate", "full-ranking evaluation of a bundle (recall, channels, final, baselines)"),
     "seeds": ("tools.seeds", "train and evaluate once per seed; mean and spread of every metric"),
     "rebuild-index": ("tools.rebuild_index", "rebuild a bundle's FAISS index with another spec, verify its recall, swap it in"),
+    "verify": ("tools.verify", "check a bundle's files against its manifest (presence, size, SHA-256)"),
     "serve": ("tools.serve", "serve a bundle over gRPC (funnel.v1.Recommender)"),
     "recommend": ("tools.recommend", "call a running server's Recommend and print the ranked items"),
     "loadtest": ("tools.loadtest", "open-loop load on a running server: latency percentiles, errors, model versions, health-check floor"),

@@ -52,7 +52,7 @@ def _as_format_3(tiny_bundle, root) -> None:
     manifest = json.loads((version / "manifest.json").read_text())
     for name in ("recall/user_tower.onnx", "rank/ranker.onnx"):
         os.remove(version / name)
-        del manifest["files"][name]
+        del manifest["files"][name], manifest["sha256"][name]
     manifest["format_version"] = 3
     (version / "manifest.json").write_text(json.dumps(manifest))
     (root / "CURRENT").write_text("old\n")
@@ -77,3 +77,43 @@ def test_sequences_and_item_vectors_are_memory_mapped(tiny_bundle):
     b = load_bundle(tiny_bundle)
     assert all(isinstance(getattr(b.data.seqs, f), np.memmap) for f in ("offsets", "items", "categories", "behaviors", "ts"))
     assert isinstance(b.item_vecs, np.memmap) and not b.item_vecs.flags.writeable
+
+
+
+def test_same_size_corruption_of_any_file_is_refused_naming_it(tiny_bundle, tmp_path):
+    import shutil
+
+    source = resolve(tiny_bundle)
+    names = sorted(json.loads(open(os.path.join(source, "manifest.json")).read())["files"])
+    assert {"recall/index.faiss", "recall/user_tower.onnx", "rank/ranker.onnx", "rank/ranker.pt", "data/sequences_items.npy"} <= set(names)
+    for name in names:
+        copy = tmp_path / name.replace("/", "_")
+        shutil.copytree(source, copy)
+        with open(copy / name, "r+b") as fh:
+            size = fh.seek(0, 2)
+            fh.seek(size // 2)
+            byte = fh.read(1)
+            fh.seek(size // 2)
+            fh.write(bytes([byte[0] ^ 0xFF]))  # one flipped byte, same size
+        with pytest.raises(BundleError, match=f"{name} does not match its SHA-256"):
+            load_bundle(str(copy))
+
+
+def test_verify_names_the_bad_file_and_exits_1(tiny_bundle, tmp_path, capsys):
+    import shutil
+
+    from tools.cli import main
+
+    root = tmp_path / "root"
+    shutil.copytree(tiny_bundle, root)
+    assert main(["verify", str(root)]) == 0
+    assert "ok " in capsys.readouterr().out
+    version = resolve(str(root))
+    with open(os.path.join(version, "recall", "item_vectors.npy"), "r+b") as fh:
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(b"\x00" if last != b"\x00" else b"\x01")  # same size, other content
+    assert main(["verify", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "BAD" in out and "recall/item_vectors.npy does not match its SHA-256" in out and "(CURRENT)" in out
