@@ -143,6 +143,8 @@ def build_server(addr: str, *, holder: EngineHolder, options: ServerOptions | No
 
     holder.on_swap = swapped
     holder.on_refuse = lambda reason: metrics.reloads.labels("refused").inc()
+    if holder.fallback_from is not None:
+        metrics.reloads.labels("fallback").inc()
     batcher = (
         recommend_batcher(holder, metrics, max_batch=options.max_batch, max_wait_s=options.batch_wait_ms / 1e3) if options.max_batch > 1 else None
     )

@@ -84,6 +84,8 @@ class EngineHolder:
         engine: the serving engine; read it once per unit of work.
         on_swap: called with each engine swapped in (metrics); ``None`` for nothing.
         on_refuse: called with the reason of each refusal (metrics); ``None`` for nothing.
+        fallback_from: the version (or ``CURRENT`` file) that could not serve at start-up
+            when :meth:`open` fell back to an older version; ``None`` otherwise.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class EngineHolder:
         self._validate = validate
         self.on_swap: Callable[[object], None] | None = None
         self.on_refuse: Callable[[str], None] | None = None
+        self.fallback_from: str | None = None
         self._reload_lock = threading.Lock()
         self._refused: dict[str, str] = {}
         self._stop = threading.Event()
@@ -113,13 +116,41 @@ class EngineHolder:
     def open(cls, path: str, load: Callable[[str], object], *, validate: Callable[[object], None] = smoke_test) -> "EngineHolder":
         """Load and validate the bundle ``path`` names (root or version directory) and hold it.
 
+        When a bundle root's ``CURRENT`` names a version that cannot serve, the newest
+        other version that loads and passes ``validate`` is served instead (logged, and
+        recorded in :attr:`fallback_from`), so a restart after a bad publish is not an
+        outage; the watcher moves on once ``CURRENT`` names another version.
+
         Raises:
-            BundleError: the bundle cannot be loaded or refuses to serve (nothing to fall back to).
+            BundleError: no version can be loaded and serve (the reason for ``CURRENT``'s).
         """
-        version_dir = resolve(path)
-        engine = load(version_dir)
-        validate(engine)
-        return cls(engine, root=path, version_dir=version_dir, load=load, validate=validate)
+        target = os.path.join(path, "CURRENT")
+        try:
+            target = resolve(path)
+            engine = load(target)
+            validate(engine)
+            return cls(engine, root=path, version_dir=target, load=load, validate=validate)
+        except Exception as err:  # noqa: BLE001 - whatever breaks CURRENT's version, an older one may serve
+            reason = f"{type(err).__name__}: {err}" if not isinstance(err, BundleError) else str(err)
+            versions = os.path.join(path, "versions")
+            if not os.path.isdir(versions):
+                raise BundleError(reason) from err
+            for name in sorted((v for v in os.listdir(versions) if not v.startswith(".")), reverse=True):
+                candidate = os.path.join(versions, name)
+                if os.path.realpath(candidate) == os.path.realpath(target):
+                    continue
+                try:
+                    engine = load(candidate)
+                    validate(engine)
+                except Exception as other:  # noqa: BLE001 - try the next older version
+                    log.warning("fallback candidate %s cannot serve either: %s", candidate, other)
+                    continue
+                log.error("%s cannot serve (%s); serving the newest version that can: %s", target, reason, candidate)
+                holder = cls(engine, root=path, version_dir=candidate, load=load, validate=validate)
+                holder.fallback_from = target
+                holder._refused[target] = reason  # the watcher retries only once CURRENT names another version
+                return holder
+            raise BundleError(f"{reason} (and no other version under {versions} can serve)") from err
 
     def reload(self) -> ReloadOutcome:
         """Load the version ``CURRENT`` names now, if it is not the one served, and swap it in.

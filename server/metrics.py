@@ -26,7 +26,8 @@ class Metrics:
         expired: counter of requests dropped because their deadline passed before their batch.
         shed: counter of requests refused on arrival by admission control (RESOURCE_EXHAUSTED).
         bundle: gauge set to 1 for the served ``model_version``/``index_version`` pair (0 for earlier ones).
-        reloads: counter of bundle loads by ``outcome`` (``swapped``, ``refused``).
+        reloads: counter of bundle loads by ``outcome`` (``swapped``, ``refused``, and
+            ``fallback`` when start-up served an older version than ``CURRENT`` names).
         events_logged: counter of behaviour events accepted by ``LogEvents``.
     """
 

@@ -215,3 +215,26 @@ def test_request_in_flight_during_a_swap_finishes_on_the_old_engine():
             assert in_flight.result().model_version == "old" and after.model_version == "new"
     finally:
         built.stop(None)
+
+
+def test_startup_falls_back_to_the_newest_version_that_can_serve(root):
+    good = resolve(root)
+    good_version = load_bundle(good).model_version
+    bad = republish(root)  # newer, and CURRENT names it
+    corrupt_header(bad, "rank/ranker.pt")
+    holder = EngineHolder.open(root, Engine.load)
+    assert holder.fallback_from == bad and holder.engine.model_version == good_version
+    built = build_server("127.0.0.1:0", holder=holder, options=ServerOptions())
+    built.server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{built.port}") as ch:
+            user = str(holder.engine.bundle.data.users.decode(np.array([1]))[0])
+            reply = recommender_pb2_grpc.RecommenderStub(ch).Recommend(recommender_pb2.RecommendRequest(user_id=user, k=5), timeout=30)
+        assert reply.model_version == good_version and len(reply.items) == 5
+    finally:
+        built.stop(None)
+    assert 'funnel_bundle_reloads_total{outcome="fallback"} 1.0' in built.metrics.text()
+    # With nothing else to fall back to, start-up fails naming the bad file.
+    shutil.rmtree(good)
+    with pytest.raises(Exception, match="ranker.pt"):
+        EngineHolder.open(root, Engine.load)
