@@ -20,6 +20,7 @@ keeps everything.
 
 import json
 import logging
+import sqlite3
 import sys
 import threading
 from abc import ABC, abstractmethod
@@ -219,7 +220,10 @@ class SharedLogState(UserState):
         self.catch_up()
 
     def recent(self, user_id: str) -> tuple[UserEvent, ...]:
-        self.catch_up()
+        try:
+            self.catch_up()
+        except sqlite3.Error as err:
+            raise StateUnavailable(f"event store {self.store.path} cannot be read: {err}") from err
         return self.inner.recent(user_id)
 
     def catch_up(self) -> int:

@@ -130,6 +130,9 @@ def test_states_sharing_an_event_log_see_each_others_events(tmp_path):
     assert [e.item_id for e in b.recent("u")] == ["x", "y"]  # its own append is held once, not twice
     a.close()
     b.close()
+    # An unreadable store is the state being unavailable (Recommend then serves without live behaviour).
+    with pytest.raises(StateUnavailable, match="cannot be read"):
+        a.recent("u")
 
 
 def test_read_event_store_and_fold_into_a_log(tmp_path):
