@@ -147,11 +147,13 @@ def _choose_index(index: str, model, data: Dataset, parts, vecs: np.ndarray, rec
     n = int(recommendable.sum())
     if n < AUTO_IVF_MIN_ITEMS:
         return IndexSpec(), {"items": n, "chosen": "flat", "reason": f"fewer than {AUTO_IVF_MIN_ITEMS} items: exact search is cheap"}
+    # Real queries: sampled users as of their validation target, the state training ends in.
+    users, targets = parts.targets("valid")
+    if not len(users):
+        return IndexSpec(), {"items": n, "chosen": "flat", "reason": "no validation users to check an approximate index against"}
     candidate = resolve(IndexSpec(kind="ivf"), n)
     ids = np.flatnonzero(recommendable)
     ivf = build_index(vecs[ids], ids, candidate)
-    # Real queries: sampled users as of their validation target, the state training ends in.
-    users, targets = parts.targets("valid")
     pick = np.random.default_rng(seed).choice(len(users), min(GATE_USERS, len(users)), replace=False)
     queries = user_vectors(model, data, users[pick], targets[pick])
     k = min(GATE_K, n)
