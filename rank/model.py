@@ -23,7 +23,7 @@ from torch.export import Dim
 
 from events.schema import BEHAVIORS, NUM_BEHAVIOR_CODES
 from rank.features import NUM_DENSE
-from recall.model import frozen_for_inference, lookup, masked_bias
+from recall.model import frozen_for_inference, lookup, masked_softmax
 from recall.runtime import export_onnx
 
 
@@ -122,10 +122,8 @@ class TargetAttention(nn.Module):
         Returns:
             (interest [B, C, d], weights [B, C, L]; all zero for an empty history).
         """
-        att = (self.query(target) * self.scale) @ self.key(events).transpose(1, 2) + masked_bias(mask)[:, None, :]  # [B, C, L]
-        # Padding gets exactly 0 from the softmax where the row has a real event, and the
-        # mask zeroes the rows of an empty history: fewer [B, C, L] ops than -inf and nan_to_num.
-        weights = torch.softmax(att, dim=-1) * mask[:, None, :].to(att.dtype)  # [B, C, L]
+        att = (self.query(target) * self.scale) @ self.key(events).transpose(1, 2)  # [B, C, L]
+        weights = masked_softmax(att, mask[:, None, :])  # [B, C, L]
         return weights @ events, weights
 
 
