@@ -154,14 +154,10 @@ class EventStore:
         """All stored events in append order, ``size`` at a time (for replay)."""
         last = 0
         while True:
-            with self._lock:
-                rows = self._conn.execute(
-                    "SELECT seq, user_id, item_id, category_id, behavior, ts FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (last, size)
-                ).fetchall()
-            if not rows:
+            last, events = self.since(last, size)
+            if not events:
                 return
-            last = rows[-1][0]
-            yield [UserEvent(*row[1:]) for row in rows]
+            yield events
 
     def since(self, seq: int, size: int = 10_000) -> tuple[int, list[UserEvent]]:
         """Events committed after sequence number ``seq`` (by any process), at most ``size``, in append order.
