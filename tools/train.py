@@ -6,6 +6,7 @@ import json
 import logging
 import time
 
+import faiss
 import numpy as np
 
 from events.dataset import Dataset, file_fingerprint
@@ -94,8 +95,9 @@ def train(
     vecs = item_vectors(model, data, known)
     recommendable = recommendable_items(data, known)
     ids = np.flatnonzero(recommendable)
-    spec, index_gate = _choose_index(index, model, data, parts, vecs, recommendable, seed)
-    ann = build_index(vecs[ids], ids, spec)
+    spec, index_gate, ann = _choose_index(index, model, data, parts, vecs, recommendable, seed)
+    if ann is None:
+        ann = build_index(vecs[ids], ids, spec)
     # Channels and popularity see only the training part, like the models.
     mask = parts.train_mask(data.seqs)
     covisit = CoVisitation.fit(data.seqs, mask, data.items.size)
@@ -136,21 +138,24 @@ def train(
     return version
 
 
-def _choose_index(index: str, model, data: Dataset, parts, vecs: np.ndarray, recommendable: np.ndarray, seed: int) -> tuple[IndexSpec, dict | None]:
+def _choose_index(
+    index: str, model, data: Dataset, parts, vecs: np.ndarray, recommendable: np.ndarray, seed: int
+) -> tuple[IndexSpec, dict | None, faiss.Index | None]:
     """The index spec to build: ``index`` as given, or for ``auto`` exact search or a gated IVF (see :func:`train`).
 
     Returns:
-        The spec and, for ``auto``, what decided it (items, candidate spec, measured recall).
+        The spec; for ``auto``, what decided it (items, candidate specs, measured recall);
+        and the IVF index when it passed the gate (already built and configured), else ``None``.
     """
     if index != AUTO_INDEX:
-        return IndexSpec.parse(index), None
+        return IndexSpec.parse(index), None, None
     n = int(recommendable.sum())
     if n < AUTO_IVF_MIN_ITEMS:
-        return IndexSpec(), {"items": n, "chosen": "flat", "reason": f"fewer than {AUTO_IVF_MIN_ITEMS} items: exact search is cheap"}
+        return IndexSpec(), {"items": n, "chosen": "flat", "reason": f"fewer than {AUTO_IVF_MIN_ITEMS} items: exact search is cheap"}, None
     # Real queries: sampled users as of their validation target, the state training ends in.
     users, targets = parts.targets("valid")
     if not len(users):
-        return IndexSpec(), {"items": n, "chosen": "flat", "reason": "no validation users to check an approximate index against"}
+        return IndexSpec(), {"items": n, "chosen": "flat", "reason": "no validation users to check an approximate index against"}, None
     candidate = resolve(IndexSpec(kind="ivf"), n)
     ids = np.flatnonzero(recommendable)
     ivf = build_index(vecs[ids], ids, candidate)
@@ -166,9 +171,10 @@ def _choose_index(index: str, model, data: Dataset, parts, vecs: np.ndarray, rec
         if recall >= MIN_GATE_RECALL or candidate.nprobe * 2 > candidate.nlist // 4:
             break
         candidate = dataclasses.replace(candidate, nprobe=candidate.nprobe * 2)
-    chosen = candidate if recall >= MIN_GATE_RECALL else IndexSpec()
+    passed = recall >= MIN_GATE_RECALL
+    chosen = candidate if passed else IndexSpec()
     log.info("index auto: %d items; recall@%d against exact search on %d users: %s -> %s", n, k, len(queries), tried, chosen)
-    return chosen, {"items": n, "recall_at_k": tried, "k": k, "users": len(queries), "chosen": str(chosen)}
+    return chosen, {"items": n, "recall_at_k": tried, "k": k, "users": len(queries), "chosen": str(chosen)}, ivf if passed else None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

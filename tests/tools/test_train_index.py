@@ -13,24 +13,26 @@ def _choose(bundle, spec="auto"):
 
 
 def test_small_catalogue_gets_exact_search(tiny_bundle):
-    spec, why = _choose(tiny_bundle)
-    assert spec == IndexSpec() and why["chosen"] == "flat" and why["items"] < train_tool.AUTO_IVF_MIN_ITEMS
+    spec, why, built = _choose(tiny_bundle)
+    assert spec == IndexSpec() and why["chosen"] == "flat" and why["items"] < train_tool.AUTO_IVF_MIN_ITEMS and built is None
 
 
 def test_large_catalogue_gets_ivf_only_through_the_recall_gate(tiny_bundle, monkeypatch):
     monkeypatch.setattr(train_tool, "AUTO_IVF_MIN_ITEMS", 10)
-    spec, why = _choose(tiny_bundle)
+    spec, why, built = _choose(tiny_bundle)
     tried = why["recall_at_k"]
     assert tried and all(name.startswith("ivf") and 0 <= r <= 1 for name, r in tried.items()) and why["users"] > 0
     # More probes are tried only while the gate fails; the last one tried decides.
     assert all(r < train_tool.MIN_GATE_RECALL for r in list(tried.values())[:-1])
     assert (spec.kind == "ivf") == (list(tried.values())[-1] >= train_tool.MIN_GATE_RECALL)
+    # An index that passed is handed back built, so training does not build it twice.
+    assert (built is not None) == (spec.kind == "ivf")
     # A gate no index can pass keeps exact search.
     monkeypatch.setattr(train_tool, "MIN_GATE_RECALL", 1.01)
-    spec, why = _choose(tiny_bundle)
-    assert spec == IndexSpec() and why["chosen"] == "flat"
+    spec, why, built = _choose(tiny_bundle)
+    assert spec == IndexSpec() and why["chosen"] == "flat" and built is None
 
 
 def test_an_explicit_spec_is_taken_as_given(tiny_bundle):
-    spec, why = _choose(tiny_bundle, "hnsw:m=16")
-    assert spec.kind == "hnsw" and spec.m == 16 and why is None
+    spec, why, built = _choose(tiny_bundle, "hnsw:m=16")
+    assert spec.kind == "hnsw" and spec.m == 16 and why is None and built is None
