@@ -351,7 +351,6 @@ def read_manifest(version_dir: str, upgrade: bool = False) -> dict:
     return manifest
 
 
-
 def _load_model(path: str, cls, config_cls):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -323,8 +323,7 @@ def ramp(
     qps = start_qps
     while qps <= max_qps:
         report = loadtest(qps=qps, duration=step_duration, floor_duration=0, **load)
-        calls = max(int(round(qps * step_duration)), 1)
-        error_share = sum(report["errors"].values()) / calls
+        error_share = sum(report["errors"].values()) / max(report["sent"], 1)
         ok = report["p99_ms"] is not None and report["p99_ms"] <= p99_limit_ms and error_share <= max_error_share
         steps.append({"qps": qps, "held": ok, "error_share": round(error_share, 5), **report})
         log.info("ramp: %.0f/s offered, %.0f/s answered, p99 %s ms, errors %.2f%%: %s", qps, report["achieved_qps"], report["p99_ms"], 100 * error_share, "held" if ok else "failed")
