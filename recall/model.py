@@ -125,22 +125,29 @@ class UserTower(nn.Module):
         return F.normalize(fused + self.mlp(torch.cat([fused, last], dim=-1)), dim=-1)
 
 
-MASKED_LOGIT = -1e4
-"""Added to the attention logits of padding: exp() of it relative to any real logit is exactly 0 in
-float32, and unlike -inf it keeps an all-padding row finite (also in float16)."""
+SOFTMAX_FLOOR = -80.0
+"""Logits further than this below their row's maximum get the weight ``exp(-80)`` (about 2e-35,
+still a normal float32) instead of a smaller one. ONNX Runtime's ``exp`` takes a slow path for
+results that underflow, which made the softmax over padding a third of the ranker's forward."""
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over the last axis where ``mask`` holds: 0 on padding, all 0 for an all-padding row.
 
-    An additive bias and a mask product instead of -inf and nan_to_num: the same weights
-    with fewer full-size operations (the exported ranker's forward is about 10% faster).
+    The row maximum is taken over every position, padding included: padding logits are
+    finite (0 where a padding embedding is zero), and masking them out first would cost
+    one more full-size pass. Shifted logits are floored at :data:`SOFTMAX_FLOOR`, so no
+    ``exp`` underflows; this changes a weight only where it is below about 2e-35 anyway
+    (or, were every real logit 80 below a padding logit, spreads the row evenly). About
+    4x faster under ONNX Runtime than ``Softmax`` with an additive padding bias.
 
     Args:
         logits: [..., n] scores.
         mask: bool, broadcastable to ``logits`` (e.g. [B, 1, n] for [B, C, n] logits).
     """
-    return torch.softmax(logits + (~mask).to(torch.float32) * MASKED_LOGIT, dim=-1) * mask.to(logits.dtype)
+    shifted = (logits - logits.amax(-1, keepdim=True)).clamp_min(SOFTMAX_FLOOR)  # [..., n], in [-80, 0]
+    e = torch.exp(shifted) * mask.to(logits.dtype)  # [..., n]
+    return e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).tiny)
 
 
 def _masked_pool(logits: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

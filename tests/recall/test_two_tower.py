@@ -1,7 +1,7 @@
 import torch
 
 from events.split import leave_last_out
-from recall.model import TwoTower, TwoTowerConfig, frozen_for_inference, sampled_softmax_loss
+from recall.model import TwoTower, TwoTowerConfig, frozen_for_inference, masked_softmax, sampled_softmax_loss
 from recall.train import TwoTowerTrainConfig, evaluate_targets, known_items, train_two_tower
 
 
@@ -13,6 +13,24 @@ def test_sampled_softmax_masks_duplicate_targets():
     masked = sampled_softmax_loss(user, item, ids, log_q, 1.0)
     unmasked = sampled_softmax_loss(user, item, torch.tensor([7, 8, 9]), log_q, 1.0)
     assert masked < unmasked  # the duplicate 7 is no longer a negative for row 0/1
+
+
+def test_masked_softmax_is_the_softmax_of_the_real_positions():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 3, 7, generator=g) * torch.tensor([1.0, 30.0, 300.0, 1.0])[:, None, None]  # [4, 3, 7]
+    mask = torch.rand(4, 1, 7, generator=g) > 0.3
+    mask[3] = False  # an all-padding row
+    mask[:3, :, 0] = True
+    got = masked_softmax(logits, mask)  # [4, 3, 7]
+    want = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert (got[3] == 0).all() and torch.allclose(got[:3].sum(-1), torch.ones(3, 3))
+
+
+def test_masked_softmax_floors_underflow_but_keeps_the_order():
+    logits = torch.tensor([[0.0, -50.0, -100.0, -1000.0]])
+    got = masked_softmax(logits, torch.ones(1, 4, dtype=torch.bool))
+    assert got[0, 0] > 0.999 and got[0, 1] > got[0, 2] > 0 and got[0, 2] == got[0, 3]  # both floored at exp(-80)
 
 
 def test_user_tower_handles_empty_history():
