@@ -94,6 +94,15 @@ _TAOBAO_CHECKS = (
     _Column("behavior_type", None, "unknown behaviour"),
     _Column("timestamp", _INT, "non-numeric timestamp"),
 )
+_PARQUET_CHECKS = (
+    # Typed columns need no digit check, and ids are opaque strings (an ingested MovieLens
+    # log keeps genre names as categories); an id must only be present.
+    _Column("user_id", ".", "missing user_id"),
+    _Column("item_id", ".", "missing item_id"),
+    _Column("category_id", ".", "missing category_id"),
+    _Column("behavior_type", None, "unknown behaviour"),
+    _Column("timestamp", _INT, "non-numeric timestamp"),
+)
 _MOVIELENS_CHECKS = (
     _Column("userId", _UINT, "non-numeric userId"),
     _Column("movieId", _UINT, "non-numeric movieId"),
@@ -189,7 +198,7 @@ def _read_parquet(path: str, on_error: OnError) -> EventLog:
         raise EventFormatError(f"{path}: missing columns {', '.join(missing)}; expected {', '.join(TAOBAO_COLUMNS)}")
     cols = {c: pc.cast(table.column(c), pa.string()).combine_chunks() for c in TAOBAO_COLUMNS}
     report = ReadReport()
-    bad = _check_columns(cols, _TAOBAO_CHECKS)
+    bad = _check_columns(cols, _PARQUET_CHECKS)
     cols = _drop_bad(cols, bad, path, first_line=1, on_error=on_error, report=report, unit="row")
     events = _frame(cols["user_id"], cols["item_id"], cols["category_id"], cols["behavior_type"], cols["timestamp"])
     report.rows = len(events)
@@ -204,11 +213,13 @@ def _validated_batches(
     on_error: OnError,
     report: ReadReport,
     progress: bool,
+    extra_checks: tuple[_Column, ...] = (),
 ) -> Iterator[dict[str, pa.Array]]:
     """Stream a simple (unquoted) CSV as validated string columns, batch by batch.
 
     Each physical line is read whole (the delimiter is a byte that never occurs) so
     that line numbers stay exact and column counts can be checked per line.
+    ``extra_checks`` are further checks on named columns, after those of ``checks``.
     """
     if os.path.getsize(path) == 0:
         if header is not None:
@@ -235,6 +246,7 @@ def _validated_batches(
                 lines = lines.slice(1)
                 first_line = 2
             cols, bad = _split_columns(lines, checks)
+            bad.extend(_check_columns(cols, extra_checks))
             yield _drop_bad(cols, bad, path, first_line=first_line, on_error=on_error, report=report, unit="line")
 
 

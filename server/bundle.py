@@ -239,8 +239,9 @@ def replace_index(
         data: the dataset with an extended catalogue, when new items were added.
         item_counts: [M] training counts matching ``data`` (new items count 0).
         info: extra manifest fields.
-        models: the bundle's two-tower and ranker, exported to ONNX when the current
-            version is of an older format without the exports (else they are linked).
+        models: the bundle's two-tower and ranker, exported to ONNX again, so a rebuild
+            also brings the exports up to this Funnel's graph (and adds them to a bundle
+            of an older format); without them the current exports are linked.
 
     Returns:
         The new version directory.
@@ -272,15 +273,15 @@ def replace_index(
 
 
 def _export_onnx(current: str, stage: str, models: "tuple[TwoTower, Ranker] | None") -> None:
-    """The ONNX exports for a new version: linked from ``current`` when it has them, else exported from ``models``."""
+    """The ONNX exports for a new version: exported from ``models`` when given, else linked from ``current``."""
     for name, export, model in ((USER_TOWER_ONNX, export_user_tower, 0), (RANKER_ONNX, export_ranker, 1)):
-        if os.path.isfile(os.path.join(current, name)):
-            _link_or_copy(os.path.join(current, name), os.path.join(stage, name))
-        elif models is None:
-            raise BundleError(f"{current}: {name} is missing and no models were given to export it")
-        else:
+        if models is not None:
             os.makedirs(os.path.dirname(os.path.join(stage, name)), exist_ok=True)
             export(models[model], os.path.join(stage, name))
+        elif os.path.isfile(os.path.join(current, name)):
+            _link_or_copy(os.path.join(current, name), os.path.join(stage, name))
+        else:
+            raise BundleError(f"{current}: {name} is missing and no models were given to export it")
 
 
 def _stage_dir(root: str) -> str:

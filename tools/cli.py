@@ -11,6 +11,7 @@ from server.bundle import BundleError
 COMMANDS = {
     "demo": ("tools.demo", "generate data, train, serve and query once: the quickstart"),
     "synth": ("events.synth", "write a synthetic Taobao-format behaviour log with planted structure"),
+    "ingest": ("tools.ingest", "parse and check a behaviour log once into parquet, for train and evaluate"),
     "train": ("tools.train", "train both stages on a behaviour log and publish a bundle"),
     "evaluate": ("tools.evaluate", "full-ranking evaluation of a bundle (recall, channels, final, baselines)"),
     "seeds": ("tools.seeds", "train and evaluate once per seed; mean and spread of every metric"),
