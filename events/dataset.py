@@ -9,7 +9,7 @@ import pandas as pd
 
 from events.readers import EventLog
 from events.sequences import Sequences
-from events.vocab import PAD, Vocab
+from events.vocab import PAD, Vocab, is_integer_ids
 
 _SEQ_FIELDS = ("offsets", "items", "categories", "behaviors", "ts")
 
@@ -50,10 +50,15 @@ class Dataset:
                 its rows win over the log's for items in both.
         """
         events = log.events
-        meta = log.items if catalogue is None else pd.concat([log.items, catalogue], ignore_index=True).drop_duplicates("item", keep="last")
+        items_meta = log.items
+        if catalogue is not None and is_integer_ids(items_meta["item"]):
+            items_meta = items_meta.astype({"item": "string[pyarrow]", "category": "string[pyarrow]"})  # a catalogue file's ids are strings
+        meta = items_meta if catalogue is None else pd.concat([items_meta, catalogue], ignore_index=True).drop_duplicates("item", keep="last")
+        # Fitted on the events, then extended by the metadata: the ids of a fit on both,
+        # without concatenating a copy of the (possibly 100M-row) item column.
         users = Vocab.fit(events["user"])
-        items = Vocab.fit(pd.concat([events["item"], meta["item"]], ignore_index=True))
-        categories = Vocab.fit(pd.concat([events["category"], meta["category"]], ignore_index=True))
+        items = Vocab.fit(events["item"]).extend(meta["item"])
+        categories = Vocab.fit(events["category"]).extend(meta["category"])
         item_category = np.zeros(items.size, dtype=np.int64)
         item_ids = items.encode(meta["item"])
         item_category[item_ids] = categories.encode(meta["category"])
@@ -62,11 +67,12 @@ class Dataset:
         item_listed = np.zeros(items.size, dtype=bool)
         if catalogue is not None:
             item_listed[items.encode(catalogue["item"])] = True
-        tag_lists = meta["tags"].fillna("").str.split("|").map(lambda t: [x for x in t if x])
+        tagged = (meta["tags"].fillna("") != "").to_numpy(bool)  # split only items with tags: a 4M-item log may have none
+        tag_lists = meta["tags"][tagged].str.split("|").map(lambda t: [x for x in t if x])
         tags = Vocab.fit(pd.Series([t for ts in tag_lists for t in ts], dtype="string[pyarrow]"))
         width = int(tag_lists.map(len).max()) if len(tag_lists) else 0
         item_tags = np.zeros((items.size, width), dtype=np.int64)
-        for row, ts in zip(item_ids, tag_lists):
+        for row, ts in zip(item_ids[tagged], tag_lists):
             item_tags[row, : len(ts)] = tags.encode(ts)
         seqs = Sequences.from_encoded(
             users.encode(events["user"]),

@@ -12,8 +12,8 @@ never a half-written file.
 """
 
 import os
-import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -97,8 +97,9 @@ def ingest(*, events: str, out: str, fmt: str = "taobao", on_error: OnError = "f
     started = time.perf_counter()
     directory = os.path.dirname(os.path.abspath(out))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    # A unique name beside ``out`` (same file system, so the rename is atomic), created
+    # by the writer with the usual permissions.
+    tmp = os.path.join(directory, f".{os.path.basename(out)}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         if fmt == "taobao":
             report, groups = _ingest_taobao(events, tmp, on_error, progress)
@@ -106,7 +107,8 @@ def ingest(*, events: str, out: str, fmt: str = "taobao", on_error: OnError = "f
             report, groups = _ingest_log(read_events(events, fmt, on_error=on_error, progress=progress), tmp)
         os.replace(tmp, out)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
     size_in = os.path.getsize(events) if os.path.isfile(events) else sum(e.stat().st_size for e in os.scandir(events) if e.is_file())
     return IngestReport(out, report, size_in, os.path.getsize(out), groups, time.perf_counter() - started)

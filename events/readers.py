@@ -66,7 +66,8 @@ class EventLog:
     """A behaviour log in file order.
 
     Attributes:
-        events: columns ``user``, ``item``, ``category`` (raw string ids), ``behavior``
+        events: columns ``user``, ``item``, ``category`` (raw ids: strings, or int64 for
+            a parquet log with integer ids, where ``7`` is the id ``"7"``), ``behavior``
             (int8 code from :data:`events.schema.BEHAVIOR_CODE`) and ``ts`` (int64 seconds).
         items: item metadata, one row per item: ``item``, ``category``, ``title`` and
             ``tags`` (``|``-separated side features such as MovieLens genres, may be empty).
@@ -190,12 +191,17 @@ def _movie_genres(path: str) -> pd.DataFrame:
 
 def _read_parquet(path: str, on_error: OnError) -> EventLog:
     try:
-        table = pq.read_table(path)
+        schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as err:
         raise EventFormatError(f"{path}: not a readable parquet file ({err})") from err
-    missing = [c for c in TAOBAO_COLUMNS if c not in table.column_names]
+    missing = [c for c in TAOBAO_COLUMNS if c not in schema.names]
     if missing:
         raise EventFormatError(f"{path}: missing columns {', '.join(missing)}; expected {', '.join(TAOBAO_COLUMNS)}")
+    if _integer_layout(schema):
+        log = _read_integer_parquet(path)
+        if log is not None:
+            return log
+    table = pq.read_table(path, columns=list(TAOBAO_COLUMNS))
     cols = {c: pc.cast(table.column(c), pa.string()).combine_chunks() for c in TAOBAO_COLUMNS}
     report = ReadReport()
     bad = _check_columns(cols, _PARQUET_CHECKS)
@@ -203,6 +209,50 @@ def _read_parquet(path: str, on_error: OnError) -> EventLog:
     events = _frame(cols["user_id"], cols["item_id"], cols["category_id"], cols["behavior_type"], cols["timestamp"])
     report.rows = len(events)
     return EventLog(events, _items_from_events(events), path, report)
+
+
+def _integer_layout(schema: pa.Schema) -> bool:
+    """Whether ids and time are integer columns and the behaviour a dictionary of strings (what ``funnel ingest`` writes)."""
+    ints = all(pa.types.is_integer(schema.field(c).type) for c in ("user_id", "item_id", "category_id", "timestamp"))
+    beh = schema.field("behavior_type").type
+    return ints and pa.types.is_dictionary(beh) and pa.types.is_string(beh.value_type)
+
+
+def _read_integer_parquet(path: str) -> EventLog | None:
+    """Read an integer-id log column by column into integer columns, without a string per row.
+
+    At 100M rows the string path would hold several GB of strings; here each column is
+    one numeric array. Returns None when a row would be bad (a null, or a behaviour
+    name not in :data:`BEHAVIORS`), so the string path finds and reports it.
+    """
+    file = pq.ParquetFile(path)
+    columns: dict[str, np.ndarray] = {}
+    for name in TAOBAO_COLUMNS:
+        col = file.read(columns=[name]).column(0)
+        if col.null_count:
+            return None
+        if name == "behavior_type":
+            codes = []
+            for chunk in col.chunks:
+                lookup = np.array([BEHAVIOR_CODE.get(v, 0) for v in chunk.dictionary.to_pylist()], np.int8)  # dictionary value -> code
+                codes.append(lookup[chunk.indices.to_numpy()] if len(lookup) else np.zeros(len(chunk), np.int8))
+            columns[name] = np.concatenate(codes) if codes else np.zeros(0, np.int8)
+            if (columns[name] == 0).any():
+                return None
+        else:
+            columns[name] = col.to_numpy().astype(np.int64, copy=False)
+        del col
+    events = pd.DataFrame(
+        {
+            "user": columns["user_id"],
+            "item": columns["item_id"],
+            "category": columns["category_id"],
+            "behavior": columns["behavior_type"],
+            "ts": columns["timestamp"],
+        },
+        copy=False,
+    )
+    return EventLog(events, _items_from_events(events), path, ReadReport(rows=len(events)))
 
 
 def _validated_batches(

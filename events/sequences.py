@@ -51,7 +51,7 @@ class Sequences:
             items, categories, behaviors, ts: per-event arrays of the same length.
             num_users: size of the user id space (the user vocabulary's ``size``).
         """
-        order = np.lexsort((np.arange(len(users)), ts, users))
+        order = _user_time_order(np.asarray(users, np.int64), np.asarray(ts, np.int64), num_users)
         counts = np.bincount(users, minlength=num_users)
         offsets = np.zeros(num_users + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
@@ -152,3 +152,18 @@ class Window:
     def tail(self, n: int) -> "Window":
         """The last ``n`` columns (a shorter window over the same events)."""
         return Window(self.items[:, -n:], self.categories[:, -n:], self.behaviors[:, -n:], self.ts[:, -n:], np.minimum(self.lengths, n))
+
+
+def _user_time_order(users: np.ndarray, ts: np.ndarray, num_users: int) -> np.ndarray:
+    """Stable order of events by (user, time): ties keep input order.
+
+    One stable argsort of a combined ``user * span + time`` key where it fits in int64
+    (always, for a log of seconds within decades), else a lexsort: at 100M events one
+    sort of one key is several times faster than sorting by two.
+    """
+    if not len(ts):
+        return np.zeros(0, np.int64)
+    lo, span = int(ts.min()), int(ts.max()) - int(ts.min()) + 1
+    if num_users * span < 2**62:
+        return np.argsort(users * span + (ts - lo), kind="stable")
+    return np.lexsort((ts, users))

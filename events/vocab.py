@@ -14,7 +14,12 @@ _SMALL = 256
 
 
 class Vocab:
-    """Maps raw string ids to ints ``1..len(vocab)``; unknown ids encode to :data:`PAD`."""
+    """Maps raw string ids to ints ``1..len(vocab)``; unknown ids encode to :data:`PAD`.
+
+    Raw ids may also come as integers (an ingested Taobao log stores them so): the
+    integer ``7`` is the string id ``"7"``. Integer ids are fitted and encoded through an
+    integer hash index, so a 100M-event log is never turned into strings.
+    """
 
     def __init__(self, raw_ids: pd.Index | np.ndarray | list[str]):
         index = pd.Index(pd.array(raw_ids, dtype="string[pyarrow]"))
@@ -22,10 +27,16 @@ class Vocab:
             raise ValueError("vocabulary ids must be unique")
         self._index = index
         self._raw: np.ndarray | None = None  # object array of the ids, built on first decode
+        self._ints: pd.Index | None | bool = None  # integer twin of _index; False when some id is not a canonical integer
 
     @classmethod
     def fit(cls, values: pd.Series | np.ndarray) -> "Vocab":
-        """Build a vocabulary from raw ids in order of first appearance."""
+        """Build a vocabulary from raw ids (strings or integers) in order of first appearance."""
+        if is_integer_ids(values):
+            uniques = pd.unique(np.asarray(values, dtype=np.int64))
+            vocab = cls(uniques.astype(str))
+            vocab._ints = pd.Index(uniques)
+            return vocab
         return cls(pd.unique(pd.Series(values, dtype="string[pyarrow]")))
 
     def __len__(self) -> int:
@@ -37,7 +48,12 @@ class Vocab:
         return len(self._index) + 1
 
     def encode(self, values) -> np.ndarray:
-        """Raw ids → int64 ids; unknown ids become :data:`PAD`."""
+        """Raw ids (strings, or integers for integer ids) → int64 ids; unknown ids become :data:`PAD`."""
+        if is_integer_ids(values):
+            ints = self._integer_index()
+            if ints is not None:
+                return ints.get_indexer(np.asarray(values, dtype=np.int64)).astype(np.int64) + 1
+            values = np.asarray(values).astype(str)
         if len(values) <= _SMALL and all(type(v) is str for v in values):
             # A request's few ids: hash lookups one by one take microseconds where building
             # an arrow array for get_indexer takes ~150 us.
@@ -49,6 +65,17 @@ class Vocab:
                     pass
             return out
         return self._index.get_indexer(pd.Index(pd.array(values, dtype="string[pyarrow]"))).astype(np.int64) + 1
+
+    def _integer_index(self) -> pd.Index | None:
+        """The ids as an integer index, when every id is a canonical integer ("7", not "007")."""
+        if self._ints is None:
+            strings = self._index.to_numpy(dtype=object)
+            try:
+                ints = np.array(strings, dtype=np.int64) if len(strings) else np.zeros(0, np.int64)
+                self._ints = pd.Index(ints) if (ints.astype(str) == strings.astype(str)).all() else False
+            except (ValueError, OverflowError):
+                self._ints = False
+        return self._ints if self._ints is not False else None
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """Int ids → raw string ids (object array); :data:`PAD` decodes to ``""``."""
@@ -63,10 +90,21 @@ class Vocab:
         return raw
 
     def extend(self, values) -> "Vocab":
-        """A new vocabulary with unseen ``values`` appended; existing ids keep their numbers."""
-        new = pd.unique(pd.Series(values, dtype="string[pyarrow]"))
-        new = new[~pd.Index(new).isin(self._index)]
-        return Vocab(self._index.append(pd.Index(new)))
+        """A vocabulary with unseen ``values`` appended (``self`` when there are none); existing ids keep their numbers."""
+        ints = self._integer_index() if is_integer_ids(values) else None
+        if ints is not None:
+            new = pd.unique(np.asarray(values, dtype=np.int64))
+            new = new[ints.get_indexer(new) < 0]
+            if not len(new):
+                return self
+            vocab = Vocab(self._index.append(pd.Index(pd.array(new.astype(str), dtype="string[pyarrow]"))))
+            vocab._ints = ints.append(pd.Index(new))
+            return vocab
+        if is_integer_ids(values):
+            values = np.asarray(values).astype(str)
+        new = pd.array(pd.unique(pd.Series(values, dtype="string[pyarrow]")), dtype="string[pyarrow]")
+        new = new[self._index.get_indexer(new) < 0]  # a hash lookup: isin on arrow strings walks them in Python
+        return Vocab(self._index.append(pd.Index(new))) if len(new) else self
 
     def save(self, path: str) -> None:
         """Write the ids, in id order, to a parquet file."""
@@ -77,3 +115,9 @@ class Vocab:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: vocabulary file missing")
         return cls(pq.read_table(path).column("id").to_pandas())
+
+
+def is_integer_ids(values) -> bool:
+    """Whether ``values`` is an array or series of integers (raw ids stored as numbers)."""
+    dtype = getattr(values, "dtype", None)
+    return dtype is not None and pd.api.types.is_integer_dtype(dtype)

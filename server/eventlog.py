@@ -20,6 +20,7 @@ import pandas as pd
 
 from events.readers import EventLog, ReadReport
 from events.schema import BEHAVIOR_CODE
+from events.vocab import is_integer_ids
 
 FORMAT_VERSION = 1
 UNKNOWN_CATEGORY = "unknown"
@@ -218,6 +219,13 @@ def read_event_store(path: str) -> EventLog:
     return EventLog(events, items, path, ReadReport(rows=len(events)))
 
 
+def _string_ids(log: EventLog) -> EventLog:
+    """``log`` with its integer id columns as strings (``7`` -> ``"7"``)."""
+    ids = {"user": "string[pyarrow]", "item": "string[pyarrow]", "category": "string[pyarrow]"}
+    items = log.items.astype({"item": "string[pyarrow]", "category": "string[pyarrow]"})
+    return EventLog(log.events.astype(ids), items, log.source, log.report)
+
+
 def fold_events(base: EventLog, extra: EventLog) -> EventLog:
     """Append logged events to a behaviour log, for training on both.
 
@@ -231,6 +239,8 @@ def fold_events(base: EventLog, extra: EventLog) -> EventLog:
     Returns:
         One log: ``base``'s events then ``extra``'s, items of both.
     """
+    if is_integer_ids(base.events["user"]):
+        base = _string_ids(base)  # logged events carry string ids, which need not be numbers
     known = base.items.set_index("item")["category"]
     added = extra.events.copy()
     blank = added["category"] == ""

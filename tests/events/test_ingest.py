@@ -1,9 +1,11 @@
 import os
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from events.dataset import Dataset
 from events.ingest import TAOBAO_SCHEMA, ingest
 from events.readers import EventFormatError, read_events
 from tools.cli import main
@@ -18,14 +20,21 @@ def write(tmp_path, name, text):
     return str(path)
 
 
-def test_ingested_log_reads_back_like_the_csv(tiny_log_path, tmp_path):
+def test_ingested_log_encodes_like_the_csv(tiny_log_path, tmp_path):
     out = str(tmp_path / "events.parquet")
     report = ingest(events=tiny_log_path, out=out)
     assert pq.read_schema(out).remove_metadata().equals(TAOBAO_SCHEMA)
     csv, parquet = read_events(tiny_log_path), read_events(out, "parquet")
     assert report.read.rows == len(csv.events) == len(parquet.events) > 0
-    pd.testing.assert_frame_equal(csv.events, parquet.events)
-    pd.testing.assert_frame_equal(csv.items, parquet.items)
+    assert parquet.events["user"].dtype == np.int64  # integer ids: no string per row
+    a, b = Dataset.from_log(csv), Dataset.from_log(parquet)
+    for vocab in ("users", "items", "categories"):
+        ids = np.arange(getattr(a, vocab).size)
+        assert list(getattr(a, vocab).decode(ids)) == list(getattr(b, vocab).decode(ids))
+    for name in ("offsets", "items", "categories", "behaviors", "ts"):
+        np.testing.assert_array_equal(getattr(a.seqs, name), getattr(b.seqs, name))
+    np.testing.assert_array_equal(a.item_category, b.item_category)
+    assert list(b.encode_log(csv).items) == list(a.seqs.items)  # string ids encode with an integer-fitted vocabulary
     assert report.bytes_out < report.bytes_in and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
@@ -42,7 +51,7 @@ def test_skip_drops_and_counts_bad_rows(tmp_path):
     out = str(tmp_path / "out.parquet")
     report = ingest(events=write(tmp_path, "bad.csv", BAD), out=out, on_error="skip")
     assert report.read.rows == 3 and report.read.total_skipped == 4
-    assert list(read_events(out, "parquet").events["user"]) == ["1", "1", "2"]
+    assert list(read_events(out, "parquet").events["user"]) == [1, 1, 2]
 
 
 def test_movielens_keeps_genre_categories(tmp_path):
@@ -61,3 +70,13 @@ def test_cli_reports_and_names_the_next_step(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "read 3 rows, none skipped" in printed and f"--events {out} --format parquet" in printed
     assert main(["ingest", str(tmp_path / "missing.csv"), "--out", out]) == 2
+
+
+def test_integer_log_with_a_string_catalogue(tmp_path):
+    out = str(tmp_path / "e.parquet")
+    ingest(events=write(tmp_path, "ok.csv", GOOD), out=out)
+    catalogue = pd.DataFrame({"item": ["12", "10"], "category": ["200", "100"], "title": ["New", "Old"], "tags": ["a|b", ""]})
+    data = Dataset.from_log(read_events(out, "parquet"), catalogue)
+    assert list(data.items.decode(np.arange(1, data.items.size))) == ["10", "11", "12"]
+    assert data.item_listed.tolist() == [False, True, False, True] and data.item_tags.shape == (4, 2)
+    assert data.categories.decode(data.item_category[3:]).tolist() == ["200"]

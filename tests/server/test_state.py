@@ -156,6 +156,18 @@ def test_read_event_store_and_fold_into_a_log(tmp_path):
     assert len(items) == 3
 
 
+def test_fold_into_a_log_with_integer_ids(tmp_path):
+    path = str(tmp_path / "events.db")
+    store = EventStore(path)
+    store.append([ev("u9", "10", 50, "buy", ""), ev("7", "x", 60, "pv", "c7")])
+    store.close()
+    base_events = pd.DataFrame({"user": [7], "item": [10], "category": [3], "behavior": np.array([1], np.int8), "ts": np.array([10])})
+    base_items = pd.DataFrame({"item": [10], "category": [3], "title": [""], "tags": [""]})
+    folded = fold_events(EventLog(base_events, base_items, "base.parquet", ReadReport(rows=1)), read_event_store(path))
+    assert list(folded.events["user"]) == ["7", "u9", "7"] and list(folded.events["category"]) == ["3", "3", "c7"]
+    assert sorted(folded.items["item"]) == ["10", "x"]
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_bundle):
     return Engine.load(tiny_bundle, MemoryState())
