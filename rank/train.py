@@ -33,7 +33,7 @@ from rank.model import HEAD_BEHAVIORS, HEADS, Ranker, RankerConfig, ranking_loss
 from rank.pipeline import TwoStage
 from recall.channels import CoVisitation, Popularity
 from recall.retriever import Candidates, Retriever
-from recall.train import EarlyStopping, pick_device
+from recall.train import EarlyStopping, EpochClock, pick_device
 
 
 @dataclass
@@ -53,6 +53,8 @@ class RankerTrainConfig:
             are built once and kept in memory, about 13 kB per group at the default sizes.
         listwise_weight: weight of the listwise softmax term against the pointwise log-loss.
         weight_decay: decoupled L2 (AdamW) on every weight.
+        max_seconds, budget_epochs: the training loop's time budget (0: none), cut into
+            at least this many validated epochs (:class:`recall.train.EpochClock`).
     """
 
     epochs: int = 20
@@ -71,6 +73,8 @@ class RankerTrainConfig:
     listwise_weight: float = 1.0
     seed: int = 0
     device: str = "auto"
+    max_seconds: float = 0.0
+    budget_epochs: int = 8
 
 
 @dataclass
@@ -377,10 +381,14 @@ def train_ranker(
         "candidates_recall_rate": round(len(groups.users) / max(len(users), 1), 4),
     }
     stopper = EarlyStopping(cfg.patience)
+    clock = EpochClock(cfg.max_seconds, cfg.budget_epochs)
     for epoch in range(cfg.epochs):
+        if epoch and clock.spent():  # the first epoch always runs: early stopping needs one validated model
+            break
         model.train()
         order = rng.permutation(len(groups.users))
-        total, steps = 0.0, 0
+        total, steps, seen = 0.0, 0, 0
+        clock.start_epoch()
         for lo in tqdm(range(0, len(order), cfg.batch_size), desc=f"ranker epoch {epoch + 1}", disable=not progress, leave=False):
             idx = order[lo : lo + cfg.batch_size]
             batch = feats.take(idx).to_torch(device)
@@ -392,13 +400,21 @@ def train_ranker(
             opt.step()
             total += loss.item()
             steps += 1
+            seen += len(idx)
+            if clock.epoch_over():
+                break
+        train_seconds = clock.epoch_seconds()
         model.eval()
         metrics = valid.evaluate() if len(valid) else {}
         score = metrics["final"]["ndcg@10"] if metrics else -total / steps
-        history["epochs"].append({"epoch": epoch + 1, "loss": round(total / steps, 5), "valid": metrics})
+        history["epochs"].append(
+            {"epoch": epoch + 1, "loss": round(total / steps, 5), "samples": seen, "samples_per_s": round(seen / max(train_seconds, 1e-9), 1), "valid": metrics}
+        )
         if progress:
-            tqdm.write(f"ranker epoch {epoch + 1}: loss {total / steps:.4f} valid {metrics}")
+            tqdm.write(f"ranker epoch {epoch + 1}: loss {total / steps:.4f}, {seen:,} groups at {seen / max(train_seconds, 1e-9):,.0f}/s{clock.left()} valid {metrics}")
         if stopper.step(score, model):
             break
+    history["samples"] = int(sum(e["samples"] for e in history["epochs"]))
+    history["seconds"] = round(clock.elapsed(), 1)
     history["best_valid_ndcg@10"] = stopper.best
     return stopper.restore(model), history

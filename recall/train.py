@@ -2,6 +2,7 @@
 
 import copy
 import math
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -17,7 +18,17 @@ from recall.scoring import exact_topk
 
 @dataclass
 class TwoTowerTrainConfig:
-    """Optimisation settings (saved beside the model config in the bundle manifest)."""
+    """Optimisation settings (saved beside the model config in the bundle manifest).
+
+    Attributes:
+        samples_per_epoch: training positions drawn (without replacement) per epoch;
+            0 takes every position. On a 100M-event log an epoch over every position
+            takes days on a CPU; sampled epochs keep validation and early stopping frequent.
+        max_seconds: wall-clock budget of the training loop (0: none). No epoch starts
+            once it is spent, and an epoch also ends after ``max_seconds / budget_epochs``
+            seconds, so validation runs several times within the budget.
+        budget_epochs: how many validated epochs a budget is cut into at least.
+    """
 
     epochs: int = 40
     batch_size: int = 512
@@ -28,6 +39,9 @@ class TwoTowerTrainConfig:
     seed: int = 0
     max_valid_users: int = 5000
     device: str = "auto"
+    samples_per_epoch: int = 0
+    max_seconds: float = 0.0
+    budget_epochs: int = 8
 
 
 class EarlyStopping:
@@ -55,6 +69,49 @@ class EarlyStopping:
         """Load the best weights back into ``model`` (eval mode)."""
         model.load_state_dict(self.state)
         return model.eval()
+
+
+class EpochClock:
+    """A training loop's time budget, cut into epochs that each end in time for validation.
+
+    Args:
+        max_seconds: the loop's budget (0: no limit, and epochs run to their end).
+        epochs: the number of epochs the budget is cut into at least.
+    """
+
+    def __init__(self, max_seconds: float, epochs: int):
+        self.max_seconds = max_seconds
+        self.slice = max_seconds / max(epochs, 1)
+        self.started = self.epoch_started = time.perf_counter()
+
+    def start_epoch(self) -> None:
+        self.epoch_started = time.perf_counter()
+
+    def epoch_over(self) -> bool:
+        """Whether the running epoch has used its slice of the budget, or the budget is spent."""
+        now = time.perf_counter()
+        return bool(self.max_seconds) and (now - self.epoch_started >= self.slice or now - self.started >= self.max_seconds)
+
+    def spent(self) -> bool:
+        """Whether the budget is used up (no new epoch should start)."""
+        return bool(self.max_seconds) and self.elapsed() >= self.max_seconds
+
+    def epoch_seconds(self) -> float:
+        return time.perf_counter() - self.epoch_started
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def left(self) -> str:
+        """``", budget 12.0 min left"`` under a budget, else ``""`` (for progress lines)."""
+        return f", budget {max(self.max_seconds - self.elapsed(), 0) / 60:.1f} min left" if self.max_seconds else ""
+
+
+def epoch_sample(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """The example order of one epoch: all ``n`` shuffled, or ``k`` of them drawn without replacement when 0 < k < n."""
+    if 0 < k < n:
+        return rng.choice(n, k, replace=False)
+    return rng.permutation(n)
 
 
 def pick_device(name: str) -> torch.device:
@@ -175,13 +232,17 @@ def train_two_tower(
         pick = np.sort(rng.choice(len(valid_users), cfg.max_valid_users, replace=False))
         valid_users, valid_pos = valid_users[pick], valid_pos[pick]
 
-    history: dict = {"epochs": [], "config": asdict(cfg)}
+    history: dict = {"epochs": [], "config": asdict(cfg), "positions": int(len(users))}
     stopper = EarlyStopping(cfg.patience)
+    clock = EpochClock(cfg.max_seconds, cfg.budget_epochs)
     t = lambda a: torch.from_numpy(a).to(device)
     for epoch in range(cfg.epochs):
+        if epoch and clock.spent():  # the first epoch always runs: early stopping needs one validated model
+            break
         model.train()
-        order = rng.permutation(len(users))
-        total, steps = 0.0, 0
+        order = epoch_sample(rng, len(users), cfg.samples_per_epoch)
+        total, steps, seen = 0.0, 0, 0
+        clock.start_epoch()
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"two-tower epoch {epoch + 1}", disable=not progress, leave=False)
         for lo in bar:
             idx = order[lo : lo + cfg.batch_size]
@@ -200,12 +261,20 @@ def train_two_tower(
             opt.step()
             total += loss.item()
             steps += 1
+            seen += len(idx)
+            if clock.epoch_over():
+                break
+        train_seconds = clock.epoch_seconds()
         metrics = evaluate_targets(model, data, valid_users, valid_pos, known) if len(valid_users) else {}
         score = metrics.get("ndcg@10", -total / steps)
-        history["epochs"].append({"epoch": epoch + 1, "loss": round(total / steps, 5), "valid": metrics})
+        history["epochs"].append(
+            {"epoch": epoch + 1, "loss": round(total / steps, 5), "samples": seen, "samples_per_s": round(seen / max(train_seconds, 1e-9), 1), "valid": metrics}
+        )
         if progress:
-            tqdm.write(f"two-tower epoch {epoch + 1}: loss {total / steps:.4f} valid {metrics}")
+            tqdm.write(f"two-tower epoch {epoch + 1}: loss {total / steps:.4f}, {seen:,} samples at {seen / max(train_seconds, 1e-9):,.0f}/s{clock.left()} valid {metrics}")
         if stopper.step(score, model):
             break
+    history["samples"] = int(sum(e["samples"] for e in history["epochs"]))
+    history["seconds"] = round(clock.elapsed(), 1)
     history["best_valid_ndcg@10"] = stopper.best
     return stopper.restore(model), history

@@ -2,7 +2,8 @@
 
 Every item in the catalogue competes for every user (items the user interacted with
 before the target are masked). Reported: the merged recall candidates in recall-score
-order, each recall channel alone, the final ranked list, and two non-learned
+order, each recall channel alone (the two-tower searched to the deepest K reported,
+the others at their configured counts), the final ranked list, and two non-learned
 baselines (popularity, cosine ItemKNN) under the same protocol.
 
 Single-target splits report HR/NDCG/MRR. The ``comirec`` split holds out a range of
@@ -230,7 +231,10 @@ def _ranked_lists(pipe: TwoStage, seqs: Sequences, users: np.ndarray, pos: np.nd
         pairs.append(_batch_pairs(out.ranked, seqs, p, e, num_items, lo))
         recall_window = window.tail(pipe.retriever.model.cfg.history)
         for channel, out in per_channel.items():
-            out.append(_top(pipe.retriever.retrieve(recall_window, seqs.ts[p], exclude, channels=(channel,)).items, k))
+            # The two-tower alone is searched to the deepest K reported, whatever the serving count, so its
+            # HR@200 measures the model; the other channels return what they are configured to.
+            deep = k if channel == TWO_TOWER else 0
+            out.append(_top(pipe.retriever.retrieve(recall_window, seqs.ts[p], exclude, channels=(channel,), two_tower=deep).items, k))
     heads = pairs[0].heads.keys()
     all_pairs = _Pairs(
         groups=np.concatenate([q.groups for q in pairs]),

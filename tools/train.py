@@ -1,9 +1,12 @@
 """``funnel train``: behaviour log → trained two-tower, index, channels and ranker → bundle."""
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import os
+import resource
 import time
 
 import faiss
@@ -25,6 +28,8 @@ from server.eventlog import read_event_store
 log = logging.getLogger("funnel.train")
 
 AUTO_INDEX = "auto"
+BUDGET_SHARES = {"two_tower": 0.55, "ranker": 0.25}
+"""Shares of ``train(budget=...)`` given to the two training loops."""
 GATE_USERS = 1000
 """Users whose vectors check an automatically chosen IVF index against exact search."""
 GATE_K = 200
@@ -45,6 +50,7 @@ def train(
     two_tower: TwoTowerTrainConfig | None = None,
     ranker: RankerTrainConfig | None = None,
     recall: RecallConfig | None = None,
+    budget: float | None = None,
     progress: bool = True,
 ) -> str:
     """Train the whole pipeline and publish a new bundle version.
@@ -70,6 +76,9 @@ def train(
             user vectors (else exact search).
         seed: seed for both models (overrides the configs' seeds).
         two_tower, ranker, recall: stage settings (defaults when omitted).
+        budget: seconds for the whole run; the training loops get the shares in
+            :data:`BUDGET_SHARES` (their epochs cut to validate several times within it),
+            the rest is left for reading, channels, tables, index and writing.
         progress: progress bars and per-epoch lines.
 
     Returns:
@@ -78,33 +87,46 @@ def train(
     started = time.time()
     if index != AUTO_INDEX:
         IndexSpec.parse(index)  # a bad spec fails before hours of training
-    log_ = read_events(events, fmt, on_error=on_error, progress=progress)
-    log.info("%s: %s", events, log_.report.summary())
-    base_rows = log_.report.rows
-    if fold_events:
-        log_ = fold_events_into(log_, read_event_store(fold_events))
-        log.info("%s: folded in %d logged events", fold_events, log_.report.rows - base_rows)
-    data = Dataset.from_log(log_, read_items(items) if items else None)
-    parts = make_split(data.seqs, split)
+    stage = Stages()
+    with stage("read"):
+        log_ = read_events(events, fmt, on_error=on_error, progress=progress)
+        log.info("%s: %s", events, log_.report.summary())
+        base_rows = log_.report.rows
+        if fold_events:
+            log_ = fold_events_into(log_, read_event_store(fold_events))
+            log.info("%s: folded in %d logged events", fold_events, log_.report.rows - base_rows)
+    with stage("dataset"):
+        data = Dataset.from_log(log_, read_items(items) if items else None)
+        rows, skipped = log_.report.rows, dict(log_.report.skipped)
+        del log_  # the encoded sequences replace the raw log (several GB at 100M events)
+        parts = make_split(data.seqs, split)
     tt_cfg = dataclasses.replace(two_tower or TwoTowerTrainConfig(), seed=seed)
     rk_cfg = dataclasses.replace(ranker or RankerTrainConfig(), seed=seed)
+    if budget:
+        tt_cfg = dataclasses.replace(tt_cfg, max_seconds=budget * BUDGET_SHARES["two_tower"])
+        rk_cfg = dataclasses.replace(rk_cfg, max_seconds=budget * BUDGET_SHARES["ranker"])
     recall_cfg = recall or RecallConfig()
 
-    model, tt_history = train_two_tower(data, parts, train_config=tt_cfg, progress=progress)
-    known = known_items(data, parts)
-    vecs = item_vectors(model, data, known)
-    recommendable = recommendable_items(data, known)
-    ids = np.flatnonzero(recommendable)
-    spec, index_gate, ann = _choose_index(index, model, data, parts, vecs, recommendable, seed)
-    if ann is None:
-        ann = build_index(vecs[ids], ids, spec)
+    with stage("two_tower"):
+        model, tt_history = train_two_tower(data, parts, train_config=tt_cfg, progress=progress)
+    with stage("index"):
+        known = known_items(data, parts)
+        vecs = item_vectors(model, data, known)
+        recommendable = recommendable_items(data, known)
+        ids = np.flatnonzero(recommendable)
+        spec, index_gate, ann = _choose_index(index, model, data, parts, vecs, recommendable, seed)
+        if ann is None:
+            ann = build_index(vecs[ids], ids, spec)
     # Channels and popularity see only the training part, like the models.
     mask = parts.train_mask(data.seqs)
-    covisit = CoVisitation.fit(data.seqs, mask, data.items.size)
-    popularity = Popularity.fit(data.seqs, mask, data.items.size)
-    retriever = Retriever(model, vecs, ann, covisit, popularity, data.item_category, recall_cfg, recommendable)
-    business = BusinessTables.fit(data.seqs, mask, data.item_category)
-    rank_model, rk_history = train_ranker(data, parts, retriever, popularity.counts, business, train_config=rk_cfg, progress=progress)
+    with stage("channels"):
+        covisit = CoVisitation.fit(data.seqs, mask, data.items.size)
+        popularity = Popularity.fit(data.seqs, mask, data.items.size)
+        retriever = Retriever(model, vecs, ann, covisit, popularity, data.item_category, recall_cfg, recommendable)
+    with stage("business"):
+        business = BusinessTables.fit(data.seqs, mask, data.item_category)
+    with stage("ranker"):
+        rank_model, rk_history = train_ranker(data, parts, retriever, popularity.counts, business, train_config=rk_cfg, progress=progress)
 
     info = {
         "data": {
@@ -112,12 +134,18 @@ def train(
             "format": fmt,
             "fingerprint": file_fingerprint(events),
             "items_file": items,
-            "rows": log_.report.rows,
-            "folded_events": {"source": fold_events, "rows": log_.report.rows - base_rows} if fold_events else None,
-            "skipped_rows": dict(log_.report.skipped),
+            "rows": rows,
+            "folded_events": {"source": fold_events, "rows": rows - base_rows} if fold_events else None,
+            "skipped_rows": skipped,
             "split": split,
         },
-        "training": {"two_tower": tt_history, "ranker": rk_history, "seconds": round(time.time() - started, 1)},
+        "training": {
+            "two_tower": tt_history,
+            "ranker": rk_history,
+            "seconds": round(time.time() - started, 1),
+            "budget_seconds": budget,
+            "stages": stage.report,
+        },
         "index_choice": index_gate,
     }
     version = write_version(
@@ -136,6 +164,54 @@ def train(
     )
     log.info("bundle written to %s in %.0f s", version, time.time() - started)
     return version
+
+
+class Stages:
+    """Times each training stage and logs its seconds and memory: ``with stages("ranker"): ...``.
+
+    ``report`` maps stage name -> seconds, resident memory after it and the process's peak so far (GB).
+    """
+
+    def __init__(self):
+        self.report: dict[str, dict[str, float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        started = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - started
+        self.report[name] = {"seconds": round(seconds, 1), "rss_gb": round(_rss_gb(), 2), "peak_rss_gb": round(_peak_rss_gb(), 2)}
+        log.info("stage %s: %.1f s, RSS %.2f GB (peak so far %.2f GB)", name, seconds, self.report[name]["rss_gb"], self.report[name]["peak_rss_gb"])
+
+
+def _rss_gb() -> float:
+    """This process's resident memory now (Linux; the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        return _peak_rss_gb()
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``"90s"``, ``"45m"``, ``"1.5h"`` or a bare number of seconds.
+
+    Raises:
+        ValueError: naming the text and the accepted forms.
+    """
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{text!r}: expected a positive duration such as 90s, 45m or 1.5h")
+    return seconds
 
 
 def _choose_index(
@@ -193,16 +269,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed for both models (default: 0)")
     parser.add_argument("--epochs", type=int, default=None, help="maximum epochs per model (early stopping usually ends sooner)")
+    parser.add_argument(
+        "--budget", type=_duration, default=None, metavar="DURATION",
+        help="time for the whole run, e.g. 60m or 2h: the two-tower loop gets "
+        f"{BUDGET_SHARES['two_tower'] * 100:.0f}%% and the ranker {BUDGET_SHARES['ranker'] * 100:.0f}%%, each cut into epochs that are validated "
+        "(early stopping as usual); reading, channels, tables and the index take the rest (default: no budget, train to early stopping)",
+    )
+    parser.add_argument(
+        "--samples-per-epoch", type=_positive_int, default=None, metavar="N",
+        help="two-tower training positions drawn per epoch (default: every position; a 100M-event log needs far fewer)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _positive_int(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number above 0")
+    return int(text)
 
 
 def run(args: argparse.Namespace) -> int:
     tt, rk = TwoTowerTrainConfig(), RankerTrainConfig()
     if args.epochs is not None:
         tt, rk = dataclasses.replace(tt, epochs=args.epochs), dataclasses.replace(rk, epochs=args.epochs)
+    if args.samples_per_epoch is not None:
+        tt = dataclasses.replace(tt, samples_per_epoch=args.samples_per_epoch)
     version = train(
         events=args.events, out=args.out, fmt=args.fmt, items=args.items, fold_events=args.fold_events, split=args.split, on_error=args.on_error, index=args.index,
-        seed=args.seed, two_tower=tt, ranker=rk, progress=not args.no_progress,
+        seed=args.seed, two_tower=tt, ranker=rk, budget=args.budget, progress=not args.no_progress,
     )
     print(json.dumps({"bundle": version}))
     return 0

@@ -62,3 +62,13 @@ def test_two_tower_loss_falls_and_beats_chance(tiny_data):
     metrics = evaluate_targets(model, tiny_data, users, pos, known_items(tiny_data, split), k=50)
     chance = 50 / len(tiny_data.items)
     assert metrics["hr@50"] > 2 * chance
+
+
+def test_sampled_epochs_and_a_spent_budget_bound_the_samples(tiny_data):
+    split = leave_last_out(tiny_data.seqs)
+    base = dict(uniform_negatives=16, batch_size=32, max_valid_users=20)
+    _, sampled = train_two_tower(tiny_data, split, train_config=TwoTowerTrainConfig(epochs=2, patience=5, samples_per_epoch=40, **base), progress=False)
+    assert [e["samples"] for e in sampled["epochs"]] == [40, 40] and sampled["samples"] == 80
+    # A budget already spent: one epoch still runs (early stopping needs a model), cut after its first batch.
+    model, spent = train_two_tower(tiny_data, split, train_config=TwoTowerTrainConfig(epochs=5, max_seconds=1e-9, **base), progress=False)
+    assert [e["samples"] for e in spent["epochs"]] == [32] and model is not None

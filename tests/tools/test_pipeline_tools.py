@@ -8,6 +8,7 @@ from server.bundle import load_bundle, resolve
 from tools.cli import main
 from tools.evaluate import evaluate, format_report
 from tools.rebuild_index import IndexRejected, rebuild_index
+from tools.train import parse_duration
 
 METRICS = {"recall": {"hr@10", "ndcg@10", "hr@50", "hr@200"}, "final": {"hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr@10"}}
 
@@ -89,3 +90,22 @@ def test_cli_refuses_bad_candidate_counts(tiny_bundle, tiny_log_path, capsys):
         main(["evaluate", "--bundle", tiny_bundle, "--events", tiny_log_path, "--candidates", "towers=5"])
     assert exit_.value.code == 2
     assert "--candidates: 'towers=5': expected FIELD=COUNT" in capsys.readouterr().err
+
+
+def test_training_records_each_stage_and_samples(tiny_bundle):
+    with open(f"{resolve(tiny_bundle)}/manifest.json") as fh:
+        training = json.load(fh)["training"]
+    assert set(training["stages"]) == {"read", "dataset", "two_tower", "index", "channels", "business", "ranker"}
+    assert all(s["seconds"] >= 0 and s["peak_rss_gb"] > 0 for s in training["stages"].values())
+    assert training["two_tower"]["samples"] > 0 and training["ranker"]["samples"] > 0 and training["budget_seconds"] is None
+    assert all(e["samples_per_s"] > 0 for e in training["two_tower"]["epochs"])
+
+
+def test_durations_parse_and_bad_ones_are_refused(capsys):
+    assert parse_duration("90s") == 90 and parse_duration("1.5h") == 5400 and parse_duration("45m") == 2700 and parse_duration("30") == 30
+    for bad in ("", "m", "-5m", "0", "inf", "5d"):
+        with pytest.raises(ValueError, match="positive duration"):
+            parse_duration(bad)
+    with pytest.raises(SystemExit):
+        main(["train", "--events", "x.csv", "--out", "b", "--budget", "soon"])
+    assert "expected a positive duration" in capsys.readouterr().err
