@@ -2,6 +2,7 @@
 behind one interceptor (token, size limit, metrics, access log), a micro-batcher, an engine holder
 that follows the bundle root, health checking and reflection; :func:`serve` runs it all until a signal."""
 
+import ipaddress
 import logging
 import os
 import signal
@@ -243,10 +244,35 @@ def configure_threads(threads: int | None = None) -> int:
     return n
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (``localhost``, 127.0.0.0/8, ``::1``): nobody else can connect."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to any interface
+
+
+def open_without_token(host: str, options: "ServerOptions") -> str | None:
+    """Why serving on ``host`` with ``options`` is open to the network, or ``None`` when it is not.
+
+    The check ``serve --insecure`` overrides (Redis's protected mode is the model): a
+    non-loopback address with no token lets anyone who reaches the port log events
+    into users' histories and reload bundles.
+    """
+    if is_loopback(host) or options.token:
+        return None
+    return (
+        f"refusing to serve on {host} without a token: anyone who can reach the port could call LogEvents (writing into "
+        f"users' histories) and Reload. Set {TOKEN_ENV} (or --token), bind 127.0.0.1, or pass --insecure to serve openly anyway"
+    )
+
+
 def serve(
     bundle_dir: str,
     *,
-    host: str = "0.0.0.0",
+    host: str = "127.0.0.1",
     port: int = 50051,
     options: ServerOptions | None = None,
     metrics_port: int | None = None,
@@ -265,7 +291,8 @@ def serve(
 
     Args:
         bundle_dir: bundle root (with CURRENT) or a version directory.
-        host: address to bind.
+        host: address to bind (this machine only by default; see :func:`open_without_token`
+            for what the command line requires to bind others).
         port: port to bind; 0 picks a free one.
         options: threads, batching, limits, token, TLS (see :class:`ServerOptions`).
         metrics_port: serve Prometheus ``/metrics`` on this port; ``None`` for none.

@@ -5,7 +5,7 @@ import os
 import sys
 
 from recall.runtime import RUNTIMES
-from server.app import TOKEN_ENV, BindError, ServerOptions
+from server.app import TOKEN_ENV, BindError, ServerOptions, open_without_token
 from server.eventlog import EventStoreError
 from server.state import MAX_EVENTS_PER_USER, StateUnavailable
 from tools.cli import add_candidates_argument
@@ -17,7 +17,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bundle root: serves the version CURRENT names and swaps to a new one when CURRENT changes or on the Reload rpc "
         "(a version directory is served as is)",
     )
-    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default: 0.0.0.0)")
+    parser.add_argument(
+        "--host", default="127.0.0.1",
+        help="address to bind; another than this machine's (e.g. 0.0.0.0) needs --token or FUNNEL_TOKEN, or --insecure (default: 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--insecure", action="store_true",
+        help="serve on a non-loopback --host without a token: anyone who reaches the port can call LogEvents and Reload (default: refused)",
+    )
     parser.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (default: 50051)")
     parser.add_argument("--workers", type=int, default=ServerOptions.max_workers, help=f"threads for blocking work beside the event loop: LogEvents commits, reloads, Recommend with --max-batch 1 (default: {ServerOptions.max_workers})")
     parser.add_argument("--max-batch", type=int, default=ServerOptions.max_batch, help=f"most Recommend requests computed as one batch; 1 turns batching off (default: {ServerOptions.max_batch})")
@@ -85,6 +92,12 @@ def run(args: argparse.Namespace) -> int:
             max_workers=args.workers, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_message_bytes=args.max_message_bytes,
             token=args.token or None, tls_cert=args.tls_cert, tls_key=args.tls_key,
         )
+        refusal = open_without_token(args.host, options)
+        if refusal and not args.insecure:
+            print(f"error: {refusal}", file=sys.stderr)
+            return 2
+        if refusal:
+            print(f"warning: --insecure: serving {args.host} without a token; LogEvents and Reload are open to anyone who reaches the port", file=sys.stderr)
         kwargs = dict(
             bundle_dir=args.bundle, host=args.host, port=args.port, options=options, metrics_port=args.metrics_port,
             watch_interval_s=args.watch_interval, threads=args.threads, state=args.state, event_log=event_log, max_events_per_user=args.max_user_events,
