@@ -520,6 +520,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"funnel synth: error: {err}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    stats = generate(args.out, config, progress=not args.no_progress)
+    stats = generate(args.out, config, progress=not args.no_progress and sys.stderr.isatty())
     print(f"{stats.summary()} in {time.perf_counter() - started:.1f}s")
     return 0

@@ -17,6 +17,7 @@ the validation target; the test target is never read.
 """
 
 import dataclasses
+import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -33,7 +34,9 @@ from rank.model import HEAD_BEHAVIORS, HEADS, Ranker, RankerConfig, ranking_loss
 from rank.pipeline import TwoStage
 from recall.channels import CoVisitation, Popularity
 from recall.retriever import Candidates, Retriever
-from recall.train import EarlyStopping, EpochClock, pick_device
+from recall.train import EarlyStopping, EpochClock, brief_metrics, pick_device
+
+log = logging.getLogger("funnel.train")
 
 
 @dataclass
@@ -410,10 +413,11 @@ def train_ranker(
         history["epochs"].append(
             {"epoch": epoch + 1, "loss": round(total / steps, 5), "samples": seen, "samples_per_s": round(seen / max(train_seconds, 1e-9), 1), "valid": metrics}
         )
-        if progress:
-            tqdm.write(f"ranker epoch {epoch + 1}: loss {total / steps:.4f}, {seen:,} groups at {seen / max(train_seconds, 1e-9):,.0f}/s{clock.left()} valid {metrics}")
-        if stopper.step(score, model):
+        log.info("ranker epoch %d: loss %.4f, %s groups at %s/s%s; valid %s", epoch + 1, total / steps, f"{seen:,}", f"{seen / max(train_seconds, 1e-9):,.0f}", clock.left(), brief_metrics(metrics.get("final", {})))
+        if stopper.step(score, model, epoch + 1):
             break
+    log.info("ranker: kept epoch %d of %d (valid final ndcg@10 %.4f)", stopper.best_epoch, len(history["epochs"]), stopper.best)
+    history["kept_epoch"] = stopper.best_epoch
     history["samples"] = int(sum(e["samples"] for e in history["epochs"]))
     history["seconds"] = round(clock.elapsed(), 1)
     history["best_valid_ndcg@10"] = stopper.best

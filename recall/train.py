@@ -1,6 +1,7 @@
 """Train the two-tower model next-item style on every training position."""
 
 import copy
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -14,6 +15,8 @@ from events.metrics import summarize, target_ranks
 from events.split import Split
 from recall.model import TwoTower, TwoTowerConfig, sampled_softmax_loss, user_tensors
 from recall.scoring import exact_topk
+
+log = logging.getLogger("funnel.train")
 
 
 @dataclass
@@ -54,13 +57,14 @@ class EarlyStopping:
     def __init__(self, patience: int):
         self.patience = patience
         self.best = float("-inf")
+        self.best_epoch = 0
         self.state: dict | None = None
         self.bad_epochs = 0
 
-    def step(self, score: float, model: torch.nn.Module) -> bool:
-        """Record an epoch's score; returns True when training should stop."""
+    def step(self, score: float, model: torch.nn.Module, epoch: int = 0) -> bool:
+        """Record epoch ``epoch``'s score; returns True when training should stop."""
         if score > self.best:
-            self.best, self.state, self.bad_epochs = score, copy.deepcopy(model.state_dict()), 0
+            self.best, self.best_epoch, self.state, self.bad_epochs = score, epoch, copy.deepcopy(model.state_dict()), 0
             return False
         self.bad_epochs += 1
         return self.bad_epochs >= self.patience
@@ -112,6 +116,11 @@ def epoch_sample(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     if 0 < k < n:
         return rng.choice(n, k, replace=False)
     return rng.permutation(n)
+
+
+def brief_metrics(metrics: dict) -> str:
+    """Validation metrics for a log line: ``ndcg@10 0.1234, hr@10 0.2345``."""
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)) or "none"
 
 
 def pick_device(name: str) -> torch.device:
@@ -270,10 +279,11 @@ def train_two_tower(
         history["epochs"].append(
             {"epoch": epoch + 1, "loss": round(total / steps, 5), "samples": seen, "samples_per_s": round(seen / max(train_seconds, 1e-9), 1), "valid": metrics}
         )
-        if progress:
-            tqdm.write(f"two-tower epoch {epoch + 1}: loss {total / steps:.4f}, {seen:,} samples at {seen / max(train_seconds, 1e-9):,.0f}/s{clock.left()} valid {metrics}")
-        if stopper.step(score, model):
+        log.info("two-tower epoch %d: loss %.4f, %s samples at %s/s%s; valid %s", epoch + 1, total / steps, f"{seen:,}", f"{seen / max(train_seconds, 1e-9):,.0f}", clock.left(), brief_metrics(metrics))
+        if stopper.step(score, model, epoch + 1):
             break
+    log.info("two-tower: kept epoch %d of %d (valid ndcg@10 %.4f)", stopper.best_epoch, len(history["epochs"]), stopper.best)
+    history["kept_epoch"] = stopper.best_epoch
     history["samples"] = int(sum(e["samples"] for e in history["epochs"]))
     history["seconds"] = round(clock.elapsed(), 1)
     history["best_valid_ndcg@10"] = stopper.best

@@ -21,6 +21,7 @@ candidates). ``report_dir`` adds an HTML report with metric-vs-K and calibration
 import argparse
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -414,13 +415,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--runtime", choices=RUNTIMES, default="onnx",
         help="score with ONNX Runtime over the bundle's exports, as the server does (onnx, default), or with the PyTorch models (torch)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (off anyway when stderr is not a terminal)")
 
 
 def run(args: argparse.Namespace) -> int:
     report = evaluate(
         bundle=args.bundle, events=args.events, fmt=args.fmt, split=args.split, on_error=args.on_error,
-        json_out=args.json_out, report_dir=args.report_dir, progress=not args.no_progress, candidates=args.candidates,
+        json_out=args.json_out, report_dir=args.report_dir, progress=not args.no_progress and sys.stderr.isatty(), candidates=args.candidates,
         runtime=args.runtime,
     )
     print(format_report(report))

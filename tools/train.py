@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import resource
+import sys
 import time
 
 import faiss
@@ -279,7 +280,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--samples-per-epoch", type=_positive_int, default=None, metavar="N",
         help="two-tower training positions drawn per epoch (default: every position; a 100M-event log needs far fewer)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (they are off anyway when stderr is not a terminal; one log line per epoch stays)")
 
 
 def _duration(text: str) -> float:
@@ -303,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
         tt = dataclasses.replace(tt, samples_per_epoch=args.samples_per_epoch)
     version = train(
         events=args.events, out=args.out, fmt=args.fmt, items=args.items, fold_events=args.fold_events, split=args.split, on_error=args.on_error, index=args.index,
-        seed=args.seed, two_tower=tt, ranker=rk, budget=args.budget, progress=not args.no_progress,
+        seed=args.seed, two_tower=tt, ranker=rk, budget=args.budget, progress=not args.no_progress and sys.stderr.isatty(),
     )
     print(json.dumps({"bundle": version}))
     return 0
