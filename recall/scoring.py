@@ -4,6 +4,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+BLOCK_FLOATS = 1 << 26
+"""Most scores held at once (256 MB of float32): the user batch shrinks as the catalogue grows,
+so scoring 4M items stays bounded (1,024 users x 870k items would be 3.5 GB)."""
+
 
 def subset_rows(among: np.ndarray) -> np.ndarray:
     """Item ids where bool [M] ``among`` holds, after the padding row 0: rows of a sub-catalogue whose row 0 stays padding."""
@@ -20,7 +24,7 @@ def exact_topk(
         item_vecs: [M, d] float32; row 0 is the padding id.
         k: results per user.
         exclude: optional [U, M] sparse matrix; non-zero entries are never returned.
-        batch: users scored at a time (bounds memory at batch × M floats).
+        batch: most users scored at a time; fewer when ``batch × M`` would pass :data:`BLOCK_FLOATS`.
         among: optional bool [M]; only these items compete (e.g. the recommendable ones).
 
     Returns:
@@ -34,6 +38,7 @@ def exact_topk(
         return rows[ids], scores
     items = torch.from_numpy(np.ascontiguousarray(item_vecs, dtype=np.float32))
     k = min(k, len(item_vecs) - 1)
+    batch = max(1, min(batch, BLOCK_FLOATS // max(len(item_vecs), 1)))
     ids, scores = [], []
     for lo in range(0, len(user_vecs), batch):
         s = torch.from_numpy(np.ascontiguousarray(user_vecs[lo : lo + batch], dtype=np.float32)) @ items.T  # [b, M]
