@@ -27,6 +27,33 @@ log = logging.getLogger(__name__)
 MAX_K = 1000
 MAX_RECENT_EVENTS = 1000
 MAX_LOG_EVENTS = 10_000
+MIN_TIMESTAMP = 946_684_800
+"""2000-01-01T00:00:00Z: the earliest event time either rpc accepts (a 0, a negative or a
+millisecond-scale mistake lands far outside the log's time range and skews time gaps)."""
+MAX_FUTURE_S = 86_400
+"""Events may lie at most one day past the server's clock (clock skew), never further."""
+
+
+def check_event(where: str, event: recommender_pb2.Event, now: float) -> None:
+    """The rules every event obeys, in ``recent_events`` and in ``LogEvents`` alike.
+
+    Args:
+        where: the event's place in the request, for the message (``events[3]``).
+        event: the wire event.
+        now: the server's clock (unix seconds).
+
+    Raises:
+        BadQuery: naming the field and what is allowed.
+    """
+    if not event.item_id.strip():
+        raise BadQuery(f"{where}.item_id is required (got an empty or blank string)")
+    if event.behavior not in BEHAVIORS:
+        raise BadQuery(f"{where}.behavior {event.behavior!r} is not one of {', '.join(BEHAVIORS)}")
+    latest = int(now) + MAX_FUTURE_S
+    if not MIN_TIMESTAMP <= event.timestamp <= latest:
+        raise BadQuery(
+            f"{where}.timestamp must be unix seconds from {MIN_TIMESTAMP} (2000-01-01) to {latest} (the server's clock plus one day), got {event.timestamp}"
+        )
 SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
 
 
@@ -50,11 +77,9 @@ def validate(request: recommender_pb2.RecommendRequest) -> RecommendQuery:
         raise BadQuery(f"k must be in 1..{MAX_K}, got {request.k}")
     if len(request.recent_events) > MAX_RECENT_EVENTS:
         raise BadQuery(f"recent_events holds {len(request.recent_events)} events; at most {MAX_RECENT_EVENTS} are accepted (send older ones with LogEvents)")
+    now = time.time()
     for i, event in enumerate(request.recent_events):
-        if not event.item_id:
-            raise BadQuery(f"recent_events[{i}].item_id is empty")
-        if event.behavior not in BEHAVIORS:
-            raise BadQuery(f"recent_events[{i}].behavior {event.behavior!r} is not one of {', '.join(BEHAVIORS)}")
+        check_event(f"recent_events[{i}]", event, now)
     for head, weight in request.head_weights.items():
         if head not in HEADS:
             raise BadQuery(f"head_weights names unknown head {head!r}; heads are {', '.join(HEADS)}")
@@ -87,15 +112,11 @@ def validate_events(request: recommender_pb2.LogEventsRequest) -> list[UserEvent
     n = len(request.events)
     if not 1 <= n <= MAX_LOG_EVENTS:
         raise BadQuery(f"events must hold 1..{MAX_LOG_EVENTS} events, got {n}")
+    now = time.time()
     for i, event in enumerate(request.events):
         if not event.user_id.strip():
             raise BadQuery(f"events[{i}].user_id is required (got an empty or blank string)")
-        if not event.item_id:
-            raise BadQuery(f"events[{i}].item_id is empty")
-        if event.behavior not in BEHAVIORS:
-            raise BadQuery(f"events[{i}].behavior {event.behavior!r} is not one of {', '.join(BEHAVIORS)}")
-        if event.timestamp <= 0:
-            raise BadQuery(f"events[{i}].timestamp must be > 0 (unix seconds), got {event.timestamp}")
+        check_event(f"events[{i}]", event, now)
     return [UserEvent(e.user_id, e.item_id, e.category_id, e.behavior, e.timestamp) for e in request.events]
 
 

@@ -50,8 +50,11 @@ def item_id(engine, i: int) -> str:
         ([event(user_id="  ")], "events[0].user_id"),
         ([event(), event(), event(item_id="")], "events[2].item_id"),
         ([event(behavior="click")], "events[0].behavior 'click'"),
+        ([event(item_id=" ")], "events[0].item_id"),
         ([event(timestamp=0)], "events[0].timestamp"),
-        ([event(), event(timestamp=-5)], "events[1].timestamp must be > 0"),
+        ([event(), event(timestamp=-5)], "events[1].timestamp must be unix seconds from 946684800 (2000-01-01)"),
+        ([event(timestamp=946_684_799)], "events[0].timestamp"),
+        ([event(timestamp=2**62)], "the server's clock plus one day), got 4611686018427387904"),
     ],
 )
 def test_bad_batches_are_invalid_argument_and_store_nothing(live, events, message):

@@ -99,7 +99,7 @@ def test_too_many_recent_events_over_the_wire():
     try:
         with grpc.insecure_channel(f"127.0.0.1:{built.port}") as ch:
             stub = recommender_pb2_grpc.RecommenderStub(ch)
-            events = [recommender_pb2.Event(item_id="i", behavior="pv", timestamp=1)] * (MAX_RECENT_EVENTS + 1)
+            events = [recommender_pb2.Event(item_id="i", behavior="pv", timestamp=1_700_000_000)] * (MAX_RECENT_EVENTS + 1)
             code, details = code_of(lambda: stub.Recommend(recommender_pb2.RecommendRequest(user_id="u", k=2, recent_events=events), timeout=5))
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "recent_events" in details
             fine = stub.Recommend(recommender_pb2.RecommendRequest(user_id="u", k=2, recent_events=events[:MAX_RECENT_EVENTS]), timeout=5)
@@ -110,13 +110,13 @@ def test_too_many_recent_events_over_the_wire():
 
 @pytest.mark.parametrize("metadata", [None, (("authorization", "Bearer nope"),), (("authorization", f"Basic {TOKEN}"),)], ids=["missing", "wrong", "scheme"])
 def test_log_events_needs_the_token(stub, metadata):
-    request = recommender_pb2.LogEventsRequest(events=[recommender_pb2.Event(user_id="u", item_id="i", behavior="pv", timestamp=1)])
+    request = recommender_pb2.LogEventsRequest(events=[recommender_pb2.Event(user_id="u", item_id="i", behavior="pv", timestamp=1_700_000_000)])
     code, details = code_of(lambda: stub.LogEvents(request, metadata=metadata, timeout=5))
     assert code == grpc.StatusCode.UNAUTHENTICATED and "LogEvents" in details
 
 
 def test_right_token_passes_and_recommend_needs_none(stub):
-    request = recommender_pb2.LogEventsRequest(events=[recommender_pb2.Event(user_id="u", item_id="i", behavior="pv", timestamp=1)])
+    request = recommender_pb2.LogEventsRequest(events=[recommender_pb2.Event(user_id="u", item_id="i", behavior="pv", timestamp=1_700_000_000)])
     code, _ = code_of(lambda: stub.LogEvents(request, metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=5))
     assert code != grpc.StatusCode.UNAUTHENTICATED  # past the check: this engine keeps no state
     reload = stub.Reload(recommender_pb2.ReloadRequest(), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=5)

@@ -13,6 +13,8 @@ from server.query import BadQuery, Event, RecommendQuery, RecommendResult, Recom
 from server.rpc import recommender_pb2, recommender_pb2_grpc
 from tools.recommend import add_arguments, format_result, recommend, run, wait_ready
 
+T0 = 1_700_000_000  # a valid event time (unix seconds)
+
 TIMEOUT = 5.0
 
 
@@ -89,7 +91,7 @@ def test_request_fields_reach_the_engine(engine, stub):
         stub,
         user_id="u1",
         k=2,
-        recent_events=[recommender_pb2.Event(item_id="a", behavior="pv", timestamp=10), recommender_pb2.Event(item_id="b", behavior="buy", timestamp=11)],
+        recent_events=[recommender_pb2.Event(item_id="a", behavior="pv", timestamp=T0), recommender_pb2.Event(item_id="b", behavior="buy", timestamp=T0 + 1)],
         exclude_item_ids=["x", "y"],
         include_seen=True,
         category="c9",
@@ -98,7 +100,7 @@ def test_request_fields_reach_the_engine(engine, stub):
     assert engine.last_query == RecommendQuery(
         user_id="u1",
         k=2,
-        recent_events=(Event("a", "pv", 10), Event("b", "buy", 11)),
+        recent_events=(Event("a", "pv", T0), Event("b", "buy", T0 + 1)),
         exclude_item_ids=("x", "y"),
         include_seen=True,
         category="c9",
@@ -122,10 +124,13 @@ def test_unset_category_is_none_and_empty_category_is_kept(engine, stub):
         ({"user_id": "", "k": 5}, ["user_id"]),
         ({"user_id": "  ", "k": 5}, ["user_id"]),
         (
-            {"user_id": "u1", "k": 5, "recent_events": [recommender_pb2.Event(item_id="a", behavior="pv"), recommender_pb2.Event(item_id="b", behavior="click")]},
+            {"user_id": "u1", "k": 5, "recent_events": [recommender_pb2.Event(item_id="a", behavior="pv", timestamp=T0), recommender_pb2.Event(item_id="b", behavior="click", timestamp=T0)]},
             ["recent_events[1]", "'click'", "pv, cart, fav, buy"],
         ),
-        ({"user_id": "u1", "k": 5, "recent_events": [recommender_pb2.Event(item_id="", behavior="pv")]}, ["recent_events[0].item_id"]),
+        ({"user_id": "u1", "k": 5, "recent_events": [recommender_pb2.Event(item_id="", behavior="pv", timestamp=T0)]}, ["recent_events[0].item_id"]),
+        ({"user_id": "u1", "k": 5, "recent_events": [recommender_pb2.Event(item_id=" ", behavior="pv", timestamp=T0)]}, ["recent_events[0].item_id"]),
+        ({"user_id": "u1", "k": 5, "recent_events": [recommender_pb2.Event(item_id="a", behavior="pv", timestamp=-5)]}, ["recent_events[0].timestamp", "946684800"]),
+        ({"user_id": "u1", "k": 5, "recent_events": [recommender_pb2.Event(item_id="a", behavior="pv", timestamp=2**62)]}, ["recent_events[0].timestamp", "plus one day"]),
     ],
 )
 def test_invalid_requests_are_rejected_before_the_engine(engine, stub, fields, expected):
@@ -175,7 +180,7 @@ def test_client_recommend_round_trip(server_addr, engine):
         addr=addr,
         user_id="u2",
         k=2,
-        recent_events=[Event("a", "cart", 5)],
+        recent_events=[Event("a", "cart", T0)],
         exclude_item_ids=["x"],
         category="c1",
         request_id="tool",
@@ -187,7 +192,7 @@ def test_client_recommend_round_trip(server_addr, engine):
     ]
     assert (result.model_version, result.index_version) == ("model-1", "index-1")
     assert result.timings_us == {"recall": 30, "rank": 20, "total": 55}
-    assert engine.last_query == RecommendQuery("u2", 2, (Event("a", "cart", 5),), ("x",), False, "c1", "tool")
+    assert engine.last_query == RecommendQuery("u2", 2, (Event("a", "cart", T0),), ("x",), False, "c1", "tool")
     text = format_result(result)
     assert "title 1" in text and "model-1" in text and "total 55 us" in text
 
@@ -200,9 +205,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def test_cli_parses_events_and_runs(server_addr, engine, capsys):
     _, addr = server_addr
-    args = parse(["--addr", addr, "--user", "u3", "-k", "1", "--event", "it:em:pv:7", "--event", "b:fav:8", "--exclude", "x", "--include-seen"])
+    args = parse(["--addr", addr, "--user", "u3", "-k", "1", "--event", "it:em:pv:1700000007", "--event", "b:fav:1700000008", "--exclude", "x", "--include-seen"])
     assert run(args) == 0
-    assert engine.last_query.recent_events == (Event("it:em", "pv", 7), Event("b", "fav", 8))
+    assert engine.last_query.recent_events == (Event("it:em", "pv", 1_700_000_007), Event("b", "fav", 1_700_000_008))
     assert engine.last_query.include_seen and engine.last_query.exclude_item_ids == ("x",)
     assert "i0" in capsys.readouterr().out
 
