@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -185,6 +186,15 @@ def _channel(addr: str, tls_ca: str | None, i: int) -> grpc.Channel:
         return grpc.secure_channel(addr, grpc.ssl_channel_credentials(root_certificates=fh.read()), options=options)
 
 
+CONNECT_TIMEOUT_S = 5.0
+SYNTHETIC_USER_PREFIX = "loadtest:"
+"""Mixed load logs its events for these users, never for real ones (unless asked to)."""
+
+
+class Unreachable(ConnectionError):
+    """No server answered at the load test's address."""
+
+
 def loadtest(
     *,
     addr: str,
@@ -199,6 +209,7 @@ def loadtest(
     timeout: float = 2.0,
     floor_duration: float | None = None,
     log_events_fraction: float = 0.0,
+    log_events_to_real_users: bool = False,
     token: str | None = None,
     tls_ca: str | None = None,
     seed: int = 0,
@@ -218,6 +229,9 @@ def loadtest(
         timeout: deadline of every call, seconds.
         floor_duration: seconds of health-check load (default ``duration``; 0 skips it).
         log_events_fraction: share of arrivals that are ``LogEvents`` of one event (mixed load).
+        log_events_to_real_users: log those events for the sampled real users; by default
+            they go to ``SYNTHETIC_USER_PREFIX + user``, so a load test never writes
+            into real users' histories (which ``train --fold-events`` would learn).
         token: bearer token for ``LogEvents``.
         tls_ca: CA certificate (PEM) for a TLS server.
         seed: seed for the user and item draws.
@@ -249,7 +263,13 @@ def loadtest(
     channels = [_channel(addr, tls_ca, i) for i in range(concurrency)]
     try:
         for ch in channels:
-            grpc.channel_ready_future(ch).result(timeout=10)
+            try:
+                grpc.channel_ready_future(ch).result(timeout=CONNECT_TIMEOUT_S)
+            except grpc.FutureTimeoutError:
+                raise Unreachable(
+                    f"nothing answered at {addr} within {CONNECT_TIMEOUT_S:.0f} s: is 'funnel serve' running there "
+                    f"(check --addr{', and --tls-ca against a plaintext server' if tls_ca else ', and whether the server speaks TLS (--tls-ca)'})?"
+                ) from None
         stubs = [recommender_pb2_grpc.RecommenderStub(ch) for ch in channels]
         health_stubs = [health_pb2_grpc.HealthStub(ch) for ch in channels]
 
@@ -257,7 +277,8 @@ def loadtest(
             stub = stubs[i % concurrency]
             user = users[user_draw[i]]
             if is_log[i]:
-                event = recommender_pb2.Event(user_id=user, item_id=items[item_draw[i]], behavior="pv", timestamp=int(time.time()))
+                log_user = user if log_events_to_real_users else SYNTHETIC_USER_PREFIX + user
+                event = recommender_pb2.Event(user_id=log_user, item_id=items[item_draw[i]], behavior="pv", timestamp=int(time.time()))
                 return stub.LogEvents.future(recommender_pb2.LogEventsRequest(events=[event]), timeout=timeout, metadata=metadata)
             request = recommender_pb2.RecommendRequest(user_id=user, k=k, request_id=f"lt-{run_id}-{i}")
             return stub.Recommend.future(request, timeout=timeout)
@@ -355,7 +376,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=10, help="items per Recommend (default: 10)")
     parser.add_argument("--timeout", type=float, default=2.0, help="deadline of every call in seconds (default: 2)")
     parser.add_argument("--floor-duration", type=float, default=None, help="seconds of health-check load for the floor (default: --duration; 0 skips it)")
-    parser.add_argument("--log-events-fraction", type=float, default=0.0, help="share of arrivals sent as LogEvents of one event, for a mixed load (default: 0)")
+    parser.add_argument(
+        "--log-events-fraction", type=float, default=0.0,
+        help=f"share of arrivals sent as LogEvents of one event, for a mixed load; logged for users '{SYNTHETIC_USER_PREFIX}<user>' (default: 0)",
+    )
+    parser.add_argument(
+        "--log-events-to-real-users", action="store_true",
+        help="log the mixed load's events for the real users sampled, as live traffic would; they land in the server's event log, "
+        "which 'funnel train --fold-events' learns from (default: a synthetic user per real one)",
+    )
     parser.add_argument("--token", default=os.environ.get("FUNNEL_TOKEN"), help="bearer token for LogEvents (default: $FUNNEL_TOKEN)")
     parser.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify a TLS server; plaintext when omitted")
     parser.add_argument("--seed", type=int, default=0, help="seed for the user draws (default: 0)")
@@ -371,18 +400,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except Unreachable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.ramp:
         report = ramp(
             start_qps=args.qps, step_qps=args.ramp_step, max_qps=args.ramp_max, step_duration=args.duration, p99_limit_ms=args.p99_limit_ms,
             json_out=args.json_out, addr=args.addr, concurrency=args.concurrency, users_from=args.users_from, fmt=args.fmt, k=args.k,
-            timeout=args.timeout, log_events_fraction=args.log_events_fraction, token=args.token, tls_ca=args.tls_ca, seed=args.seed,
+            timeout=args.timeout, log_events_fraction=args.log_events_fraction, log_events_to_real_users=args.log_events_to_real_users,
+            token=args.token, tls_ca=args.tls_ca, seed=args.seed,
         )
         print(json.dumps({key: value for key, value in report.items() if key != "steps"}, indent=2))
         return 0 if report["highest_qps_held"] is not None else 1
     report = loadtest(
         addr=args.addr, qps=args.qps, duration=args.duration, concurrency=args.concurrency, users_from=args.users_from, fmt=args.fmt,
         k=args.k, timeout=args.timeout, floor_duration=args.floor_duration, log_events_fraction=args.log_events_fraction,
-        token=args.token, tls_ca=args.tls_ca, seed=args.seed, json_out=args.json_out,
+        log_events_to_real_users=args.log_events_to_real_users, token=args.token, tls_ca=args.tls_ca, seed=args.seed, json_out=args.json_out,
     )
     print(json.dumps(report, indent=2))
     return 0 if not report["errors"] else 1

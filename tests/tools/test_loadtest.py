@@ -121,3 +121,42 @@ def test_users_and_items_come_from_the_log(tiny_log_path):
     users, items = load_users(tiny_log_path, limit=20)
     assert len(users) == 20 == len(set(users)) and set(users) <= set(events["user"].astype(str))
     assert len(items) == 20 == len(set(items)) and set(items) <= set(events["item"].astype(str))
+
+
+class RecordingEngine(SleepyEngine):
+    """Keeps the users of logged events (an engine with a state)."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+        self.state, self.logged = object(), []
+
+    def log_events(self, events) -> int:
+        self.logged.extend(e.user_id for e in events)
+        return 0
+
+
+@pytest.mark.parametrize("real", [False, True])
+def test_mixed_load_logs_for_synthetic_users_unless_told(real):
+    engine = RecordingEngine()
+    built, addr = serve(engine)
+    try:
+        report = loadtest(addr=addr, qps=40, duration=0.5, concurrency=1, users=["u1", "u2"], items=["i1"], floor_duration=0,
+                          log_events_fraction=0.5, log_events_to_real_users=real)
+    finally:
+        built.stop(None)
+    assert report["log_events"]["sent"] > 0 and report["log_events"]["errors"] == {}
+    assert set(engine.logged) <= ({"u1", "u2"} if real else {"loadtest:u1", "loadtest:u2"}) and engine.logged
+
+
+def test_nothing_listening_is_one_line_and_exit_2(tmp_path, capsys):
+    import socket
+
+    log = tmp_path / "log.csv"
+    log.write_text("1,10,100,pv,1700000000\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        args = build_parser().parse_args(["loadtest", "--addr", f"127.0.0.1:{port}", "--qps", "1", "--duration", "1", "--users-from", str(log)])
+        assert args.run(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: nothing answered at 127.0.0.1:{port} within 5 s") and err.count("\n") == 1
