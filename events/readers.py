@@ -275,16 +275,20 @@ def _validated_batches(
         if header is not None:
             raise EventFormatError(f"{path}:1: expected header {header!r}, the file is empty")
         return
-    reader = pcsv.open_csv(
-        path,
-        read_options=pcsv.ReadOptions(column_names=["line"], block_size=1 << 24),
-        parse_options=pcsv.ParseOptions(delimiter="\x01", quote_char=False, escape_char=False, ignore_empty_lines=False),
-        convert_options=pcsv.ConvertOptions(column_types={"line": pa.string()}, strings_can_be_null=False),
-    )
+    _check_text(path)
+    try:
+        reader = pcsv.open_csv(
+            path,
+            read_options=pcsv.ReadOptions(column_names=["line"], block_size=1 << 24),
+            parse_options=pcsv.ParseOptions(delimiter="\x01", quote_char=False, escape_char=False, ignore_empty_lines=False),
+            convert_options=pcsv.ConvertOptions(column_types={"line": pa.string()}, strings_can_be_null=False),
+        )
+    except pa.ArrowInvalid as err:  # the first block is parsed on opening
+        raise EventFormatError(f"{path}: not a readable UTF-8 CSV ({str(err).splitlines()[0]})") from None
     next_line = 1
     bar = tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc=f"reading {os.path.basename(path)}", disable=not progress)
     with bar:
-        for batch in reader:
+        for batch in _batches(reader, path):
             lines = batch.column(0)
             bar.update((pc.sum(pc.binary_length(lines)).as_py() or 0) + len(lines))
             first_line = next_line
@@ -297,7 +301,41 @@ def _validated_batches(
                 first_line = 2
             cols, bad = _split_columns(lines, checks)
             bad.extend(_check_columns(cols, extra_checks))
-            yield _drop_bad(cols, bad, path, first_line=first_line, on_error=on_error, report=report, unit="line")
+            try:
+                kept = _drop_bad(cols, bad, path, first_line=first_line, on_error=on_error, report=report, unit="line")
+            except EventFormatError as err:
+                if header is None and first_line == 1 and len(lines) and _looks_like_header(lines[0].as_py()):
+                    raise EventFormatError(f"{err}\nLine 1 looks like a header, but this format has none: drop it (tail -n +2 FILE) or pass --on-error skip.") from None
+                raise
+            yield kept
+
+
+def _check_text(path: str) -> None:
+    """Refuse a file that is not UTF-8 text before parsing it, naming the file and what it looks like."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise EventFormatError(f"{path}: not a UTF-8 CSV: it is UTF-16 text; convert it first, e.g. iconv -f UTF-16 -t UTF-8 {path} > out.csv")
+    if b"\x00" in head:
+        raise EventFormatError(f"{path}: not a UTF-8 CSV: the first {len(head)} bytes hold NUL bytes (binary data, or UTF-16/32 without a byte-order mark)")
+
+
+def _batches(reader, path: str) -> Iterator[pa.RecordBatch]:
+    """The reader's batches, with its parse errors (invalid UTF-8 further in, say) naming the file."""
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            return
+        except pa.ArrowInvalid as err:
+            raise EventFormatError(f"{path}: not a readable UTF-8 CSV ({str(err).splitlines()[0]})") from None
+        yield batch
+
+
+def _looks_like_header(line: str) -> bool:
+    """Whether a first line reads like column names (``user_id,item_id,...``): no field is a number."""
+    fields = [f.strip() for f in line.split(",")]
+    return len(fields) > 1 and not any(f.replace(".", "", 1).lstrip("-").isdigit() for f in fields) and any(f[:1].isalpha() for f in fields)
 
 
 _Bad = tuple[np.ndarray, str, Callable[[int], str]]

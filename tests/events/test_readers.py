@@ -102,3 +102,28 @@ def test_missing_file_and_unknown_format(tmp_path):
 def test_empty_file_gives_empty_log(tmp_path):
     log = read_events(write(tmp_path, "empty.csv", ""))
     assert len(log.events) == 0 and os.path.exists(log.source)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("1,10,100,pv,1000\n".encode("utf-16"), "not a UTF-8 CSV: it is UTF-16 text"),
+        (bytes(range(256)) * 4, "not a UTF-8 CSV: the first 1024 bytes hold NUL bytes"),
+        (b"1,10,100,pv,1000\n1,\xff\xfe,100,pv,1001\n", "not a readable UTF-8 CSV"),
+    ],
+    ids=["utf16", "binary", "bad-utf8"],
+)
+def test_non_utf8_files_are_named_not_dumped(tmp_path, content, message):
+    path = tmp_path / "log.csv"
+    path.write_bytes(content)
+    with pytest.raises(EventFormatError) as err:
+        read_events(str(path))
+    assert str(err.value).startswith(f"{path}: {message}") and "\\x" not in str(err.value)
+
+
+def test_a_header_line_gets_a_hint(tmp_path):
+    with pytest.raises(EventFormatError, match="looks like a header, but this format has none"):
+        read_events(write(tmp_path, "h.csv", "user_id,item_id,category_id,behavior_type,timestamp\n" + GOOD))
+    with pytest.raises(EventFormatError) as err:
+        read_events(write(tmp_path, "bad.csv", "x1,10,100,pv,1000\n"))
+    assert "looks like a header" not in str(err.value)  # a bad first row with numbers in it is just a bad row
