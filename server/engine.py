@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from events.schema import BEHAVIORS
+from events.sequences import Sequences
 from events.vocab import PAD
 from rank.pipeline import Ranked
 from recall.retriever import CHANNELS, Excluded
@@ -137,9 +138,15 @@ class Engine:
         # Stage times are the group's: every query in it waited for the whole pass. Recall
         # includes assembling the users' histories.
         timings = {"recall": _us(assembled - started + out.recall_s), "rank": _us(out.rank_s), "total": _us(time.perf_counter() - started)}
-        return [self._result(query, out.ranked, row, timings) for row, query in enumerate(queries)]
+        return [self._result(query, out.ranked, row, timings, self._basis(query, s)) for row, (query, s) in enumerate(zip(queries, user_seqs))]
 
-    def _result(self, query: RecommendQuery, ranked: Ranked, row: int, timings: dict[str, int]) -> RecommendResult:
+    def _basis(self, query: RecommendQuery, seq: Sequences) -> str:
+        """What ``query``'s list is built from: the bundle's history, only newer events, or nothing (:data:`server.query.BASES`)."""
+        if self.bundle.data.users.encode([query.user_id])[0] != PAD:
+            return "known"
+        return "recent_events" if len(seq) else "popularity"
+
+    def _result(self, query: RecommendQuery, ranked: Ranked, row: int, timings: dict[str, int], basis: str) -> RecommendResult:
         """Row ``row`` of a ranked batch as one query's answer."""
         keep = np.flatnonzero(ranked.items[row] > 0)[: query.k]
         items = ranked.items[row, keep]
@@ -163,7 +170,7 @@ class Engine:
             )
             for j in range(len(keep))
         ]
-        return RecommendResult(recs, self.model_version, self.index_version, dict(timings))
+        return RecommendResult(recs, self.model_version, self.index_version, dict(timings), basis)
 
     def _because(self, ranked: Ranked, row: int, cols: np.ndarray) -> list[tuple[Attended, ...]]:
         """For each of row ``row``'s items at ``cols``, the past behaviours with the most attention, highest first."""

@@ -67,12 +67,21 @@ class Recommendation:
 
 @dataclass
 class RecommendResult:
-    """Ranked items (score descending) plus per-stage timings in microseconds."""
+    """Ranked items (score descending) plus per-stage timings in microseconds.
+
+    ``basis`` is what the list is built from (:data:`BASES`): ``known`` (a user in the
+    bundle), ``recent_events`` (a new user with events from the request or ``LogEvents``)
+    or ``popularity`` (no behaviour at all).
+    """
 
     items: list[Recommendation]
     model_version: str
     index_version: str
     timings_us: dict[str, int] = field(default_factory=dict)
+    basis: str = "known"
+
+
+BASES: tuple[str, ...] = ("known", "recent_events", "popularity")
 
 
 class BadQuery(ValueError):

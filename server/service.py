@@ -151,6 +151,7 @@ def to_response(result: RecommendResult, request_id: str) -> recommender_pb2.Rec
             recall_us=timings.get("recall", 0), rank_us=timings.get("rank", 0), total_us=timings.get("total", 0)
         ),
         request_id=request_id,
+        basis=result.basis,
     )
 
 

@@ -85,7 +85,15 @@ def recommend(
         model_version=response.model_version,
         index_version=response.index_version,
         timings_us={"recall": response.timings.recall_us, "rank": response.timings.rank_us, "total": response.timings.total_us},
+        basis=response.basis or "known",
     )
+
+
+BASIS_LINES = {
+    "known": "user: known to the bundle (history from its log and logged events)",
+    "recent_events": "cold user: not in the bundle; served from the request's recent events and logged events",
+    "popularity": "cold user: no behaviour known; served by popularity",
+}
 
 
 def format_result(result: RecommendResult, why: bool = False) -> str:
@@ -117,6 +125,7 @@ def format_result(result: RecommendResult, why: bool = False) -> str:
             lines.extend(_explain(r))
     lines = [line(header), *lines] if rows else ["(no items)"]
     t = result.timings_us
+    lines.append(BASIS_LINES.get(result.basis, f"basis: {result.basis}"))
     lines.append(f"model {result.model_version}, index {result.index_version}")
     lines.append(f"timings: recall {t.get('recall', 0):,} us, rank {t.get('rank', 0):,} us, total {t.get('total', 0):,} us")
     return "\n".join(lines)

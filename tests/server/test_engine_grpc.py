@@ -7,7 +7,7 @@ import pytest
 from server.app import create_server
 from server.engine import Engine
 from server.query import Event
-from tools.recommend import recommend
+from tools.recommend import format_result, recommend
 
 
 def active_user(engine):
@@ -28,6 +28,7 @@ def test_known_user_gets_k_ranked_unseen_items(live):
     assert {r.channel for r in result.items} <= {"two_tower", "covisit", "popular"}
     assert result.model_version == engine.model_version
     assert result.timings_us["total"] >= result.timings_us["recall"] > 0
+    assert result.basis == "known" and "user: known to the bundle" in format_result(result)
 
 
 def test_include_seen_and_exclude(live):
@@ -49,6 +50,8 @@ def test_unknown_user_is_served_cold_and_recent_events_count(live):
     warm = recommend(addr=addr, user_id="never-seen", k=5, recent_events=[Event(item, "buy", 1_600_000_000)])
     assert item not in {r.item_id for r in warm.items}  # just interacted with → seen
     assert [r.item_id for r in warm.items] != [r.item_id for r in cold.items]
+    assert (cold.basis, warm.basis) == ("popularity", "recent_events")
+    assert "served by popularity" in format_result(cold) and "from the request's recent events" in format_result(warm)
 
 
 def test_category_filter_and_unknown_category(live):
