@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 
 from events.metrics import overlap_recall
-from recall.index import MIN_GATE_RECALL, IndexSpec, build_index, resolve, search
+from recall.index import AUTO_IVF_MIN_ITEMS, MIN_GATE_RECALL, IndexSpec, build_index, resolve, search, tune_nprobe
 from recall.scoring import exact_topk, subset_rows
 from recall.train import item_vectors
 from server.bundle import Bundle, load_bundle, replace_index
@@ -63,15 +63,30 @@ def rebuild_index(*, bundle: str, index: str, min_recall: float = MIN_GATE_RECAL
     embedded = time.perf_counter()
     recommendable = b.recommendable
     ids = np.flatnonzero(recommendable)
-    spec = resolve(IndexSpec.parse(index), len(ids))
+    requested = IndexSpec.parse(index)
+    # IVF settings left out are sized here: nlist from the catalogue, nprobe by probing.
+    auto_probe = requested.kind in ("ivf", "ivfpq") and not requested.nprobe
+    note = None
+    if auto_probe and not requested.nlist and len(ids) < AUTO_IVF_MIN_ITEMS:
+        note = f"{len(ids):,} items, fewer than {AUTO_IVF_MIN_ITEMS:,}: an IVF index does not pay off, so exact search (flat) is built instead"
+        log.info(note)
+        spec = IndexSpec(kind="flat", gpu=requested.gpu)
+    else:
+        spec = resolve(requested, len(ids))
     ann = build_index(vecs[ids], ids, spec)
     built = time.perf_counter()
     queries = _validation_queries(b, sample_users, seed)
     k = min(k, len(ids))
+    tried = None
+    if auto_probe and spec.kind != "flat":
+        spec, tried = tune_nprobe(ann, spec, queries, vecs, recommendable, k, min_recall)
     recall, speeds = _validate(ann, queries, vecs, recommendable, k)
     done = time.perf_counter()
     report = {
         "index": str(spec),
+        "requested": index,
+        "note": note,
+        "nprobe_tried": tried,
         "items": len(ids),
         "dim": int(vecs.shape[1]),
         "k": k,
@@ -86,7 +101,14 @@ def rebuild_index(*, bundle: str, index: str, min_recall: float = MIN_GATE_RECAL
     }
     log.info("%s over %d items: recall@%d %.4f, %.1f s to embed, build and validate", spec, report["items"], k, recall, report["total_seconds"])
     if recall < min_recall:
-        raise IndexRejected(f"index {spec} reaches recall@{k} {recall:.4f} against exact search, below --min-recall {min_recall}; the old index stays")
+        hint = (
+            f"probing up to a quarter of the cells ({tried}) was not enough: try more cells per item (a smaller nlist), or --index flat"
+            if tried
+            else f"try a higher nprobe (e.g. ivf:nlist={spec.nlist},nprobe={min(spec.nprobe * 4, spec.nlist)}), or leave nprobe out to have it probed"
+            if spec.kind in ("ivf", "ivfpq")
+            else "try a wider search (e.g. a larger ef_search), or --index flat"
+        )
+        raise IndexRejected(f"index {spec} reaches recall@{k} {recall:.4f} against exact search, below --min-recall {min_recall}; the old index stays. {hint}")
     report["version"] = replace_index(bundle, index=ann, index_spec=spec, item_vecs=vecs, info={"index_validation": report}, models=(b.two_tower, b.ranker))
     return report
 

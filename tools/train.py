@@ -19,7 +19,7 @@ from events.split import SPLITS, make_split
 from rank.business import BusinessTables
 from rank.train import RankerTrainConfig, train_ranker
 from recall.channels import CoVisitation, Popularity
-from recall.index import AUTO_IVF_MIN_ITEMS, MIN_GATE_RECALL, IndexSpec, build_index, configure, gate_recall, resolve
+from recall.index import AUTO_IVF_MIN_ITEMS, MIN_GATE_RECALL, IndexSpec, build_index, resolve, tune_nprobe
 from recall.retriever import RecallConfig, Retriever
 from recall.train import TwoTowerTrainConfig, item_vectors, known_items, recommendable_items, train_two_tower, user_vectors
 from server.bundle import write_version
@@ -239,15 +239,8 @@ def _choose_index(
     pick = np.random.default_rng(seed).choice(len(users), min(GATE_USERS, len(users)), replace=False)
     queries = user_vectors(model, data, users[pick], targets[pick])
     k = min(GATE_K, n)
-    # Trained item vectors cluster less than k-means cells assume: probe twice as many cells
-    # until the gate passes, up to a quarter of them (beyond, exact search costs about as much).
-    tried = {}
-    while True:
-        configure(ivf, candidate)
-        recall = tried[str(candidate)] = round(gate_recall(ivf, queries, vecs, recommendable, k), 5)
-        if recall >= MIN_GATE_RECALL or candidate.nprobe * 2 > candidate.nlist // 4:
-            break
-        candidate = dataclasses.replace(candidate, nprobe=candidate.nprobe * 2)
+    candidate, tried = tune_nprobe(ivf, candidate, queries, vecs, recommendable, k, MIN_GATE_RECALL)
+    recall = tried[str(candidate)]
     passed = recall >= MIN_GATE_RECALL
     chosen = candidate if passed else IndexSpec()
     log.info("index auto: %d items; recall@%d against exact search on %d users: %s -> %s", n, k, len(queries), tried, chosen)

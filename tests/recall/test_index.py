@@ -2,7 +2,7 @@ import faiss
 import numpy as np
 import pytest
 
-from recall.index import IndexSpec, add_items, auto_nprobe, build_index, load_index, resolve, save_index, search
+from recall.index import IndexSpec, add_items, auto_nprobe, build_index, load_index, resolve, save_index, search, tune_nprobe
 from recall.scoring import exact_topk
 
 
@@ -108,3 +108,16 @@ def test_add_items_refuses_replacement_on_hnsw_and_bad_input():
     with pytest.raises(ValueError, match="expected vectors"):
         add_items(index, q[:2, :4], np.array([900, 901]))
     assert index.ntotal == 500
+
+
+def test_tune_nprobe_doubles_until_the_gate_passes_or_a_quarter_of_the_cells():
+    x, q = clustered()
+    vecs = np.vstack([np.zeros((1, x.shape[1]), np.float32), x])
+    among = np.ones(len(vecs), bool)
+    among[0] = False
+    spec = IndexSpec.parse("ivf:nlist=64,nprobe=1")
+    index = build_index(x, np.arange(1, len(x) + 1), spec)
+    easy, tried = tune_nprobe(index, spec, q, vecs, among, 20, min_recall=0.5)
+    assert list(tried)[-1] == str(easy) and tried[str(easy)] >= 0.5 and all(r < 0.5 for r in list(tried.values())[:-1])
+    hard, tried = tune_nprobe(index, spec, q, vecs, among, 20, min_recall=1.01)  # never passes: stops at 16 of 64 cells
+    assert [s.split("nprobe=")[1] for s in tried] == ["1", "2", "4", "8", "16"] and hard.nprobe == 16

@@ -55,9 +55,11 @@ def test_rebuild_index_publishes_good_and_refuses_bad(tiny_bundle, tmp_path):
     after = load_bundle(str(root))
     assert after.path != before and after.index_spec.kind == "hnsw"
     assert after.model_version != after.index_version
-    with pytest.raises(IndexRejected, match="below --min-recall"):
+    with pytest.raises(IndexRejected, match="below --min-recall .* try a higher nprobe"):
         rebuild_index(bundle=str(root), index="ivf:nlist=64,nprobe=1", min_recall=0.99, k=50)
     assert load_bundle(str(root)).path == after.path
+    small = rebuild_index(bundle=str(root), index="ivf", k=50)  # a few hundred items: IVF does not pay off
+    assert small["index"].startswith("flat") and "does not pay off" in small["note"] and small["recall_at_k"] == 1.0
 
 
 def test_cli_reports_malformed_csv_with_file_and_line(tmp_path, capsys):
