@@ -61,9 +61,24 @@ def demo(*, workdir: str = "quickstart", users: int = 500, items: int = 3000, ca
             ]
         )
         print(report)
+        print(next_steps(workdir, events, user_id))
         return report
     finally:
         server.stop(grace=1.0).wait()
+
+
+def next_steps(workdir: str, events: str, user_id: str) -> str:
+    """The three commands to try after the demo, on its own log and bundle."""
+    bundle = os.path.join(workdir, "bundle")
+    return "\n".join(
+        [
+            "",
+            "next, try:",
+            f"  funnel evaluate --bundle {bundle} --events {events} --report {os.path.join(workdir, 'report')}   # quality against baselines, HTML report",
+            f"  funnel serve --bundle-root {bundle}   # a server on 127.0.0.1:50051 (leave it running)",
+            f"  funnel recommend --addr 127.0.0.1:50051 --user {user_id} -k 10 --why   # from another terminal: the list, explained",
+        ]
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -284,9 +284,12 @@ def loadtest(
             return stub.Recommend.future(request, timeout=timeout)
 
         version_of = lambda r: getattr(r, "model_version", None) or None
-        log.info("Recommend: %.0f/s for %.0fs over %d connections", qps, duration, concurrency)
-        main = open_loop(recommend, qps=qps, duration_s=duration, timeout_s=timeout, version_of=version_of)
         floor_s = duration if floor_duration is None else floor_duration
+        log.info(
+            "Recommend: %.0f/s for %.0fs over %d connections%s", qps, duration, concurrency,
+            f"; then the health-check floor (the transport's own latency) for {floor_s:.0f}s" if floor_s > 0 else "",
+        )
+        main = open_loop(recommend, qps=qps, duration_s=duration, timeout_s=timeout, version_of=version_of)
         floor = None
         if floor_s > 0:
             check = health_pb2.HealthCheckRequest(service="")
@@ -375,7 +378,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", dest="fmt", default="taobao", help="format of --users-from: taobao, movielens or parquet (default: taobao)")
     parser.add_argument("--k", type=int, default=10, help="items per Recommend (default: 10)")
     parser.add_argument("--timeout", type=float, default=2.0, help="deadline of every call in seconds (default: 2)")
-    parser.add_argument("--floor-duration", type=float, default=None, help="seconds of health-check load for the floor (default: --duration; 0 skips it)")
+    parser.add_argument(
+        "--floor-duration", type=float, default=None,
+        help="seconds of health-check load after the Recommend load, at the same rate through the same channels: the transport's "
+        "own latency, to compare Recommend's with; this is why a run takes about twice --duration (default: --duration; 0 skips it)",
+    )
     parser.add_argument(
         "--log-events-fraction", type=float, default=0.0,
         help=f"share of arrivals sent as LogEvents of one event, for a mixed load; logged for users '{SYNTHETIC_USER_PREFIX}<user>' (default: 0)",
@@ -397,6 +404,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ramp-step", type=float, default=100.0, help="rate added per ramp step (default: 100)")
     parser.add_argument("--ramp-max", type=float, default=10_000.0, help="highest rate a ramp offers (default: 10000)")
     parser.add_argument("--p99-limit-ms", type=float, default=50.0, help="p99 a ramp step must hold (default: 50)")
+
+
+def human_summary(report: dict) -> str:
+    """A few lines for a person, beside the JSON: what was offered, what came back, the floor."""
+    ms = lambda v: "-" if v is None else f"{v:.1f} ms"
+    load = report.get("load", {})
+    errors = ", ".join(f"{n:,} {code}" for code, n in report["errors"].items()) or "none"
+    lines = [
+        f"offered {load.get('qps', 0):g}/s for {load.get('duration_s', 0):g} s: {report['ok']:,} of {report['sent']:,} answered "
+        f"({report['achieved_qps']:g}/s), p50 {ms(report['p50_ms'])}, p99 {ms(report['p99_ms'])}, max {ms(report['max_ms'])}; errors: {errors}",
+    ]
+    floor = report.get("floor")
+    if floor:
+        lines.append(f"health-check floor (transport alone, same rate): p50 {ms(floor['p50_ms'])}, p99 {ms(floor['p99_ms'])}")
+    mixed = report.get("log_events")
+    if mixed:
+        lines.append(f"LogEvents: {mixed['sent']:,} sent, p99 {ms(mixed.get('p99_ms'))}, errors: {', '.join(f'{n:,} {c}' for c, n in mixed['errors'].items()) or 'none'}")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -423,4 +448,5 @@ def _run(args: argparse.Namespace) -> int:
         log_events_to_real_users=args.log_events_to_real_users, token=args.token, tls_ca=args.tls_ca, seed=args.seed, json_out=args.json_out,
     )
     print(json.dumps(report, indent=2))
+    print(human_summary(report), file=sys.stderr)
     return 0 if not report["errors"] else 1

@@ -11,7 +11,7 @@ from server.app import ServerOptions, build_server
 from server.holder import EngineHolder
 from server.query import RecommendResult, Recommendation
 from tools.cli import build_parser
-from tools.loadtest import loadtest, ramp, summarize, version_report
+from tools.loadtest import human_summary, loadtest, ramp, summarize, version_report
 
 
 def test_summarize_on_hand_computed_latencies():
@@ -72,6 +72,9 @@ def test_short_run_reports_every_key_and_writes_json(tmp_path):
     assert mixed["errors"] == {"FAILED_PRECONDITION": mixed["sent"]}  # this engine keeps no user state
     assert report["model_versions"] == {"sleepy-1": report["sent"]}
     assert report["p50_ms"] <= report["p99_ms"] <= report["max_ms"]
+    summary = human_summary(report).splitlines()
+    assert summary[0].startswith(f"offered 50/s for 1 s: {report['ok']} of {report['sent']} answered") and "errors: none" in summary[0]
+    assert summary[1].startswith("health-check floor") and summary[2].startswith(f"LogEvents: {mixed['sent']} sent")
 
 
 def test_latency_counts_from_the_scheduled_time_so_queueing_shows():

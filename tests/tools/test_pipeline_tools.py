@@ -111,3 +111,12 @@ def test_durations_parse_and_bad_ones_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--events", "x.csv", "--out", "b", "--budget", "soon"])
     assert "expected a positive duration" in capsys.readouterr().err
+
+
+def test_demo_ends_with_three_next_commands():
+    from tools.demo import next_steps
+
+    lines = next_steps("qs", "qs/events.csv", "42").splitlines()
+    commands = [line.split("#")[0].strip() for line in lines if line.startswith("  funnel ")]
+    assert [c.split()[1] for c in commands] == ["evaluate", "serve", "recommend"]
+    assert "--bundle qs/bundle --events qs/events.csv" in commands[0] and "--user 42" in commands[2]
