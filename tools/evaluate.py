@@ -20,6 +20,7 @@ candidates). ``report_dir`` adds an HTML report with metric-vs-K and calibration
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -138,6 +139,7 @@ def evaluate(
     }
     report["lift"] = _lift(report["recall"], report["final"])
     report["ranker"] = _ranker_report(lists.pairs, len(users))
+    report["warnings"] = sample_warnings(len(users), report["final"])
     if parts.multi_target:
         report["protocol"] = "comirec"
     report["seconds"] = round(time.time() - started, 1)
@@ -364,6 +366,31 @@ def _pre_test_matrix(seqs: Sequences, first_target: np.ndarray, num_items: int) 
     return seqs.history_matrix(users, ends, num_items)
 
 
+MIN_TEST_USERS = 1000
+"""Below this many test users, a metric's sampling error is as large as the differences it is read for."""
+
+
+def sample_warnings(users: int, final: dict[str, float]) -> list[str]:
+    """Warnings for a test set too small to measure with: the 95% margin of the final list's hit rate.
+
+    Args:
+        users: test users scored.
+        final: the final list's metrics (``hr@10``, or ``recall@10`` on the comirec protocol).
+    """
+    if users >= MIN_TEST_USERS:
+        return []
+    name = "hr@10" if "hr@10" in final else "recall@10"
+    p = final.get(name, 0.0)
+    if users == 0:
+        return ["no test users: nothing was measured (the split left no user with a held-out target)"]
+    # Binomial 95% margin; with no hit at all, the rule of three bounds the rate instead.
+    bound = f"up to {3 / users:.3f} (no hit in {users} users)" if p == 0 else f"about ±{1.96 * math.sqrt(p * (1 - p) / users):.3f}"
+    return [
+        f"only {users:,} test users: the final {name} of {p:.4f} is known to {bound} at 95%, so differences smaller than that "
+        f"are noise; measure on a log with at least {MIN_TEST_USERS:,} test users"
+    ]
+
+
 def format_report(report: dict) -> str:
     """A readable table: one row per method, one column per metric, then the ranker's pair metrics and the lift."""
     rows = [("recall (merged)", report["recall"])]
@@ -376,6 +403,7 @@ def format_report(report: dict) -> str:
     for name, m in rows:
         lines.append(f"{name:18}" + "".join(f"{m[c]:>10.4f}" if c in m else f"{'-':>10}" for c in cols))
     lines += ["", _format_ranker(report["ranker"]), "", _format_lift(report["lift"])]
+    lines += [f"warning: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)
 
 

@@ -71,3 +71,14 @@ def test_lift_ratio_and_zero_recall():
     assert lift["ndcg@10_ratio"] == pytest.approx(1.5)
     assert set(lift["recall"]) == {"hr@10", "ndcg@10", "hr@50", "ndcg@50"}
     assert _lift({**recall, "ndcg@10": 0.0}, final)["ndcg@10_ratio"] is None
+
+
+def test_small_test_sets_get_a_sampling_warning():
+    from tools.evaluate import sample_warnings
+
+    assert sample_warnings(5000, {"hr@10": 0.2}) == []
+    (some,) = sample_warnings(100, {"hr@10": 0.2})
+    assert "only 100 test users" in some and "±0.078" in some  # 1.96 * sqrt(0.2 * 0.8 / 100)
+    (none,) = sample_warnings(114, {"hr@10": 0.0})
+    assert "up to 0.026 (no hit in 114 users)" in none
+    assert "recall@10" in sample_warnings(50, {"recall@10": 0.1})[0]
