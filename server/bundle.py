@@ -7,6 +7,7 @@ half-written bundle. The manifest records each file's size and SHA-256, checked 
 """
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -29,6 +30,10 @@ from recall.retriever import RecallConfig, Retriever
 from recall.runtime import RUNTIMES
 from recall.train import recommendable_items
 
+log = logging.getLogger("funnel.bundle")
+
+HASH_PROGRESS_BYTES = 1 << 30
+"""Bundles at least this large log their checksum progress at load: hashing takes a few seconds a GB."""
 FORMAT_VERSION = 4  # 2: multi-head ranker with business-feature tables; 3: low-rank cross layers; 4: ONNX exports, memory-mapped sequences
 UPGRADABLE_FORMATS = (3,)
 """Older formats that ``funnel rebuild-index`` turns into the current one (it adds the ONNX exports)."""
@@ -346,9 +351,16 @@ def read_manifest(version_dir: str, upgrade: bool = False) -> dict:
             raise BundleError(f"{version_dir}: {name} is {os.path.getsize(full)} bytes, the manifest says {size}")
     # Same-size damage (a bad disk block, a partial overwrite) shows only in the content.
     digests = manifest.get("sha256", {})
-    for name in manifest.get("files", {}):
-        if name in digests and file_sha256(os.path.join(version_dir, name)) != digests[name]:
+    hashed = {name: size for name, size in manifest.get("files", {}).items() if name in digests}
+    total, done, started = sum(hashed.values()), 0, time.monotonic()
+    if total >= HASH_PROGRESS_BYTES:
+        log.info("%s: checking %d files (%.1f GB) against their SHA-256", version_dir, len(hashed), total / 1e9)
+    for name, size in hashed.items():
+        if file_sha256(os.path.join(version_dir, name)) != digests[name]:
             raise BundleError(f"{version_dir}: {name} does not match its SHA-256 in the manifest (damaged or changed after publishing)")
+        done += size
+        if total >= HASH_PROGRESS_BYTES and size >= HASH_PROGRESS_BYTES // 4:
+            log.info("%s: %s checked; %.0f%% of the bundle in %.0f s", version_dir, name, 100 * done / total, time.monotonic() - started)
     return manifest
 
 

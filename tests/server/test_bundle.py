@@ -117,3 +117,13 @@ def test_verify_names_the_bad_file_and_exits_1(tiny_bundle, tmp_path, capsys):
     assert main(["verify", str(root)]) == 1
     out = capsys.readouterr().out
     assert "BAD" in out and "recall/item_vectors.npy does not match its SHA-256" in out and "(CURRENT)" in out
+
+
+def test_large_bundles_log_their_checksum_progress(tiny_bundle, monkeypatch, caplog):
+    import server.bundle as bundle_module
+
+    monkeypatch.setattr(bundle_module, "HASH_PROGRESS_BYTES", 1)  # every bundle counts as large
+    with caplog.at_level("INFO", logger="funnel.bundle"):
+        bundle_module.read_manifest(bundle_module.resolve(tiny_bundle))
+    lines = [r.getMessage() for r in caplog.records]
+    assert "against their SHA-256" in lines[0] and lines[-1].endswith(" s") and "100% of the bundle" in lines[-1]
