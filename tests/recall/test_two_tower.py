@@ -2,7 +2,7 @@ import torch
 
 from events.split import leave_last_out
 from recall.model import TwoTower, TwoTowerConfig, frozen_for_inference, masked_softmax, sampled_softmax_loss
-from recall.train import TwoTowerTrainConfig, evaluate_targets, known_items, train_two_tower
+from recall.train import SparseTableOptimizer, TwoTowerTrainConfig, evaluate_targets, known_items, train_two_tower
 
 
 def test_sampled_softmax_masks_duplicate_targets():
@@ -72,3 +72,25 @@ def test_sampled_epochs_and_a_spent_budget_bound_the_samples(tiny_data):
     # A budget already spent: one epoch still runs (early stopping needs a model), cut after its first batch.
     model, spent = train_two_tower(tiny_data, split, train_config=TwoTowerTrainConfig(epochs=5, max_seconds=1e-9, **base), progress=False)
     assert [e["samples"] for e in spent["epochs"]] == [32] and model is not None
+
+
+def test_sparse_table_clipping_matches_dense_clipping():
+    def grads(sparse: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(20, 4), torch.nn.Linear(4, 1))
+        opt = SparseTableOptimizer(model, [model[0]] if sparse else [], lr=1e-2, weight_decay=0.0)
+        opt.zero_grad()
+        (model(torch.tensor([1, 2, 2, 7])).sum() * 10).backward()  # a repeated row: its gradient entries must add up
+        if sparse:
+            opt.clip_grad_norm(0.5)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        out = [p.grad.to_dense() for p in model.parameters()]
+        opt.step()
+        opt.finish()
+        return out, model
+
+    (dense, _), (sparse, model) = grads(False), grads(True)
+    for a, b in zip(dense, sparse):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert not model[0].sparse
