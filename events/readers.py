@@ -276,19 +276,10 @@ def _validated_batches(
             raise EventFormatError(f"{path}:1: expected header {header!r}, the file is empty")
         return
     _check_text(path)
-    try:
-        reader = pcsv.open_csv(
-            path,
-            read_options=pcsv.ReadOptions(column_names=["line"], block_size=1 << 24),
-            parse_options=pcsv.ParseOptions(delimiter="\x01", quote_char=False, escape_char=False, ignore_empty_lines=False),
-            convert_options=pcsv.ConvertOptions(column_types={"line": pa.string()}, strings_can_be_null=False),
-        )
-    except pa.ArrowInvalid as err:  # the first block is parsed on opening
-        raise EventFormatError(f"{path}: not a readable UTF-8 CSV ({str(err).splitlines()[0]})") from None
     next_line = 1
     bar = tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc=f"reading {os.path.basename(path)}", disable=not progress)
     with bar:
-        for batch in _batches(reader, path):
+        for batch in _csv_lines(path):
             lines = batch.column(0)
             bar.update((pc.sum(pc.binary_length(lines)).as_py() or 0) + len(lines))
             first_line = next_line
@@ -320,16 +311,19 @@ def _check_text(path: str) -> None:
         raise EventFormatError(f"{path}: not a UTF-8 CSV: the first {len(head)} bytes hold NUL bytes (binary data, or UTF-16/32 without a byte-order mark)")
 
 
-def _batches(reader, path: str) -> Iterator[pa.RecordBatch]:
-    """The reader's batches, with its parse errors (invalid UTF-8 further in, say) naming the file."""
-    while True:
-        try:
-            batch = reader.read_next_batch()
-        except StopIteration:
-            return
-        except pa.ArrowInvalid as err:
-            raise EventFormatError(f"{path}: not a readable UTF-8 CSV ({str(err).splitlines()[0]})") from None
-        yield batch
+def _csv_lines(path: str) -> Iterator[pa.RecordBatch]:
+    """The file's physical lines in batches of one string column, with pyarrow's parse errors
+    (invalid UTF-8, on opening or further in) naming the file."""
+    try:
+        reader = pcsv.open_csv(
+            path,
+            read_options=pcsv.ReadOptions(column_names=["line"], block_size=1 << 24),
+            parse_options=pcsv.ParseOptions(delimiter="\x01", quote_char=False, escape_char=False, ignore_empty_lines=False),
+            convert_options=pcsv.ConvertOptions(column_types={"line": pa.string()}, strings_can_be_null=False),
+        )
+        yield from reader
+    except pa.ArrowInvalid as err:
+        raise EventFormatError(f"{path}: not a readable UTF-8 CSV ({str(err).splitlines()[0]})") from None
 
 
 def _looks_like_header(line: str) -> bool:

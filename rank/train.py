@@ -34,7 +34,7 @@ from rank.model import HEAD_BEHAVIORS, HEADS, Ranker, RankerConfig, ranking_loss
 from rank.pipeline import TwoStage
 from recall.channels import CoVisitation, Popularity
 from recall.retriever import Candidates, Retriever
-from recall.train import EarlyStopping, EpochClock, SparseTableOptimizer, brief_metrics, pick_device
+from recall.train import EarlyStopping, EpochClock, SparseTableOptimizer, brief_metrics, close_history, epoch_record, pick_device
 
 log = logging.getLogger("funnel.train")
 
@@ -414,16 +414,12 @@ def train_ranker(
         model.eval()
         metrics = valid.evaluate() if len(valid) else {}
         score = metrics["final"]["ndcg@10"] if metrics else -total / steps
-        history["epochs"].append(
-            {"epoch": epoch + 1, "loss": round(total / steps, 5), "samples": seen, "samples_per_s": round(seen / max(train_seconds, 1e-9), 1), "valid": metrics}
-        )
-        log.info("ranker epoch %d: loss %.4f, %s groups at %s/s%s; valid %s", epoch + 1, total / steps, f"{seen:,}", f"{seen / max(train_seconds, 1e-9):,.0f}", clock.left(), brief_metrics(metrics.get("final", {})))
+        record = epoch_record(epoch + 1, total / steps, seen, train_seconds, metrics)
+        history["epochs"].append(record)
+        log.info("ranker epoch %d: loss %.4f, %s groups at %s/s%s; valid %s", epoch + 1, total / steps, f"{seen:,}", f"{record['samples_per_s']:,.0f}", clock.left(), brief_metrics(metrics.get("final", {})))
         if stopper.step(score, model, epoch + 1):
             break
     log.info("ranker: kept epoch %d of %d (valid final ndcg@10 %.4f)", stopper.best_epoch, len(history["epochs"]), stopper.best)
-    history["kept_epoch"] = stopper.best_epoch
-    history["samples"] = int(sum(e["samples"] for e in history["epochs"]))
-    history["seconds"] = round(clock.elapsed(), 1)
-    history["best_valid_ndcg@10"] = stopper.best
+    close_history(history, stopper, clock)
     opt.finish()
     return stopper.restore(model), history

@@ -108,23 +108,10 @@ MIN_GATE_RECALL = 0.95
 """Recall@k against exact search on real user vectors an approximate index must reach to be published."""
 
 
-def gate_recall(index: faiss.Index, queries: np.ndarray, item_vecs: np.ndarray, among: np.ndarray, k: int) -> float:
-    """Recall@k of ``index`` against exact search over the items it holds: the share of exact top-k ids it returns.
-
-    Args:
-        index: the index to check.
-        queries: [Q, d] real user vectors.
-        item_vecs: [M, d] every item's vector (row 0 padding).
-        among: bool [M], the items the index holds.
-        k: the depth compared.
-    """
-    exact, _ = exact_topk(queries, item_vecs, k, among=among)
-    approx, _ = search(index, queries, k)
-    return float(overlap_recall(approx, exact))
-
-
 def tune_nprobe(index: faiss.Index, spec: IndexSpec, queries: np.ndarray, item_vecs: np.ndarray, among: np.ndarray, k: int, min_recall: float) -> tuple[IndexSpec, dict[str, float]]:
     """Probe twice as many IVF cells until recall@k against exact search reaches ``min_recall``.
+
+    Recall is the share of the exact top-k ids the index returns for the same queries.
 
     Trained item vectors cluster less than k-means cells assume, so the probe count sized
     from the catalogue alone often falls short. The search stops at a quarter of the
@@ -133,16 +120,20 @@ def tune_nprobe(index: faiss.Index, spec: IndexSpec, queries: np.ndarray, item_v
     Args:
         index: a built IVF index (configured to ``spec`` on return).
         spec: its resolved spec; ``nprobe`` is where the search starts.
-        queries, item_vecs, among, k: as in :func:`gate_recall`.
+        queries: [Q, d] real user vectors.
+        item_vecs: [M, d] every item's vector (row 0 padding).
+        among: bool [M], the items the index holds (exact search scores only these).
+        k: the depth compared.
         min_recall: the recall to reach.
 
     Returns:
         The last spec tried (the first that passed, or the widest) and spec -> measured recall.
     """
+    exact, _ = exact_topk(queries, item_vecs, k, among=among)  # the same for every nprobe: scored once
     tried: dict[str, float] = {}
     while True:
         configure(index, spec)
-        recall = tried[str(spec)] = round(gate_recall(index, queries, item_vecs, among, k), 5)
+        recall = tried[str(spec)] = round(float(overlap_recall(search(index, queries, k)[0], exact)), 5)
         if recall >= min_recall or spec.nprobe * 2 > spec.nlist // 4:
             return spec, tried
         spec = replace(spec, nprobe=spec.nprobe * 2)

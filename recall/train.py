@@ -178,6 +178,19 @@ def epoch_sample(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     return rng.permutation(n)
 
 
+def epoch_record(epoch: int, loss: float, samples: int, seconds: float, valid: dict) -> dict:
+    """One epoch's entry in a training history: mean loss, samples seen and their rate (per second of training, validation excluded), validation metrics."""
+    return {"epoch": epoch, "loss": round(loss, 5), "samples": samples, "samples_per_s": round(samples / max(seconds, 1e-9), 1), "valid": valid}
+
+
+def close_history(history: dict, stopper: EarlyStopping, clock: "EpochClock") -> None:
+    """Add a finished loop's totals to its history: the kept epoch and its score, samples seen, seconds."""
+    history["kept_epoch"] = stopper.best_epoch
+    history["samples"] = int(sum(e["samples"] for e in history["epochs"]))
+    history["seconds"] = round(clock.elapsed(), 1)
+    history["best_valid_ndcg@10"] = stopper.best
+
+
 def brief_metrics(metrics: dict) -> str:
     """Validation metrics for a log line: ``ndcg@10 0.1234, hr@10 0.2345``."""
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)) or "none"
@@ -336,16 +349,12 @@ def train_two_tower(
         train_seconds = clock.epoch_seconds()
         metrics = evaluate_targets(model, data, valid_users, valid_pos, known) if len(valid_users) else {}
         score = metrics.get("ndcg@10", -total / steps)
-        history["epochs"].append(
-            {"epoch": epoch + 1, "loss": round(total / steps, 5), "samples": seen, "samples_per_s": round(seen / max(train_seconds, 1e-9), 1), "valid": metrics}
-        )
-        log.info("two-tower epoch %d: loss %.4f, %s samples at %s/s%s; valid %s", epoch + 1, total / steps, f"{seen:,}", f"{seen / max(train_seconds, 1e-9):,.0f}", clock.left(), brief_metrics(metrics))
+        record = epoch_record(epoch + 1, total / steps, seen, train_seconds, metrics)
+        history["epochs"].append(record)
+        log.info("two-tower epoch %d: loss %.4f, %s samples at %s/s%s; valid %s", epoch + 1, total / steps, f"{seen:,}", f"{record['samples_per_s']:,.0f}", clock.left(), brief_metrics(metrics))
         if stopper.step(score, model, epoch + 1):
             break
     log.info("two-tower: kept epoch %d of %d (valid ndcg@10 %.4f)", stopper.best_epoch, len(history["epochs"]), stopper.best)
-    history["kept_epoch"] = stopper.best_epoch
-    history["samples"] = int(sum(e["samples"] for e in history["epochs"]))
-    history["seconds"] = round(clock.elapsed(), 1)
-    history["best_valid_ndcg@10"] = stopper.best
+    close_history(history, stopper, clock)
     opt.finish()
     return stopper.restore(model), history

@@ -409,18 +409,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def human_summary(report: dict) -> str:
     """A few lines for a person, beside the JSON: what was offered, what came back, the floor."""
     ms = lambda v: "-" if v is None else f"{v:.1f} ms"
+    errors = lambda counts: ", ".join(f"{n:,} {code}" for code, n in counts.items()) or "none"
     load = report.get("load", {})
-    errors = ", ".join(f"{n:,} {code}" for code, n in report["errors"].items()) or "none"
     lines = [
         f"offered {load.get('qps', 0):g}/s for {load.get('duration_s', 0):g} s: {report['ok']:,} of {report['sent']:,} answered "
-        f"({report['achieved_qps']:g}/s), p50 {ms(report['p50_ms'])}, p99 {ms(report['p99_ms'])}, max {ms(report['max_ms'])}; errors: {errors}",
+        f"({report['achieved_qps']:g}/s), p50 {ms(report['p50_ms'])}, p99 {ms(report['p99_ms'])}, max {ms(report['max_ms'])}; errors: {errors(report['errors'])}",
     ]
     floor = report.get("floor")
     if floor:
         lines.append(f"health-check floor (transport alone, same rate): p50 {ms(floor['p50_ms'])}, p99 {ms(floor['p99_ms'])}")
     mixed = report.get("log_events")
     if mixed:
-        lines.append(f"LogEvents: {mixed['sent']:,} sent, p99 {ms(mixed.get('p99_ms'))}, errors: {', '.join(f'{n:,} {c}' for c, n in mixed['errors'].items()) or 'none'}")
+        lines.append(f"LogEvents: {mixed['sent']:,} sent, p99 {ms(mixed.get('p99_ms'))}, errors: {errors(mixed['errors'])}")
     return "\n".join(lines)
 
 
