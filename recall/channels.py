@@ -12,6 +12,10 @@ import scipy.sparse as sp
 from events.sequences import Sequences
 
 
+SHARD_ENTRIES = 64_000_000
+"""Co-visitation pair entries counted at a time (:meth:`CoVisitation.fit`): about 1.3 GB while sorted."""
+
+
 def top_per_row(m: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Largest ``k`` entries of each sparse row, best first.
 
@@ -75,8 +79,14 @@ class CoVisitation:
         self._keys = np.repeat(np.arange(g.shape[0], dtype=np.int64), np.diff(g.indptr)) * g.shape[1] + g.indices
 
     @classmethod
-    def fit(cls, seqs: Sequences, mask: np.ndarray, num_items: int, *, window: int = 3, neighbours: int = 50) -> "CoVisitation":
+    def fit(
+        cls, seqs: Sequences, mask: np.ndarray, num_items: int, *, window: int = 3, neighbours: int = 50, shard_entries: int = SHARD_ENTRIES
+    ) -> "CoVisitation":
         """Count item pairs that occur within ``window`` events of each other in a user's sequence.
+
+        Memory stays bounded at any log size: the graph is counted in shards of source
+        items (item id modulo the shard count), each holding about ``shard_entries`` pair
+        entries, and only each item's top ``neighbours`` survive a shard.
 
         Args:
             seqs: per-user sequences.
@@ -84,29 +94,31 @@ class CoVisitation:
             num_items: item id space size.
             window: how many following events pair with each event; nearer pairs weigh more.
             neighbours: neighbours kept per item.
+            shard_entries: pair entries counted at a time (about 20 bytes each while sorted).
         """
-        owner = seqs.user_positions()
+        items = seqs.items
+        ends = np.repeat(seqs.offsets[1:], seqs.lengths)  # [N] where each position's user ends
+        pairs = [_pair_starts(items, ends, mask, d) for d in range(1, window + 1)]  # bool [N - d] per distance d
+        del ends
+        # Damp very popular neighbours so the channel is not a second popularity list: every
+        # entry is divided by the square root of its column's total weight.
+        weight = np.zeros(num_items)
+        for d, ok in enumerate(pairs, 1):
+            a = np.flatnonzero(ok)
+            weight += np.bincount(items[a + d], minlength=num_items) / d + np.bincount(items[a], minlength=num_items) * (0.5 / d)
+        damp = (1.0 / np.sqrt(np.maximum(weight, 1.0))).astype(np.float32)
+        shards = max(1, -(-2 * int(sum(ok.sum() for ok in pairs)) // shard_entries))
+        rows_per_shard = -(-num_items // shards)
         rows, cols, vals = [], [], []
-        for d in range(1, window + 1):
-            a = np.arange(len(seqs) - d)
-            ok = (owner[a] == owner[a + d]) & mask[a] & mask[a + d] & (seqs.items[a] != seqs.items[a + d])
-            a = a[ok]
-            # Both directions: "viewed together" is symmetric; the forward pair weighs more.
-            rows += [seqs.items[a], seqs.items[a + d]]
-            cols += [seqs.items[a + d], seqs.items[a]]
-            vals += [np.full(len(a), 1.0 / d, np.float32), np.full(len(a), 0.5 / d, np.float32)]
-        graph = sp.csr_matrix(
-            (np.concatenate(vals) if vals else [], (np.concatenate(rows) if rows else [], np.concatenate(cols) if cols else [])),
-            shape=(num_items, num_items),
-            dtype=np.float32,
-        )
-        # Damp very popular neighbours so the channel is not a second popularity list.
-        pop = np.asarray(graph.sum(axis=0)).ravel()
-        graph = graph @ sp.diags(1.0 / np.sqrt(np.maximum(pop, 1.0))).astype(np.float32)
-        cols_k, vals_k = top_per_row(graph.tocsr(), neighbours)
-        keep = np.isfinite(vals_k)
-        r = np.repeat(np.arange(num_items), keep.sum(1))
-        return cls(sp.csr_matrix((vals_k[keep], (r, cols_k[keep])), shape=(num_items, num_items), dtype=np.float32))
+        for s in range(shards):
+            keys, w = _shard_pairs(items, pairs, s, shards, num_items)
+            r, c = keys // num_items, keys % num_items
+            top_c, top_v = top_entries(r // shards, c, w * damp[c], rows_per_shard, neighbours)
+            keep = np.isfinite(top_v)
+            rows.append(np.repeat(np.arange(rows_per_shard, dtype=np.int64) * shards + s, keep.sum(1)))
+            cols.append(top_c[keep])
+            vals.append(top_v[keep])
+        return cls(sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(num_items, num_items), dtype=np.float32))
 
     def scores(self, recent: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Co-visitation scores for each row of recent item ids, as the non-zero entries of a [B, M] matrix.
@@ -153,6 +165,41 @@ class CoVisitation:
         query = np.where(ok, recent[:, None, :] * np.int64(g.shape[1]) + items[:, :, None], -1)  # [B, C, n]; -1 matches no edge
         at, found = sorted_lookup(keys, query)
         return np.where(found, g.data[at], 0.0).astype(np.float32)
+
+
+def _pair_starts(items: np.ndarray, ends: np.ndarray, mask: np.ndarray, d: int) -> np.ndarray:
+    """bool [N - d]: whether positions ``a`` and ``a + d`` form a co-visitation pair (same user, both counted, different items).
+
+    Args:
+        items, ends, mask: [N] item ids, the end of each position's user, counted positions.
+        d: the distance.
+    """
+    return (np.arange(d, len(items)) < ends[:-d]) & mask[:-d] & mask[d:] & (items[:-d] != items[d:])
+
+
+def _shard_pairs(items: np.ndarray, pairs: list[np.ndarray], shard: int, shards: int, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """The summed pair weights whose source item falls in ``shard`` (item id modulo ``shards``).
+
+    A pair ``d`` events apart weighs ``1/d`` forward and ``0.5/d`` backward ("viewed
+    together" is symmetric; the forward pair weighs more).
+
+    Returns:
+        (keys int64 [E] ``source * num_items + target``, sorted and unique; weights float32 [E]).
+    """
+    keys, weights = [], []
+    for d, ok in enumerate(pairs, 1):
+        a = np.flatnonzero(ok)
+        first, then = items[a], items[a + d]
+        for src, dst, w in ((first, then, 1.0 / d), (then, first, 0.5 / d)):
+            pick = src % shards == shard
+            keys.append(src[pick] * num_items + dst[pick])
+            weights.append(np.full(len(keys[-1]), w, np.float32))
+    keys, weights = np.concatenate(keys), np.concatenate(weights)
+    order = np.argsort(keys)
+    keys, weights = keys[order], weights[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, np.int64)
+    return keys[starts], (np.add.reduceat(weights, starts) if len(keys) else weights)
+
 
 
 def recency_weights(n: int) -> np.ndarray:

@@ -87,3 +87,37 @@ def test_sorted_lookup_finds_present_keys_only():
     at, found = sorted_lookup(keys, np.array([[5, 1], [9, 12]]))
     assert found.tolist() == [[True, False], [True, False]]
     assert keys[at[found]].tolist() == [5, 9]
+
+
+def reference_graph(s: Sequences, mask: np.ndarray, num_items: int, window: int) -> np.ndarray:
+    """The co-visitation weights before truncation, counted pair by pair in plain Python."""
+    g = np.zeros((num_items, num_items))
+    for u in range(s.num_users):
+        lo, hi = s.offsets[u], s.offsets[u + 1]
+        for a in range(lo, hi):
+            for d in range(1, window + 1):
+                b = a + d
+                if b < hi and mask[a] and mask[b] and s.items[a] != s.items[b]:
+                    g[s.items[a], s.items[b]] += 1.0 / d
+                    g[s.items[b], s.items[a]] += 0.5 / d
+    return g / np.sqrt(np.maximum(g.sum(0), 1.0))
+
+
+def test_sharded_counting_matches_the_pairwise_reference():
+    rng = np.random.default_rng(3)
+    n, items = 500, 30
+    s = Sequences.from_encoded(rng.integers(0, 12, n), rng.integers(1, items, n), np.zeros(n, np.int64), np.ones(n, np.int64), rng.integers(0, 1000, n), 12)
+    mask = rng.random(n) < 0.9
+    want = reference_graph(s, mask, items, window=3)
+    for shard_entries in (10**9, 97):  # one shard, and about 25
+        full = CoVisitation.fit(s, mask, items, neighbours=items, shard_entries=shard_entries).graph.toarray()
+        np.testing.assert_allclose(full, want, rtol=1e-5)
+        top = CoVisitation.fit(s, mask, items, neighbours=4, shard_entries=shard_entries).graph.toarray()
+        # Each row keeps its 4 largest weights (which of tied items is kept may differ).
+        np.testing.assert_allclose(-np.sort(-top, axis=1)[:, :4], -np.sort(-want, axis=1)[:, :4], rtol=1e-5)
+        assert ((top > 0).sum(1) <= 4).all()
+
+
+def test_covisitation_of_a_log_without_pairs_is_empty():
+    s = seqs([0, 1, 2], [1, 2, 3])
+    assert CoVisitation.fit(s, np.ones(3, bool), 4).graph.nnz == 0
