@@ -56,8 +56,9 @@ class RankerTrainConfig:
             are built once and kept in memory, about 13 kB per group at the default sizes.
         listwise_weight: weight of the listwise softmax term against the pointwise log-loss.
         weight_decay: decoupled L2 (AdamW) on every weight.
-        max_seconds, budget_epochs: the training loop's time budget (0: none), cut into
-            at least this many validated epochs (:class:`recall.train.EpochClock`).
+        max_seconds, budget_epochs: the time budget (0: none) of the ranker's training,
+            its groups and validation set included, cut into at least this many validated
+            epochs (:class:`recall.train.EpochClock`).
         sparse_ids: the item id table trains with sparse gradients and a lazy Adam
             (:class:`recall.train.SparseTableOptimizer`, no weight decay on it): at 870k
             items a step of 128 groups takes 123 ms instead of 540 ms on one thread.
@@ -356,6 +357,7 @@ def train_ranker(
         The best ranker and a history dict (per-epoch loss, validation metrics).
     """
     cfg = train_config or RankerTrainConfig()
+    clock = EpochClock(cfg.max_seconds, cfg.budget_epochs)  # the preparation below counts against the budget
     seqs = data.seqs
     mcfg = model_config or RankerConfig(num_items=data.items.size, num_categories=data.categories.size, heads=heads_for(seqs.behaviors[split.train_mask(seqs)]))
     device = pick_device(cfg.device)
@@ -388,7 +390,6 @@ def train_ranker(
         "candidates_recall_rate": round(len(groups.users) / max(len(users), 1), 4),
     }
     stopper = EarlyStopping(cfg.patience)
-    clock = EpochClock(cfg.max_seconds, cfg.budget_epochs)
     for epoch in range(cfg.epochs):
         if epoch and clock.spent():  # the first epoch always runs: early stopping needs one validated model
             break

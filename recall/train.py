@@ -27,9 +27,10 @@ class TwoTowerTrainConfig:
         samples_per_epoch: training positions drawn (without replacement) per epoch;
             0 takes every position. On a 100M-event log an epoch over every position
             takes days on a CPU; sampled epochs keep validation and early stopping frequent.
-        max_seconds: wall-clock budget of the training loop (0: none). No epoch starts
-            once it is spent, and an epoch also ends after ``max_seconds / budget_epochs``
-            seconds, so validation runs several times within the budget.
+        max_seconds: wall-clock budget of training, its preparation included (0: none).
+            No epoch starts once it is spent, and each epoch ends after its share of what
+            the preparation left (:class:`EpochClock`), so validation runs several times
+            within the budget.
         budget_epochs: how many validated epochs a budget is cut into at least.
         sparse_ids: the item id table trains with sparse gradients and a lazy Adam
             (:class:`SparseTableOptimizer`): at 870k items a step is 7x faster (154 ms
@@ -138,6 +139,11 @@ class SparseTableOptimizer:
 class EpochClock:
     """A training loop's time budget, cut into epochs that each end in time for validation.
 
+    The budget counts from the clock's creation, so a loop that creates it before its
+    preparation (sampling, candidate groups, validation sets) spends its budget on that
+    too; the epochs share what is left when the first one starts (at least a quarter of
+    the budget, so an overrun preparation still leaves a trained model).
+
     Args:
         max_seconds: the loop's budget (0: no limit, and epochs run to their end).
         epochs: the number of epochs the budget is cut into at least.
@@ -145,20 +151,25 @@ class EpochClock:
 
     def __init__(self, max_seconds: float, epochs: int):
         self.max_seconds = max_seconds
-        self.slice = max_seconds / max(epochs, 1)
+        self.epochs = max(epochs, 1)
+        self.slice = 0.0
         self.started = self.epoch_started = time.perf_counter()
+        self.deadline = self.started + max_seconds
 
     def start_epoch(self) -> None:
         self.epoch_started = time.perf_counter()
+        if self.max_seconds and not self.slice:
+            self.deadline = max(self.deadline, self.epoch_started + self.max_seconds / 4)
+            self.slice = (self.deadline - self.epoch_started) / self.epochs
 
     def epoch_over(self) -> bool:
         """Whether the running epoch has used its slice of the budget, or the budget is spent."""
         now = time.perf_counter()
-        return bool(self.max_seconds) and (now - self.epoch_started >= self.slice or now - self.started >= self.max_seconds)
+        return bool(self.max_seconds) and (now - self.epoch_started >= self.slice or now >= self.deadline)
 
     def spent(self) -> bool:
         """Whether the budget is used up (no new epoch should start)."""
-        return bool(self.max_seconds) and self.elapsed() >= self.max_seconds
+        return bool(self.max_seconds) and time.perf_counter() >= self.deadline
 
     def epoch_seconds(self) -> float:
         return time.perf_counter() - self.epoch_started
@@ -168,7 +179,7 @@ class EpochClock:
 
     def left(self) -> str:
         """``", budget 12.0 min left"`` under a budget, else ``""`` (for progress lines)."""
-        return f", budget {max(self.max_seconds - self.elapsed(), 0) / 60:.1f} min left" if self.max_seconds else ""
+        return f", budget {max(self.deadline - time.perf_counter(), 0) / 60:.1f} min left" if self.max_seconds else ""
 
 
 def epoch_sample(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
@@ -289,6 +300,7 @@ def train_two_tower(
         validation metrics.
     """
     cfg = train_config or TwoTowerTrainConfig()
+    clock = EpochClock(cfg.max_seconds, cfg.budget_epochs)  # the preparation below counts against the budget
     mcfg = model_config or TwoTowerConfig(num_items=data.items.size, num_categories=data.categories.size, num_tags=data.tags.size)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -316,7 +328,6 @@ def train_two_tower(
 
     history: dict = {"epochs": [], "config": asdict(cfg), "positions": int(len(users))}
     stopper = EarlyStopping(cfg.patience)
-    clock = EpochClock(cfg.max_seconds, cfg.budget_epochs)
     t = lambda a: torch.from_numpy(a).to(device)
     for epoch in range(cfg.epochs):
         if epoch and clock.spent():  # the first epoch always runs: early stopping needs one validated model

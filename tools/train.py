@@ -29,8 +29,12 @@ from server.eventlog import read_event_store
 log = logging.getLogger("funnel.train")
 
 AUTO_INDEX = "auto"
-BUDGET_SHARES = {"two_tower": 0.55, "ranker": 0.25}
-"""Shares of ``train(budget=...)`` given to the two training loops."""
+TWO_TOWER_SHARE = 0.55
+"""Share of ``train(budget=...)`` given to two-tower training."""
+WRITE_SHARE = 0.05
+"""Share of the budget kept for exporting and writing the bundle; the ranker gets the rest."""
+MIN_RANKER_SHARE = 0.1
+"""The ranker's least share, even when the stages before it overran."""
 GATE_USERS = 1000
 """Users whose vectors check an automatically chosen IVF index against exact search."""
 GATE_K = 200
@@ -77,9 +81,10 @@ def train(
             user vectors (else exact search).
         seed: seed for both models (overrides the configs' seeds).
         two_tower, ranker, recall: stage settings (defaults when omitted).
-        budget: seconds for the whole run; the training loops get the shares in
-            :data:`BUDGET_SHARES` (their epochs cut to validate several times within it),
-            the rest is left for reading, channels, tables, index and writing.
+        budget: seconds for the whole run. Two-tower training (its preparation included)
+            gets :data:`TWO_TOWER_SHARE`; the ranker gets whatever the stages before it
+            left, less :data:`WRITE_SHARE` for writing (at least :data:`MIN_RANKER_SHARE`).
+            Each loop's epochs are cut to validate several times within its share.
         progress: progress bars and per-epoch lines.
 
     Returns:
@@ -104,8 +109,7 @@ def train(
     tt_cfg = dataclasses.replace(two_tower or TwoTowerTrainConfig(), seed=seed)
     rk_cfg = dataclasses.replace(ranker or RankerTrainConfig(), seed=seed)
     if budget:
-        tt_cfg = dataclasses.replace(tt_cfg, max_seconds=budget * BUDGET_SHARES["two_tower"])
-        rk_cfg = dataclasses.replace(rk_cfg, max_seconds=budget * BUDGET_SHARES["ranker"])
+        tt_cfg = dataclasses.replace(tt_cfg, max_seconds=budget * TWO_TOWER_SHARE)
     recall_cfg = recall or RecallConfig()
 
     with stage("two_tower"):
@@ -126,6 +130,9 @@ def train(
         retriever = Retriever(model, vecs, ann, covisit, popularity, data.item_category, recall_cfg, recommendable)
     with stage("business"):
         business = BusinessTables.fit(data.seqs, mask, data.item_category)
+    if budget:
+        left = budget * (1 - WRITE_SHARE) - (time.time() - started)
+        rk_cfg = dataclasses.replace(rk_cfg, max_seconds=max(left, budget * MIN_RANKER_SHARE))
     with stage("ranker"):
         rank_model, rk_history = train_ranker(data, parts, retriever, popularity.counts, business, train_config=rk_cfg, progress=progress)
 
@@ -265,9 +272,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="maximum epochs per model (early stopping usually ends sooner)")
     parser.add_argument(
         "--budget", type=_duration, default=None, metavar="DURATION",
-        help="time for the whole run, e.g. 60m or 2h: the two-tower loop gets "
-        f"{BUDGET_SHARES['two_tower'] * 100:.0f}%% and the ranker {BUDGET_SHARES['ranker'] * 100:.0f}%%, each cut into epochs that are validated "
-        "(early stopping as usual); reading, channels, tables and the index take the rest (default: no budget, train to early stopping)",
+        help=f"time for the whole run, e.g. 60m or 2h: two-tower training gets {TWO_TOWER_SHARE * 100:.0f}%%, the ranker what reading, "
+        f"the index, channels and tables left of the rest less {WRITE_SHARE * 100:.0f}%% for writing; each is cut into epochs that are "
+        "validated (early stopping as usual) (default: no budget, train to early stopping)",
     )
     parser.add_argument(
         "--samples-per-epoch", type=_positive_int, default=None, metavar="N",

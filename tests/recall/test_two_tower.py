@@ -1,8 +1,10 @@
+import time
+
 import torch
 
 from events.split import leave_last_out
 from recall.model import TwoTower, TwoTowerConfig, frozen_for_inference, masked_softmax, sampled_softmax_loss
-from recall.train import SparseTableOptimizer, TwoTowerTrainConfig, evaluate_targets, known_items, train_two_tower
+from recall.train import EpochClock, SparseTableOptimizer, TwoTowerTrainConfig, evaluate_targets, known_items, train_two_tower
 
 
 def test_sampled_softmax_masks_duplicate_targets():
@@ -94,3 +96,28 @@ def test_sparse_table_clipping_matches_dense_clipping():
     for a, b in zip(dense, sparse):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert not model[0].sparse
+
+
+def test_epoch_clock_counts_preparation_and_cuts_what_is_left(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    clock = EpochClock(80.0, 4)
+    now[0] += 40.0  # preparation spends half the budget
+    clock.start_epoch()
+    assert clock.slice == 10.0 and not clock.epoch_over()
+    now[0] += 10.0
+    assert clock.epoch_over() and not clock.spent()
+    now[0] += 30.0
+    assert clock.spent() and clock.left() == ", budget 0.0 min left"
+
+
+def test_epoch_clock_keeps_a_quarter_of_the_budget_after_an_overrun(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    clock = EpochClock(80.0, 2)
+    now[0] = 100.0  # preparation overran the whole budget
+    clock.start_epoch()
+    assert clock.slice == 10.0 and not clock.spent()
+    now[0] = 120.0
+    assert clock.spent()
+    assert not EpochClock(0.0, 2).epoch_over()  # no budget: epochs run to their end

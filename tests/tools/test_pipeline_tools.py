@@ -4,11 +4,13 @@ import json
 
 import pytest
 
+from rank.train import RankerTrainConfig
+from recall.train import TwoTowerTrainConfig
 from server.bundle import load_bundle, resolve
 from tools.cli import main
 from tools.evaluate import evaluate, format_report
 from tools.rebuild_index import IndexRejected, rebuild_index
-from tools.train import parse_duration
+from tools.train import TWO_TOWER_SHARE, WRITE_SHARE, parse_duration, train
 
 METRICS = {"recall": {"hr@10", "ndcg@10", "hr@50", "hr@200"}, "final": {"hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr@10"}}
 
@@ -120,3 +122,17 @@ def test_demo_ends_with_three_next_commands():
     commands = [line.split("#")[0].strip() for line in lines if line.startswith("  funnel ")]
     assert [c.split()[1] for c in commands] == ["evaluate", "serve", "recommend"]
     assert "--bundle qs/bundle --events qs/events.csv" in commands[0] and "--user 42" in commands[2]
+
+
+def test_a_budget_gives_the_ranker_what_the_earlier_stages_left(tiny_log_path, tmp_path):
+    budget = 600.0
+    version = train(
+        events=tiny_log_path, out=str(tmp_path), budget=budget, progress=False,
+        two_tower=TwoTowerTrainConfig(epochs=1, batch_size=128, uniform_negatives=64), ranker=RankerTrainConfig(epochs=1, batch_size=128),
+    )
+    with open(f"{version}/manifest.json") as fh:
+        training = json.load(fh)["training"]
+    assert training["budget_seconds"] == budget and training["two_tower"]["config"]["max_seconds"] == budget * TWO_TOWER_SHARE
+    before_ranker = sum(s["seconds"] for name, s in training["stages"].items() if name != "ranker")
+    # Everything but the write share and the earlier stages' time (a second of slack for the gaps between stages).
+    assert abs(training["ranker"]["config"]["max_seconds"] - (budget * (1 - WRITE_SHARE) - before_ranker)) < 1.0
