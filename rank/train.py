@@ -32,6 +32,7 @@ from rank.business import BusinessTables
 from rank.features import FeatureTables, RankFeatures, build_features, recall_ranks
 from rank.model import HEAD_BEHAVIORS, HEADS, Ranker, RankerConfig, ranking_loss
 from rank.pipeline import TwoStage
+from recall import distributed
 from recall.channels import CoVisitation, Popularity
 from recall.retriever import Candidates, Retriever
 from recall.train import EarlyStopping, EpochClock, SparseTableOptimizer, brief_metrics, close_history, epoch_record, pick_device
@@ -361,8 +362,9 @@ def train_ranker(
     seqs = data.seqs
     mcfg = model_config or RankerConfig(num_items=data.items.size, num_categories=data.categories.size, heads=heads_for(seqs.behaviors[split.train_mask(seqs)]))
     device = pick_device(cfg.device)
+    world = distributed.current()
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)  # the same on every rank: they build the same groups and shard each epoch's order
 
     view = held_out_view(data, split, retriever, business, cfg.holdout)
     users, positions = view.users, view.positions
@@ -381,26 +383,29 @@ def train_ranker(
         valid_users, valid_pos = valid_users[pick], valid_pos[pick]
     valid = ValidationSet(pipeline, data, valid_users, valid_pos)
 
-    opt = SparseTableOptimizer(model, [model.item] if cfg.sparse_ids else [], cfg.lr, cfg.weight_decay)
+    sparse = cfg.sparse_ids and distributed.sparse_gradients_supported()
+    opt = SparseTableOptimizer(model, [model.item] if sparse else [], cfg.lr, cfg.weight_decay)
+    trainer = distributed.wrap(model, world)
     history: dict = {
         "epochs": [],
         "config": asdict(cfg),
         "heads": list(mcfg.heads),
         "examples": int(len(groups.users)),
         "candidates_recall_rate": round(len(groups.users) / max(len(users), 1), 4),
+        "processes": world.size,
     }
     stopper = EarlyStopping(cfg.patience)
     for epoch in range(cfg.epochs):
-        if epoch and clock.spent():  # the first epoch always runs: early stopping needs one validated model
+        if epoch and distributed.any_rank(clock.spent(), world):  # the first epoch always runs: early stopping needs one validated model
             break
         model.train()
-        order = rng.permutation(len(groups.users))
+        order = distributed.shard(rng.permutation(len(groups.users)), world)
         total, steps, seen = 0.0, 0, 0
         clock.start_epoch()
         for lo in tqdm(range(0, len(order), cfg.batch_size), desc=f"ranker epoch {epoch + 1}", disable=not progress, leave=False):
             idx = order[lo : lo + cfg.batch_size]
             batch = feats.take(idx).to_torch(device)
-            logits, _ = model(batch)  # [b, G, H]
+            logits, _ = trainer(batch)  # [b, G, H]
             loss = ranking_loss(logits, torch.from_numpy(labels[idx]).to(device), batch["cand_items"] > 0, mcfg.heads, cfg.listwise_weight)
             opt.zero_grad()
             loss.backward()
@@ -408,13 +413,13 @@ def train_ranker(
             opt.step()
             total += loss.item()
             steps += 1
-            seen += len(idx)
-            if clock.epoch_over():
+            seen += len(idx) * world.size
+            if distributed.any_rank(clock.epoch_over(), world):
                 break
         train_seconds = clock.epoch_seconds()
         model.eval()
         metrics = valid.evaluate() if len(valid) else {}
-        score = metrics["final"]["ndcg@10"] if metrics else -total / steps
+        score = distributed.from_main(metrics["final"]["ndcg@10"] if metrics else -total / steps, world)  # one early-stopping decision for all ranks
         record = epoch_record(epoch + 1, total / steps, seen, train_seconds, metrics)
         history["epochs"].append(record)
         log.info("ranker epoch %d: loss %.4f, %s groups at %s/s%s; valid %s", epoch + 1, total / steps, f"{seen:,}", f"{record['samples_per_s']:,.0f}", clock.left(), brief_metrics(metrics.get("final", {})))

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from events.dataset import Dataset
 from events.metrics import summarize, target_ranks
 from events.split import Split
+from recall import distributed
 from recall.model import TwoTower, TwoTowerConfig, sampled_softmax_loss, user_tensors
 from recall.scoring import exact_topk
 
@@ -277,6 +278,44 @@ def _keep_id(ids: torch.Tensor, dropout: float) -> torch.Tensor:
     return torch.rand(ids.shape, device=ids.device) >= dropout
 
 
+class SampledSoftmaxStep(torch.nn.Module):
+    """The two-tower's training loss as one module call: both towers and the sampled softmax.
+
+    One forward that uses every trained parameter is what DistributedDataParallel needs
+    to average the gradients.
+
+    Args:
+        model: the two towers being trained.
+        item_category, item_tags: [M] and [M, T] side features per item id.
+        log_q: [M] log sampling probability of each item as an in-batch negative (logQ correction).
+        uniform_negatives: extra negatives drawn uniformly from the catalogue per step.
+    """
+
+    def __init__(self, model: TwoTower, *, item_category: torch.Tensor, item_tags: torch.Tensor, log_q: torch.Tensor, uniform_negatives: int):
+        super().__init__()
+        self.model = model
+        # Plain attributes, not buffers: constant tables, nothing to save or broadcast.
+        self.item_category, self.item_tags, self.log_q = item_category, item_tags, log_q
+        self.uniform_negatives = uniform_negatives
+        self.uniform_log_q = math.log(uniform_negatives / (model.cfg.num_items - 1)) if uniform_negatives else 0.0
+
+    def forward(self, user_inputs: tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor:
+        """Mean sampled-softmax loss of the targets [B] given the users' inputs (:func:`user_tensors`)."""
+        model, cfg = self.model, self.model.cfg
+        u = model.user_tower(*user_inputs)  # [B, d]
+        v = self.item_vectors(targets)  # [B, d]
+        extra = extra_ids = extra_log_q = None
+        if self.uniform_negatives:
+            extra_ids = torch.randint(1, cfg.num_items, (self.uniform_negatives,), device=targets.device)
+            extra = self.item_vectors(extra_ids)  # [P, d]
+            extra_log_q = torch.full((self.uniform_negatives,), self.uniform_log_q, device=targets.device)
+        return sampled_softmax_loss(u, v, targets, self.log_q[targets], cfg.temperature, extra, extra_ids, extra_log_q)
+
+    def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """[n, d] item-tower vectors of ``ids`` [n], each id embedding dropped with the configured rate."""
+        return self.model.item_tower(ids, self.item_category[ids], self.item_tags[ids], _keep_id(ids, self.model.cfg.id_dropout))
+
+
 def train_two_tower(
     data: Dataset,
     split: Split,
@@ -303,10 +342,14 @@ def train_two_tower(
     clock = EpochClock(cfg.max_seconds, cfg.budget_epochs)  # the preparation below counts against the budget
     mcfg = model_config or TwoTowerConfig(num_items=data.items.size, num_categories=data.categories.size, num_tags=data.tags.size)
     device = pick_device(cfg.device)
+    world = distributed.current()
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)  # the same on every rank: each takes its shard of the same epoch order
     model = TwoTower(mcfg).to(device)
-    opt = SparseTableOptimizer(model, [model.item_tower.item] if cfg.sparse_ids else [], cfg.lr, cfg.weight_decay)
+    if world.distributed:
+        torch.manual_seed(cfg.seed + world.rank)  # each rank draws its own negatives and dropout
+    sparse = cfg.sparse_ids and distributed.sparse_gradients_supported()
+    opt = SparseTableOptimizer(model, [model.item_tower.item] if sparse else [], cfg.lr, cfg.weight_decay)
 
     users, positions = split.train_targets(data.seqs)
     if len(users) == 0:
@@ -314,52 +357,46 @@ def train_two_tower(
     seqs = data.seqs
     targets = seqs.items[positions]
     freq = np.bincount(targets, minlength=mcfg.num_items).astype(np.float64)
-    log_q_all = torch.from_numpy(np.log(np.maximum(freq, 1.0) / freq.sum() * cfg.batch_size)).float().to(device)
-    item_category = torch.tensor(data.item_category).to(device)
-    item_tags = torch.tensor(data.item_tags).to(device)
+    step = SampledSoftmaxStep(
+        model,
+        item_category=torch.tensor(data.item_category).to(device),
+        item_tags=torch.tensor(data.item_tags).to(device),
+        log_q=torch.from_numpy(np.log(np.maximum(freq, 1.0) / freq.sum() * cfg.batch_size)).float().to(device),
+        uniform_negatives=min(cfg.uniform_negatives, mcfg.num_items - 1),
+    )
+    trainer = distributed.wrap(step, world)
     known = known_items(data, split)
-    n_pool = min(cfg.uniform_negatives, mcfg.num_items - 1)
-    pool_log_q = math.log(n_pool / (mcfg.num_items - 1)) if n_pool else 0.0
 
     valid_users, valid_pos = split.targets("valid")
     if len(valid_users) > cfg.max_valid_users:
         pick = np.sort(rng.choice(len(valid_users), cfg.max_valid_users, replace=False))
         valid_users, valid_pos = valid_users[pick], valid_pos[pick]
 
-    history: dict = {"epochs": [], "config": asdict(cfg), "positions": int(len(users))}
+    history: dict = {"epochs": [], "config": asdict(cfg), "positions": int(len(users)), "processes": world.size}
     stopper = EarlyStopping(cfg.patience)
-    t = lambda a: torch.from_numpy(a).to(device)
     for epoch in range(cfg.epochs):
-        if epoch and clock.spent():  # the first epoch always runs: early stopping needs one validated model
+        if epoch and distributed.any_rank(clock.spent(), world):  # the first epoch always runs: early stopping needs one validated model
             break
         model.train()
-        order = epoch_sample(rng, len(users), cfg.samples_per_epoch)
+        order = distributed.shard(epoch_sample(rng, len(users), cfg.samples_per_epoch), world)
         total, steps, seen = 0.0, 0, 0
         clock.start_epoch()
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"two-tower epoch {epoch + 1}", disable=not progress, leave=False)
         for lo in bar:
             idx = order[lo : lo + cfg.batch_size]
             w = seqs.window(positions[idx], mcfg.history, seqs.offsets[users[idx]])
-            tgt = t(targets[idx])
-            u = model.user_tower(*user_tensors(w, seqs.ts[positions[idx]], device))  # [B, d]
-            v = model.item_tower(tgt, item_category[tgt], item_tags[tgt], _keep_id(tgt, mcfg.id_dropout))  # [B, d]
-            extra = extra_ids = extra_log_q = None
-            if n_pool:
-                extra_ids = torch.randint(1, mcfg.num_items, (n_pool,), device=device)
-                extra = model.item_tower(extra_ids, item_category[extra_ids], item_tags[extra_ids], _keep_id(extra_ids, mcfg.id_dropout))  # [P, d]
-                extra_log_q = torch.full((n_pool,), pool_log_q, device=device)
-            loss = sampled_softmax_loss(u, v, tgt, log_q_all[tgt], mcfg.temperature, extra, extra_ids, extra_log_q)
+            loss = trainer(user_tensors(w, seqs.ts[positions[idx]], device), torch.from_numpy(targets[idx]).to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += loss.item()
             steps += 1
-            seen += len(idx)
-            if clock.epoch_over():
+            seen += len(idx) * world.size
+            if distributed.any_rank(clock.epoch_over(), world):
                 break
         train_seconds = clock.epoch_seconds()
         metrics = evaluate_targets(model, data, valid_users, valid_pos, known) if len(valid_users) else {}
-        score = metrics.get("ndcg@10", -total / steps)
+        score = distributed.from_main(metrics.get("ndcg@10", -total / steps), world)  # one early-stopping decision for all ranks
         record = epoch_record(epoch + 1, total / steps, seen, train_seconds, metrics)
         history["epochs"].append(record)
         log.info("two-tower epoch %d: loss %.4f, %s samples at %s/s%s; valid %s", epoch + 1, total / steps, f"{seen:,}", f"{record['samples_per_s']:,.0f}", clock.left(), brief_metrics(metrics))

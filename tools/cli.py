@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    for chatty in ("faiss.loader", "onnxscript", "onnx_ir"):  # library INFO lines (per-node ONNX export notes) drown ours
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     if args.log_json:
         from server.logs import use_json_logs
 

@@ -18,6 +18,7 @@ from events.readers import FORMATS, read_events, read_items
 from events.split import SPLITS, make_split
 from rank.business import BusinessTables
 from rank.train import RankerTrainConfig, train_ranker
+from recall import distributed
 from recall.channels import CoVisitation, Popularity
 from recall.index import AUTO_IVF_MIN_ITEMS, MIN_GATE_RECALL, IndexSpec, build_index, resolve, tune_nprobe
 from recall.retriever import RecallConfig, Retriever
@@ -87,10 +88,14 @@ def train(
             Each loop's epochs are cut to validate several times within its share.
         progress: progress bars and per-epoch lines.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process trains its shard of each epoch
+    with DistributedDataParallel (:mod:`recall.distributed`) and rank 0 alone writes.
+
     Returns:
-        The new version directory.
+        The new version directory ("" on ranks other than 0).
     """
     started = time.time()
+    world = distributed.init_from_env()
     if index != AUTO_INDEX:
         IndexSpec.parse(index)  # a bad spec fails before hours of training
     stage = Stages()
@@ -136,6 +141,9 @@ def train(
     with stage("ranker"):
         rank_model, rk_history = train_ranker(data, parts, retriever, popularity.counts, business, train_config=rk_cfg, progress=progress)
 
+    if not world.main:
+        log.info("rank %d of %d: training done; rank 0 writes the bundle", world.rank, world.size)
+        return ""
     info = {
         "data": {
             "source": events,
@@ -153,6 +161,7 @@ def train(
             "seconds": round(time.time() - started, 1),
             "budget_seconds": budget,
             "stages": stage.report,
+            "processes": world.size,
         },
         "index_choice": index_gate,
     }
@@ -302,9 +311,16 @@ def run(args: argparse.Namespace) -> int:
         tt, rk = dataclasses.replace(tt, epochs=args.epochs), dataclasses.replace(rk, epochs=args.epochs)
     if args.samples_per_epoch is not None:
         tt = dataclasses.replace(tt, samples_per_epoch=args.samples_per_epoch)
-    version = train(
-        events=args.events, out=args.out, fmt=args.fmt, items=args.items, fold_events=args.fold_events, split=args.split, on_error=args.on_error, index=args.index,
-        seed=args.seed, two_tower=tt, ranker=rk, budget=args.budget, progress=not args.no_progress and sys.stderr.isatty(),
-    )
-    print(json.dumps({"bundle": version}))
+    world = distributed.init_from_env()
+    if not world.main:  # one log and one progress bar: rank 0's
+        logging.getLogger("funnel").setLevel(logging.WARNING)
+    try:
+        version = train(
+            events=args.events, out=args.out, fmt=args.fmt, items=args.items, fold_events=args.fold_events, split=args.split, on_error=args.on_error, index=args.index,
+            seed=args.seed, two_tower=tt, ranker=rk, budget=args.budget, progress=world.main and not args.no_progress and sys.stderr.isatty(),
+        )
+    finally:
+        distributed.shutdown()
+    if world.main:
+        print(json.dumps({"bundle": version}))
     return 0

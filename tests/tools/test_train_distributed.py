@@ -1,0 +1,56 @@
+"""``torchrun --nproc-per-node 2`` on gloo, end to end: the bundle rank 0 writes is evaluated and served."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from server.app import create_server
+from server.bundle import resolve
+from server.engine import Engine
+from tools.evaluate import evaluate
+from tools.recommend import recommend
+
+
+@pytest.fixture(scope="module")
+def ddp_bundle(tiny_log_path, tmp_path_factory):
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.fail("torchrun (installed with torch) is not on PATH")
+    root = str(tmp_path_factory.mktemp("ddp"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [torchrun, "--nproc-per-node", "2", "--standalone", "-m", "tools", "train", "--events", tiny_log_path, "--out", root, "--epochs", "3", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1, proc.stdout  # rank 0 alone reports (and writes)
+    return root, json.loads(printed[0])["bundle"], proc.stderr
+
+
+def test_two_processes_train_one_bundle(ddp_bundle):
+    root, version, log = ddp_bundle
+    assert resolve(root) == version and len(os.listdir(f"{root}/versions")) == 1
+    with open(f"{version}/manifest.json") as fh:
+        training = json.load(fh)["training"]
+    assert training["processes"] == 2
+    assert training["two_tower"]["processes"] == 2 and training["ranker"]["processes"] == 2
+    assert training["two_tower"]["samples"] > 0 and training["ranker"]["samples"] > 0
+    assert log.count("bundle written to") == 1 and "ranker epoch 1" in log
+
+
+def test_evaluate_and_serve_accept_the_bundle(ddp_bundle, tiny_log_path):
+    root, _, _ = ddp_bundle
+    report = evaluate(bundle=root, events=tiny_log_path, progress=False)
+    assert report["final"]["hr@50"] > 0
+    engine = Engine.load(root)
+    server, port = create_server("127.0.0.1:0", engine)
+    server.start()
+    try:
+        user = engine.bundle.data.users.decode(engine.bundle.data.seqs.lengths.argmax()[None])[0]
+        result = recommend(addr=f"127.0.0.1:{port}", user_id=str(user), k=10)
+    finally:
+        server.stop(None)
+    assert len(result.items) == 10
