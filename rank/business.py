@@ -1,6 +1,6 @@
 """Business features: funnel statistics of items and categories from the training log.
 
-Computed once per bundle with pandas from the training part of the log only (the
+Computed once per bundle, vectorised, from the training part of the log only (the
 validation and test targets never count) and stored in the bundle, so training,
 evaluation and serving read the same numbers. Per-user features are not tabulated
 here: they come from the user's own recent behaviour at request time (see
@@ -12,7 +12,6 @@ import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 
 from events.schema import BEHAVIOR_CODE
 from events.sequences import Sequences, Window
@@ -60,21 +59,15 @@ class BusinessTables:
         Returns:
             The tables.
         """
-        num_items = len(item_category)
-        frame = pd.DataFrame({"user": seqs.user_positions()[mask], "item": seqs.items[mask], "behavior": seqs.behaviors[mask]})
-        frame["category"] = item_category[frame["item"].to_numpy()]
+        num_items, num_users = len(item_category), seqs.num_users
+        users, items, behaviors = seqs.user_positions()[mask], seqs.items[mask], seqs.behaviors[mask]
         item = np.zeros((num_items, len(ITEM_FEATURES)), np.float32)
-        by_item = _funnel(frame, "item")
-        by_cat = _funnel(frame, "category")
-        rows = by_item.index.to_numpy()
-        item[rows, 0] = by_item["conversion"]
-        item[rows, 1] = by_item["cart_fav_rate"]
-        item[rows, 2] = by_item["wishlist"]
-        item[rows, 3] = by_item["repurchase"]
-        item[rows, 4] = np.log1p(by_item["users"]) / 10.0
-        cats = np.zeros((max(int(item_category.max(initial=0)) + 1, 1), 3), np.float32)
-        cats[by_cat.index.to_numpy()] = by_cat[["conversion", "cart_fav_rate", "repurchase"]].to_numpy()
-        item[:, 5:8] = cats[item_category]
+        by_item = _funnel(items, users, behaviors, num_items, num_users)  # [M, 5]
+        item[:, :4] = by_item[:, :4]
+        item[:, 4] = np.log1p(by_item[:, 4]) / 10.0
+        num_categories = max(int(item_category.max(initial=0)) + 1, 1)
+        by_cat = _funnel(item_category[items], users, behaviors, num_categories, num_users)  # [categories, 5]
+        item[:, 5:8] = by_cat[:, [0, 1, 3]][item_category]
         item[0] = 0.0
         ts = np.clip(seqs.ts[mask], 0, (1 << _SHIFT) - 1)
         keys = np.concatenate([(seqs.items[mask] << _SHIFT) | ts, ts])
@@ -147,40 +140,56 @@ class BusinessTables:
         return tables
 
 
-def _funnel(frame: pd.DataFrame, key: str) -> pd.DataFrame:
-    """Smoothed funnel rates per ``key`` (item or category).
+def _funnel(keys: np.ndarray, users: np.ndarray, behaviors: np.ndarray, num_keys: int, num_users: int) -> np.ndarray:
+    """Smoothed funnel rates per key (item or category id), from one row per event.
 
     ``conversion`` = buys / views and ``cart_fav_rate`` = (carts + favs) / views, where
     views = pv events (at least as many as the buys, resp. carts + favs, for logs that
     miss some pv events), both shrunk to the global rate with :data:`_SMOOTH` pseudo-views;
     ``wishlist`` = share of (user, key) pairs carted but never bought and ``repurchase`` =
     share of buyers who bought more than once, both shrunk alike; ``users`` = distinct users.
+
+    Vectorised for 100M-event logs: the (key, user) pairs come from one in-place sort of
+    an int64 per event (the pair, then a cart bit and a buy bit), never a grouped frame.
+
+    Args:
+        keys, users, behaviors: [E] each event's key, user and behaviour code.
+        num_keys, num_users: id space sizes.
+
+    Returns:
+        float32 [num_keys, 5]: conversion, cart_fav_rate, wishlist, repurchase, users;
+        zero rows for keys without events.
     """
-    b = frame["behavior"]
-    flags = pd.DataFrame({key: frame[key], "user": frame["user"], "pv": b == PV, "cf": (b == CART) | (b == FAV), "buy": b == BUY, "cart": b == CART})
-    per = flags.groupby(key).agg(pv=("pv", "sum"), cf=("cf", "sum"), buy=("buy", "sum"))
-    buy_views = np.maximum(per["pv"], per["buy"])
-    cf_views = np.maximum(per["pv"], per["cf"])
-    pairs = flags.groupby([key, "user"]).agg(cart=("cart", "any"), buys=("buy", "sum"))
-    wish = (pairs.loc[pairs["cart"], "buys"] == 0).groupby(level=0).agg(["sum", "count"])
-    rep = (pairs.loc[pairs["buys"] > 0, "buys"] > 1).groupby(level=0).agg(["sum", "count"])
-    out = pd.DataFrame(index=per.index)
-    out["conversion"] = _shrunk(per["buy"], buy_views)
-    out["cart_fav_rate"] = _shrunk(per["cf"], cf_views)
-    out["wishlist"] = _shrunk(wish["sum"], wish["count"]).reindex(per.index).fillna(_rate(wish["sum"], wish["count"]))
-    out["repurchase"] = _shrunk(rep["sum"], rep["count"]).reindex(per.index).fillna(_rate(rep["sum"], rep["count"]))
-    out["users"] = pairs.groupby(level=0).size()
-    return out.astype(np.float32)
+    count = lambda k, w=None: np.bincount(k, weights=w, minlength=num_keys)
+    pv, buy = count(keys, behaviors == PV), count(keys, behaviors == BUY)
+    cf = count(keys, (behaviors == CART) | (behaviors == FAV))
+    code = keys.astype(np.int64)
+    code *= num_users
+    code += users
+    code <<= 2
+    code |= (behaviors == CART).astype(np.int64) << 1
+    code |= behaviors == BUY
+    code.sort()
+    starts = np.flatnonzero(np.r_[True, (code[1:] >> 2) != (code[:-1] >> 2)]) if len(code) else np.zeros(0, np.int64)
+    buys = np.add.reduceat(code & 1, starts) if len(code) else np.zeros(0, np.int64)  # [P] buys per (key, user) pair
+    carted = (np.bitwise_or.reduceat(code & 2, starts) > 0) if len(code) else np.zeros(0, bool)
+    pair_key = (code[starts] >> 2) // num_users
+    del code
+    out = np.zeros((num_keys, 5), np.float32)
+    out[:, 0] = _shrunk(buy, np.maximum(pv, buy))
+    out[:, 1] = _shrunk(cf, np.maximum(pv, cf))
+    out[:, 2] = _shrunk(count(pair_key, carted & (buys == 0)), count(pair_key, carted))
+    out[:, 3] = _shrunk(count(pair_key, buys > 1), count(pair_key, buys > 0))
+    out[:, 4] = count(pair_key)
+    out[count(keys) == 0] = 0.0
+    return out
 
 
-def _rate(hits: pd.Series, trials: pd.Series) -> float:
-    """The global rate ``Σ hits / Σ trials`` (0 without trials)."""
-    return float(hits.sum() / trials.sum()) if trials.sum() else 0.0
-
-
-def _shrunk(hits: pd.Series, trials: pd.Series) -> pd.Series:
-    """``(hits + S·g) / (trials + S)``: each rate shrunk towards the global rate ``g`` with S = :data:`_SMOOTH`."""
-    return (hits + _SMOOTH * _rate(hits, trials)) / (trials + _SMOOTH)
+def _shrunk(hits: np.ndarray, trials: np.ndarray) -> np.ndarray:
+    """``(hits + S·g) / (trials + S)``: each rate shrunk towards the global rate ``g = Σ hits / Σ trials`` (0 without trials), S = :data:`_SMOOTH`."""
+    total = trials.sum()
+    rate = hits.sum() / total if total else 0.0
+    return (hits + _SMOOTH * rate) / (trials + _SMOOTH)
 
 
 def user_business_features(window: Window, now: np.ndarray) -> np.ndarray:
