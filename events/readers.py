@@ -112,6 +112,15 @@ _MOVIELENS_CHECKS = (
 )
 
 
+def release_read_memory() -> None:
+    """Hand the memory pyarrow's pool freed back to the system.
+
+    The pool keeps freed blocks for reuse; after a 100M-row read that is gigabytes the
+    rest of a training run cannot otherwise use. Call it once the read log is dropped.
+    """
+    pa.default_memory_pool().release_unused()
+
+
 def read_events(path: str, fmt: str = "taobao", *, on_error: OnError = "fail", progress: bool = False) -> EventLog:
     """Read a behaviour log.
 

@@ -59,19 +59,10 @@ class BusinessTables:
         Returns:
             The tables.
         """
-        num_items, num_users = len(item_category), seqs.num_users
-        users, items, behaviors = seqs.user_positions()[mask], seqs.items[mask], seqs.behaviors[mask]
-        item = np.zeros((num_items, len(ITEM_FEATURES)), np.float32)
-        by_item = _funnel(items, users, behaviors, num_items, num_users)  # [M, 5]
-        item[:, :4] = by_item[:, :4]
-        item[:, 4] = np.log1p(by_item[:, 4]) / 10.0
-        num_categories = max(int(item_category.max(initial=0)) + 1, 1)
-        by_cat = _funnel(item_category[items], users, behaviors, num_categories, num_users)  # [categories, 5]
-        item[:, 5:8] = by_cat[:, [0, 1, 3]][item_category]
-        item[0] = 0.0
         ts = np.clip(seqs.ts[mask], 0, (1 << _SHIFT) - 1)
         keys = np.concatenate([(seqs.items[mask] << _SHIFT) | ts, ts])
-        return cls(item, np.sort(keys))
+        keys.sort()
+        return cls(item_table(seqs, mask, item_category), keys)
 
     def item_features(self, items: np.ndarray) -> np.ndarray:
         """float32 [..., len(ITEM_FEATURES)] for item ids ``items`` (unknown or padding ids: zeros)."""
@@ -138,6 +129,31 @@ class BusinessTables:
         if tables.item.ndim != 2 or tables.item.shape[1] != len(ITEM_FEATURES):
             raise ValueError(f"{path}: business table has shape {tables.item.shape}, expected [items, {len(ITEM_FEATURES)}]")
         return tables
+
+
+def item_table(seqs: Sequences, mask: np.ndarray, item_category: np.ndarray) -> np.ndarray:
+    """The per-item funnel statistics of the masked events (:attr:`BusinessTables.item`).
+
+    Args:
+        seqs: per-user sequences.
+        mask: bool [N]; only these positions count.
+        item_category: [M] category id per item id.
+
+    Returns:
+        float32 [M, len(ITEM_FEATURES)]; row 0 (padding) and items without events are zero,
+        but for their category's columns.
+    """
+    num_items, num_users = len(item_category), seqs.num_users
+    users, items, behaviors = seqs.user_positions()[mask], seqs.items[mask], seqs.behaviors[mask]
+    item = np.zeros((num_items, len(ITEM_FEATURES)), np.float32)
+    by_item = _funnel(items, users, behaviors, num_items, num_users)  # [M, 5]
+    item[:, :4] = by_item[:, :4]
+    item[:, 4] = np.log1p(by_item[:, 4]) / 10.0
+    num_categories = max(int(item_category.max(initial=0)) + 1, 1)
+    by_cat = _funnel(item_category[items], users, behaviors, num_categories, num_users)  # [categories, 5]
+    item[:, 5:8] = by_cat[:, [0, 1, 3]][item_category]
+    item[0] = 0.0
+    return item
 
 
 def _funnel(keys: np.ndarray, users: np.ndarray, behaviors: np.ndarray, num_keys: int, num_users: int) -> np.ndarray:

@@ -28,7 +28,7 @@ from events.dataset import Dataset
 from events.metrics import summarize, target_ranks
 from events.schema import BEHAVIOR_CODE
 from events.split import Split
-from rank.business import BusinessTables
+from rank.business import BusinessTables, item_table
 from rank.features import FeatureTables, RankFeatures, build_features, recall_ranks
 from rank.model import HEAD_BEHAVIORS, HEADS, Ranker, RankerConfig, ranking_loss
 from rank.pipeline import TwoStage
@@ -247,7 +247,7 @@ def held_out_view(data: Dataset, split: Split, retriever: Retriever, business: B
     view = Retriever(
         retriever.model, retriever.item_vecs, retriever.index, covisit, popularity, retriever.item_category, retriever.config, retriever.recommendable
     )
-    earlier = BusinessTables(BusinessTables.fit(seqs, mask, data.item_category).item, business.event_keys)
+    earlier = BusinessTables(item_table(seqs, mask, data.item_category), business.event_keys)
     tables = FeatureTables(data.item_category, popularity.counts, earlier, covisit)
     users, positions = split.train_targets(seqs)
     keep = positions >= first[users]
@@ -373,6 +373,7 @@ def train_ranker(
         users, positions = users[pick], positions[pick]
     groups = make_groups(data, view.retriever, users, positions, cfg, rng, progress=progress)
     feats = group_features(data, groups, view.tables, mcfg)
+    del view  # its refitted graph and tables (GBs at 100M events) are not needed past the features
     labels = head_labels(groups.behaviors, groups.items.shape[1], mcfg.heads)
 
     model = Ranker(mcfg).to(device)

@@ -117,16 +117,15 @@ class CoVisitation:
         damp = (1.0 / np.sqrt(np.maximum(weight, 1.0))).astype(np.float32)
         shards = max(1, -(-2 * int(sum(ok.sum() for ok in pairs)) // shard_entries))
         rows_per_shard = -(-num_items // shards)
-        rows, cols, vals = [], [], []
+        kept = []  # per shard: neighbours per local row, their columns and weights (row-major)
         for s in range(shards):
             keys, w = _shard_pairs(items, pairs, s, shards, num_items)
             r, c = keys // num_items, keys % num_items
+            del keys
             top_c, top_v = top_entries(r // shards, c, w * damp[c], rows_per_shard, neighbours)
             keep = np.isfinite(top_v)
-            rows.append(np.repeat(np.arange(rows_per_shard, dtype=np.int64) * shards + s, keep.sum(1)))
-            cols.append(top_c[keep])
-            vals.append(top_v[keep])
-        return cls(sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(num_items, num_items), dtype=np.float32))
+            kept.append((keep.sum(1), top_c[keep].astype(np.int32), top_v[keep]))
+        return cls(_csr_from_shards(kept, shards, num_items))
 
     def scores(self, recent: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Co-visitation scores for each row of recent item ids, as the non-zero entries of a [B, M] matrix.
@@ -183,6 +182,30 @@ def _pair_starts(items: np.ndarray, ends: np.ndarray, mask: np.ndarray, d: int) 
         d: the distance.
     """
     return (np.arange(d, len(items)) < ends[:-d]) & mask[:-d] & mask[d:] & (items[:-d] != items[d:])
+
+
+def _csr_from_shards(kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]], shards: int, num_items: int) -> sp.csr_matrix:
+    """The [M, M] graph from each shard's kept entries, written straight into CSR arrays (no COO copy).
+
+    Args:
+        kept: per shard ``s``, for its local rows ``r`` (global row ``r * shards + s``): the
+            entry count per row, and the entries' columns and weights in row-major order.
+        shards: the shard count.
+        num_items: M.
+    """
+    counts = np.zeros(num_items, np.int64)
+    for s, (n, _, _) in enumerate(kept):
+        counts[s::shards] = n[: len(counts[s::shards])]
+    indptr = np.zeros(num_items + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    indices, data = np.empty(indptr[-1], np.int32), np.empty(indptr[-1], np.float32)
+    for s, (n, cols, vals) in enumerate(kept):
+        starts = np.zeros(len(n), np.int64)
+        starts[: len(counts[s::shards])] = indptr[:-1][s::shards]
+        first = np.cumsum(n) - n  # each local row's first entry in ``cols``
+        dest = np.repeat(starts - first, n) + np.arange(len(cols))
+        indices[dest], data[dest] = cols, vals
+    return sp.csr_matrix((data, indices, indptr), shape=(num_items, num_items))
 
 
 def _shard_pairs(items: np.ndarray, pairs: list[np.ndarray], shard: int, shards: int, num_items: int) -> tuple[np.ndarray, np.ndarray]:

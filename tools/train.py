@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 
 from events.dataset import Dataset, file_fingerprint
-from events.readers import FORMATS, read_events, read_items
+from events.readers import FORMATS, read_events, read_items, release_read_memory
 from events.split import SPLITS, make_split
 from rank.business import BusinessTables
 from rank.train import RankerTrainConfig, train_ranker
@@ -110,6 +110,7 @@ def train(
         data = Dataset.from_log(log_, read_items(items) if items else None)
         rows, skipped = log_.report.rows, dict(log_.report.skipped)
         del log_  # the encoded sequences replace the raw log (several GB at 100M events)
+        release_read_memory()
         parts = make_split(data.seqs, split)
     tt_cfg = dataclasses.replace(two_tower or TwoTowerTrainConfig(), seed=seed)
     rk_cfg = dataclasses.replace(ranker or RankerTrainConfig(), seed=seed)
