@@ -136,3 +136,11 @@ def test_a_budget_gives_the_ranker_what_the_earlier_stages_left(tiny_log_path, t
     before_ranker = sum(s["seconds"] for name, s in training["stages"].items() if name != "ranker")
     # Everything but the write share and the earlier stages' time (a second of slack for the gaps between stages).
     assert abs(training["ranker"]["config"]["max_seconds"] - (budget * (1 - WRITE_SHARE) - before_ranker)) < 1.0
+
+
+def test_evaluate_scores_a_fixed_sample_of_test_users(tiny_bundle, tiny_log_path):
+    first = evaluate(bundle=tiny_bundle, events=tiny_log_path, progress=False, max_users=40, seed=3)
+    again = evaluate(bundle=tiny_bundle, events=tiny_log_path, progress=False, max_users=40, seed=3)
+    assert first["users"] == 40 and first["test_users"] > 40
+    assert first["final"] == again["final"] and first["baselines"] == again["baselines"]
+    assert f"40 users (a sample of {first['test_users']:,})" in format_report(first)
