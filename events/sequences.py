@@ -100,13 +100,18 @@ class Sequences:
         starts = self.offsets[users]
         return self.window(self.offsets[users + 1] if ends is None else ends, n, starts)
 
-    def history_matrix(self, users: np.ndarray, ends: np.ndarray, num_items: int) -> sp.csr_matrix:
+    def history_matrix(self, users: np.ndarray, ends: np.ndarray, num_items: int, starts: np.ndarray | None = None) -> sp.csr_matrix:
         """Binary [len(users), num_items] matrix of the items each user touched before ``ends``.
 
         Used to mask already-seen items in full-ranking evaluation and serving.
+
+        Args:
+            users, ends: [B] users and the position each history stops before.
+            num_items: M.
+            starts: [B] positions the histories start at (default: each user's first event).
         """
         users = np.asarray(users, dtype=np.int64)
-        starts = self.offsets[users]
+        starts = self.offsets[users] if starts is None else np.asarray(starts, dtype=np.int64)
         counts = np.maximum(np.asarray(ends) - starts, 0)
         rows = np.repeat(np.arange(len(users)), counts)
         pos = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(counts.sum())

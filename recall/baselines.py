@@ -9,6 +9,8 @@ import scipy.sparse as sp
 
 # Users handled at a time by popularity; its memory is this × (k + longest history) booleans.
 _POPULARITY_BLOCK = 4096
+# Most dense scores ItemKNN holds at a time (1 GB of float32).
+_SCORE_FLOATS = 1 << 28
 
 
 def _check_inputs(history: sp.csr_matrix, train: sp.csr_matrix, k: int) -> None:
@@ -184,7 +186,7 @@ def itemknn_topk(
         neighbours: similar items kept per item (see :func:`itemknn_similarity`).
         shrink: similarity shrinkage term.
         batch: items per similarity block and users per scoring block; scoring holds a
-            dense batch × M float32 array.
+            dense batch × M float32 array, with fewer users when that would pass 1 GB.
 
     Returns:
         int64 [len(users), k] item ids, highest score first (tie rules as in
@@ -194,10 +196,11 @@ def itemknn_topk(
     sim = itemknn_similarity(train, neighbours=neighbours, shrink=shrink, batch=batch)
     users = np.asarray(users, dtype=np.int64)
     out = np.full((len(users), k), -1, dtype=np.int64)
-    for lo in range(0, len(users), batch):
-        rows = _binary(history[users[lo : lo + batch]])
+    step = max(1, min(batch, _SCORE_FLOATS // max(history.shape[1], 1)))  # a dense step × M block: 64 users at 4M items
+    for lo in range(0, len(users), step):
+        rows = _binary(history[users[lo : lo + step]])
         scores = (rows @ sim).toarray()
         # Items with no similarity to the history carry no evidence; -inf keeps them out.
         scores[scores <= 0] = -np.inf
-        out[lo : lo + batch] = topk_excluding(scores, rows, k)
+        out[lo : lo + step] = topk_excluding(scores, rows, k)
     return out

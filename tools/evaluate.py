@@ -133,7 +133,8 @@ def evaluate(
     k = max(proto.recall_ks)
     lists = _ranked_lists(pipe, seqs, users, pos, ends, num_items, k, batch, progress)
     history = _pre_test_matrix(seqs, proto.first_target, num_items)
-    baselines = {"pop": popularity_topk(history, history, k, users), "itemcf": itemknn_topk(history, history, k, users)}
+    knn_train, knn_depth = _itemknn_matrix(seqs, proto.first_target, num_items)
+    baselines = {"pop": popularity_topk(history, history, k, users), "itemcf": itemknn_topk(history, knn_train, k, users)}
     report = {
         "users": int(len(users)),
         "test_users": int(test_users),
@@ -146,6 +147,7 @@ def evaluate(
         "recall_channels": {CHANNELS[c]: proto.score(top, proto.recall_ks) for c, top in lists.per_channel.items()},
         "final": proto.score(lists.final, proto.final_ks),
         "baselines": {name: proto.score(top, proto.recall_ks) for name, top in baselines.items()},
+        "itemcf_history": knn_depth,
     }
     report["lift"] = _lift(report["recall"], report["final"])
     report["ranker"] = _ranker_report(lists.pairs, len(users))
@@ -376,6 +378,35 @@ def _pre_test_matrix(seqs: Sequences, first_target: np.ndarray, num_items: int) 
     return seqs.history_matrix(users, ends, num_items)
 
 
+ITEMKNN_PAIRS = 200_000_000
+"""Most (item, item) co-occurrences the ItemKNN baseline may count (about 12 bytes each)."""
+
+
+def _itemknn_matrix(seqs: Sequences, first_target: np.ndarray, num_items: int) -> tuple[sp.csr_matrix, int | None]:
+    """The pre-test history ItemKNN learns its similarities from, and how deep it reaches.
+
+    Co-occurrence counting costs the sum over users of their history length squared:
+    about 10^10 on a 100M-event log, hours on two cores. Each history is then cut to its
+    most recent ``depth`` events, the largest depth that keeps the count within
+    :data:`ITEMKNN_PAIRS`; logs within it (ML-100k) keep every event.
+
+    Returns:
+        ([U, M] binary matrix, the depth or ``None`` for full histories).
+    """
+    starts = seqs.offsets[:-1]
+    ends = np.where(first_target >= 0, first_target, seqs.offsets[1:])
+    lengths = np.maximum(ends - starts, 0)
+    pairs = lambda depth: int((np.minimum(lengths, depth).astype(np.float64) ** 2).sum())
+    users = np.arange(seqs.num_users)
+    if pairs(lengths.max(initial=0)) <= ITEMKNN_PAIRS:
+        return seqs.history_matrix(users, ends, num_items), None
+    lo, hi = 1, int(lengths.max())  # the largest depth within the budget, by bisection (pairs grows with depth)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if pairs(mid) <= ITEMKNN_PAIRS else (lo, mid - 1)
+    return seqs.history_matrix(users, ends, num_items, starts=np.maximum(starts, ends - lo)), lo
+
+
 MIN_TEST_USERS = 1000
 """Below this many test users, a metric's sampling error is as large as the differences it is read for."""
 
@@ -406,13 +437,14 @@ def format_report(report: dict) -> str:
     rows = [("recall (merged)", report["recall"])]
     rows += [(f"  {name}", m) for name, m in report["recall_channels"].items()]
     rows += [("final (ranked)", report["final"])]
-    rows += [(f"baseline {name}", m) for name, m in report["baselines"].items()]
+    depth = report.get("itemcf_history")
+    rows += [(f"baseline {name}" + (f" (last {depth})" if name == "itemcf" and depth else ""), m) for name, m in report["baselines"].items()]
     cols = COMIREC_COLUMNS if report.get("protocol") == "comirec" else COLUMNS
     counts = ", ".join(f"{name} {report['candidates'][name]}" for name in ("two_tower", "covisit", "popular"))
     sampled = f" (a sample of {report['test_users']:,})" if report.get("test_users", report["users"]) > report["users"] else ""
     lines = [f"{report['users']:,} users{sampled}, {report['items']:,} items, split {report['split']}; candidates: {counts}", f"{'':18}" + "".join(f"{c:>10}" for c in cols)]
     for name, m in rows:
-        lines.append(f"{name:18}" + "".join(f"{m[c]:>10.4f}" if c in m else f"{'-':>10}" for c in cols))
+        lines.append(f"{name:<18}" + "".join(f"{m[c]:>10.4f}" if c in m else f"{'-':>10}" for c in cols))
     lines += ["", _format_ranker(report["ranker"]), "", _format_lift(report["lift"])]
     lines += [f"warning: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)

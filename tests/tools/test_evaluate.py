@@ -7,6 +7,7 @@ import pytest
 
 from events.schema import BEHAVIOR_CODE
 from events.sequences import Sequences
+from tools import evaluate as evaluate_module
 from tools.evaluate import _batch_pairs, _is_target, _lift, _Pairs, _ranker_report
 
 
@@ -82,3 +83,19 @@ def test_small_test_sets_get_a_sampling_warning():
     (none,) = sample_warnings(114, {"hr@10": 0.0})
     assert "up to 0.026 (no hit in 114 users)" in none
     assert "recall@10" in sample_warnings(50, {"recall@10": 0.1})[0]
+
+
+def test_itemknn_history_is_cut_to_the_deepest_depth_within_the_pair_budget(monkeypatch):
+    lengths = [10, 4, 1]
+    users = np.repeat(np.arange(3), lengths)
+    seqs = Sequences.from_encoded(users, np.arange(1, 16), np.zeros(15, np.int64), np.ones(15, np.int64), np.arange(15), 3)
+    no_target = np.full(3, -1)
+    full, depth = evaluate_module._itemknn_matrix(seqs, no_target, 16)
+    assert depth is None and full.nnz == 15
+    monkeypatch.setattr(evaluate_module, "ITEMKNN_PAIRS", 60)  # depth 5: 25 + 16 + 1 = 42 pairs; depth 6: 36 + 16 + 1 = 53; 7: 66
+    cut, depth = evaluate_module._itemknn_matrix(seqs, no_target, 16)
+    assert depth == 6 and cut.getnnz(axis=1).tolist() == [6, 4, 1]
+    assert cut[0].indices.tolist() == list(range(5, 11))  # the most recent six of user 0's items 1..10
+    # A held-out target ends the history first.
+    cut, depth = evaluate_module._itemknn_matrix(seqs, np.array([3, -1, -1]), 16)
+    assert depth is None and cut.getnnz(axis=1).tolist() == [3, 4, 1]
