@@ -43,7 +43,7 @@ from events.metrics import (
     summarize_multi,
     target_ranks,
 )
-from events.readers import FORMATS, read_events
+from events.readers import FORMATS, read_events, release_read_memory
 from events.schema import BEHAVIOR_CODE, BEHAVIORS
 from events.sequences import Sequences
 from events.split import SPLITS, Split, make_split
@@ -118,6 +118,8 @@ def evaluate(
     log_ = read_events(events, fmt, on_error=on_error, progress=progress)
     seqs = b.data.encode_log(log_)
     dropped = log_.report.rows - len(seqs)
+    del log_  # the encoded sequences replace it (GBs at 100M events)
+    release_read_memory()
     if dropped:
         log.warning("%d events name users or items the bundle does not know; they are left out", dropped)
     parts = make_split(seqs, split)
@@ -442,9 +444,10 @@ def format_report(report: dict) -> str:
     cols = COMIREC_COLUMNS if report.get("protocol") == "comirec" else COLUMNS
     counts = ", ".join(f"{name} {report['candidates'][name]}" for name in ("two_tower", "covisit", "popular"))
     sampled = f" (a sample of {report['test_users']:,})" if report.get("test_users", report["users"]) > report["users"] else ""
-    lines = [f"{report['users']:,} users{sampled}, {report['items']:,} items, split {report['split']}; candidates: {counts}", f"{'':18}" + "".join(f"{c:>10}" for c in cols)]
+    width = max(18, max(len(name) + 1 for name, _ in rows))
+    lines = [f"{report['users']:,} users{sampled}, {report['items']:,} items, split {report['split']}; candidates: {counts}", " " * width + "".join(f"{c:>10}" for c in cols)]
     for name, m in rows:
-        lines.append(f"{name:<18}" + "".join(f"{m[c]:>10.4f}" if c in m else f"{'-':>10}" for c in cols))
+        lines.append(f"{name:<{width}}" + "".join(f"{m[c]:>10.4f}" if c in m else f"{'-':>10}" for c in cols))
     lines += ["", _format_ranker(report["ranker"]), "", _format_lift(report["lift"])]
     lines += [f"warning: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)
