@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -14,6 +15,8 @@ from server.engine import Engine
 from tools.evaluate import evaluate
 from tools.recommend import recommend
 
+TIMEOUT_S = 300
+
 
 @pytest.fixture(scope="module")
 def ddp_bundle(tiny_log_path, tmp_path_factory):
@@ -23,11 +26,18 @@ def ddp_bundle(tiny_log_path, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("ddp"))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     cmd = [torchrun, "--nproc-per-node", "2", "--standalone", "-m", "tools", "train", "--events", tiny_log_path, "--out", root, "--epochs", "3", "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    printed = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(printed) == 1, proc.stdout  # rank 0 alone reports (and writes)
-    return root, json.loads(printed[0])["bundle"], proc.stderr
+    # Its own session, so a hang is cleaned up with torchrun's workers, not only torchrun.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s: {err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    printed = [line for line in out.splitlines() if line.startswith("{")]
+    assert len(printed) == 1, out  # rank 0 alone reports (and writes)
+    return root, json.loads(printed[0])["bundle"], err
 
 
 def test_two_processes_train_one_bundle(ddp_bundle):
