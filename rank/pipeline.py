@@ -30,6 +30,7 @@ class Ranked:
         attention: [B, C, L] the ranker's attention over the user's recent events.
         history_items, history_behaviors, history_ts: [B, L] the recent events the
             attention refers to (0 = padding).
+        recall_ranks: [B, C] each item's position in the recall list (a ranking feature).
     """
 
     items: np.ndarray
@@ -41,6 +42,7 @@ class Ranked:
     head_scores: dict[str, np.ndarray]
     history_behaviors: np.ndarray
     history_ts: np.ndarray
+    recall_ranks: np.ndarray
 
 
 @dataclass
@@ -169,7 +171,63 @@ class TwoStage:
             head_scores={h: zero_pad(p) for h, p in probs.items()},
             history_behaviors=window.behaviors,
             history_ts=window.ts,
+            recall_ranks=order,
         )
+
+    def event_effects(
+        self, window: Window, now: np.ndarray, user_activity: np.ndarray, ranked: Ranked, k: int, head_weights: dict[str, float] | None = None
+    ) -> np.ndarray:
+        """How much each recent event raises each of the top ``k`` ranked items' final scores.
+
+        The effect of event ``l`` on item ``j`` is ``j``'s final score minus its score when
+        ``l`` is left out of the history (the earlier events move up one place), with the
+        item's recall score, channel and rank kept: what the ranker itself makes of that
+        event, every feature included, not what its attention suggests. All leave-one-out
+        histories of a batch go through one ranker call: ``L`` times the rows of ``k``
+        candidates each.
+
+        Args:
+            window: the recent behaviour :meth:`rank` was given.
+            now, user_activity: as given to :meth:`rank`.
+            ranked: its output.
+            k: items explained per row (the first ``k`` of ``ranked``).
+            head_weights: as given to :meth:`rank`.
+
+        Returns:
+            float32 [B, k, L] over ``ranked.history_items`` columns; 0 for padding events and padding items.
+        """
+        w = window.tail(self.ranker.cfg.history)
+        b, n = w.items.shape
+        k = min(k, ranked.items.shape[1])
+        # Variant l drops column l: columns before it shift right by one, column 0 becomes padding.
+        cols = np.arange(n)
+        source = np.where(cols[None, :] <= cols[:, None], cols[None, :] - 1, cols[None, :])  # [L variants, L]
+        gather = lambda a: np.where(source >= 0, a[:, np.maximum(source, 0)], 0)  # [B, L, L]
+        real = w.items > 0  # [B, L]
+        dropped = Window(
+            gather(w.items).reshape(b * n, n),
+            gather(w.categories).reshape(b * n, n),
+            gather(w.behaviors).reshape(b * n, n),
+            gather(w.ts).reshape(b * n, n),
+            np.repeat(w.lengths, n) - real.reshape(-1),
+        )
+        repeat = lambda a: np.repeat(a[:, :k], n, axis=0)  # [B * L, k]: each row's candidates once per variant
+        feats = build_features(
+            dropped,
+            np.repeat(now, n),
+            repeat(ranked.items),
+            repeat(ranked.recall_scores),
+            repeat(ranked.channels),
+            repeat(ranked.recall_ranks),
+            user_activity=np.repeat(user_activity, n) - real.reshape(-1),
+            tables=self.tables,
+            num_gap_buckets=self.ranker.cfg.gap_buckets,
+        )
+        logits, _ = self._score(feats)  # [B * L, k, H]
+        without = combine_heads(head_probabilities(logits, self.ranker.cfg.heads), {**self.ranker.cfg.head_weights, **(head_weights or {})})
+        effects = ranked.scores[:, None, :k] - without.reshape(b, n, k)  # [B, L, k]
+        effects = np.where(real[:, :, None] & (ranked.items[:, None, :k] > 0), effects, 0.0)
+        return effects.transpose(0, 2, 1).astype(np.float32)  # [B, k, L]
 
     def recommend(
         self,

@@ -108,13 +108,13 @@ class Engine:
                 groups.setdefault(self._batch_key(query), []).append(i)
             except BadQuery as err:
                 results[i] = err
-        for (category, two_tower, head_weights), rows in groups.items():
-            for i, result in zip(rows, self._recommend_group([queries[i] for i in rows], category, two_tower, head_weights)):
+        for (category, two_tower, head_weights, explain), rows in groups.items():
+            for i, result in zip(rows, self._recommend_group([queries[i] for i in rows], category, two_tower, head_weights, explain)):
                 results[i] = result
         return results
 
     def _batch_key(self, query: RecommendQuery) -> tuple:
-        """What must be equal for queries to share one pass: the category id, the two-tower count and the head weights."""
+        """What must be equal for queries to share one pass: the category id, the two-tower count, the head weights and whether to explain."""
         category = None
         if query.category is not None:
             category = int(self.bundle.data.categories.encode([query.category])[0])
@@ -124,9 +124,11 @@ class Engine:
         missing = [head for head, _ in query.head_weights if head not in heads]
         if missing:
             raise BadQuery(f"head_weights names {missing[0]!r}, which this bundle's ranker does not have (its heads: {', '.join(heads)})")
-        return category, max(self.pipeline.retriever.config.two_tower, query.k), query.head_weights
+        return category, max(self.pipeline.retriever.config.two_tower, query.k), query.head_weights, query.explain
 
-    def _recommend_group(self, queries: list[RecommendQuery], category: int | None, two_tower: int, head_weights: tuple[tuple[str, float], ...]) -> list[RecommendResult]:
+    def _recommend_group(
+        self, queries: list[RecommendQuery], category: int | None, two_tower: int, head_weights: tuple[tuple[str, float], ...], explain: bool
+    ) -> list[RecommendResult]:
         started = time.perf_counter()
         user_seqs = [self.history.sequence(q) for q in queries]
         seqs = stack(user_seqs)
@@ -135,10 +137,16 @@ class Engine:
         exclude = Excluded([self.history.excluded(q, s) for q, s in zip(queries, user_seqs)], width=self.bundle.data.items.size)
         assembled = time.perf_counter()
         out = self.pipeline.recommend(window, now, seqs.lengths, exclude, category, head_weights=dict(head_weights) or None, two_tower=two_tower)
+        effects = None
+        if explain:
+            effects = self.pipeline.event_effects(window, now, seqs.lengths, out.ranked, max(q.k for q in queries), dict(head_weights) or None)  # [B, k, L]
         # Stage times are the group's: every query in it waited for the whole pass. Recall
         # includes assembling the users' histories.
         timings = {"recall": _us(assembled - started + out.recall_s), "rank": _us(out.rank_s), "total": _us(time.perf_counter() - started)}
-        return [self._result(query, out.ranked, row, timings, self._basis(query, s)) for row, (query, s) in enumerate(zip(queries, user_seqs))]
+        return [
+            self._result(query, out.ranked, row, timings, self._basis(query, s), None if effects is None else effects[row])
+            for row, (query, s) in enumerate(zip(queries, user_seqs))
+        ]
 
     def _basis(self, query: RecommendQuery, seq: Sequences) -> str:
         """What ``query``'s list is built from: the bundle's history, only newer events, or nothing (:data:`server.query.BASES`)."""
@@ -146,8 +154,8 @@ class Engine:
             return "known"
         return "recent_events" if len(seq) else "popularity"
 
-    def _result(self, query: RecommendQuery, ranked: Ranked, row: int, timings: dict[str, int], basis: str) -> RecommendResult:
-        """Row ``row`` of a ranked batch as one query's answer."""
+    def _result(self, query: RecommendQuery, ranked: Ranked, row: int, timings: dict[str, int], basis: str, effects: np.ndarray | None) -> RecommendResult:
+        """Row ``row`` of a ranked batch as one query's answer; ``effects`` [k, L] of its events on its first items explain them."""
         keep = np.flatnonzero(ranked.items[row] > 0)[: query.k]
         items = ranked.items[row, keep]
         # Python lists up front: per-element numpy scalar access costs more than the conversion.
@@ -156,7 +164,7 @@ class Engine:
         channels = ranked.channels[row, keep].tolist()
         titles, categories = self._titles[items].tolist(), self._category_names[items].tolist()
         heads = {head: p[row, keep].tolist() for head, p in ranked.head_scores.items()}
-        because = self._because(ranked, row, keep)
+        because = self._because(ranked, row, keep, effects) if effects is not None else [()] * len(keep)
         recs = [
             Recommendation(
                 item_id=str(ids[j]),
@@ -172,18 +180,28 @@ class Engine:
         ]
         return RecommendResult(recs, self.model_version, self.index_version, dict(timings), basis)
 
-    def _because(self, ranked: Ranked, row: int, cols: np.ndarray) -> list[tuple[Attended, ...]]:
-        """For each of row ``row``'s items at ``cols``, the past behaviours with the most attention, highest first."""
+    def _because(self, ranked: Ranked, row: int, cols: np.ndarray, effects: np.ndarray) -> list[tuple[Attended, ...]]:
+        """For each of row ``row``'s items at ``cols``, the past behaviours that raise its score most, largest effect first.
+
+        Args:
+            ranked: the ranked batch.
+            row: the query's row.
+            cols: [K] the returned items' columns (the first K, padding skipped).
+            effects: [k >= K, L] each event's effect on the row's first items (:meth:`rank.pipeline.TwoStage.event_effects`).
+        """
         hist = ranked.history_items[row]  # [L]
-        att = np.where(hist > 0, ranked.attention[row, cols], 0.0)  # [K, L]; padding never explains anything
-        top = np.argsort(-att, axis=1, kind="stable")[:, :EXPLAIN_TOP]  # [K, n]
-        weights = np.take_along_axis(att, top, axis=1).tolist()
+        effect = effects[cols]  # [K, L]; padding events have no effect
+        top = np.argsort(-effect, axis=1, kind="stable")[:, :EXPLAIN_TOP]  # [K, n]
+        gains = np.take_along_axis(effect, top, axis=1).tolist()
+        weights = np.take_along_axis(ranked.attention[row, cols], top, axis=1).tolist()
         ids = self.bundle.data.items.decode(hist[top].ravel()).reshape(top.shape).tolist()
         behaviors, ts = ranked.history_behaviors[row][top].tolist(), ranked.history_ts[row][top].tolist()
-        return [
-            tuple(Attended(str(i), BEHAVIORS[b - 1], t, w) for i, b, t, w in zip(*per_item) if w > 0)
-            for per_item in zip(ids, behaviors, ts, weights)
-        ]
+        out = []
+        for per_item in zip(ids, behaviors, ts, weights, gains):
+            # The same behaviour logged twice (same item, type and second) is one line.
+            lines = {(str(i), BEHAVIORS[b - 1], t): (w, g) for i, b, t, w, g in reversed(list(zip(*per_item))) if g > 0}
+            out.append(tuple(Attended(i, b, t, w, g) for (i, b, t), (w, g) in sorted(lines.items(), key=lambda kv: -kv[1][1])))
+        return out
 
     def log_events(self, events: Sequence[UserEvent]) -> int:
         """Append behaviour to the users' state; later queries for those users see it.

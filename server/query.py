@@ -34,16 +34,24 @@ class RecommendQuery:
     category: str | None = None
     request_id: str = ""
     head_weights: tuple[tuple[str, float], ...] = ()
+    explain: bool = False
 
 
 @dataclass(frozen=True)
 class Attended:
-    """A past behaviour the ranker attended to when scoring an item, with its attention weight (0..1)."""
+    """A past behaviour that raises an item's score.
+
+    Attributes:
+        weight: the ranker's attention on it for the item (0..1).
+        effect: the item's final score minus its score with this behaviour left out of
+            the history (:meth:`rank.pipeline.TwoStage.event_effects`).
+    """
 
     item_id: str
     behavior: str
     timestamp: int
     weight: float
+    effect: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,7 @@ class Recommendation:
     """One ranked item with the scores and channel that produced it.
 
     Attributes:
-        because: the behaviours the ranker attended to most for this item, highest weight first.
+        because: when explanations were asked for, the behaviours that raise this item's score most, largest effect first.
         head_scores: per-head probabilities of the ranker; ``score`` is their weighted combination.
     """
 

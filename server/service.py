@@ -94,6 +94,7 @@ def validate(request: recommender_pb2.RecommendRequest) -> RecommendQuery:
         category=request.category if request.HasField("category") else None,
         request_id=request.request_id,
         head_weights=tuple(sorted(request.head_weights.items())),
+        explain=request.explain,
     )
 
 
@@ -140,7 +141,7 @@ def to_response(result: RecommendResult, request_id: str) -> recommender_pb2.Rec
                 channel=r.channel,
                 title=r.title,
                 category=r.category,
-                because=[recommender_pb2.AttendedBehavior(item_id=a.item_id, behavior=a.behavior, timestamp=a.timestamp, weight=a.weight) for a in r.because],
+                because=[recommender_pb2.AttendedBehavior(item_id=a.item_id, behavior=a.behavior, timestamp=a.timestamp, weight=a.weight, effect=a.effect) for a in r.because],
                 head_scores=r.head_scores,
             )
             for r in result.items

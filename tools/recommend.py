@@ -32,6 +32,7 @@ def recommend(
     category: str | None = None,
     request_id: str = "",
     head_weights: dict[str, float] | None = None,
+    explain: bool = False,
     timeout: float = 10.0,
 ) -> RecommendResult:
     """Send one Recommend request.
@@ -47,6 +48,7 @@ def recommend(
         request_id: echoed back and used in the server log.
         head_weights: weights of the ranker's heads ("click", "cart_fav", "buy") in the
             final score; heads left out keep the server's weights.
+        explain: ask for each item's explanation (the behaviours that raise its score most).
         timeout: deadline in seconds.
 
     Returns:
@@ -63,6 +65,7 @@ def recommend(
         include_seen=include_seen,
         request_id=request_id,
         head_weights=head_weights or {},
+        explain=explain,
     )
     if category is not None:
         request.category = category
@@ -77,7 +80,7 @@ def recommend(
                 r.channel,
                 r.title,
                 r.category,
-                because=tuple(Attended(a.item_id, a.behavior, a.timestamp, a.weight) for a in r.because),
+                because=tuple(Attended(a.item_id, a.behavior, a.timestamp, a.weight, a.effect) for a in r.because),
                 head_scores=dict(r.head_scores),
             )
             for r in response.items
@@ -101,8 +104,8 @@ def format_result(result: RecommendResult, why: bool = False) -> str:
 
     Args:
         result: what :func:`recommend` returned.
-        why: under each item, its per-head scores and the past behaviours the ranker
-            attended to most for it.
+        why: under each item, its per-head scores and the past behaviours that raise
+            its score most (present when the request asked for explanations).
 
     Returns:
         Multi-line text, no trailing newline.
@@ -132,13 +135,13 @@ def format_result(result: RecommendResult, why: bool = False) -> str:
 
 
 def _explain(r: Recommendation) -> list[str]:
-    """Indented lines: per-head scores, then each attended behaviour with its weight."""
+    """Indented lines: per-head scores, then each explaining behaviour with its effect on the score."""
     out = []
     if r.head_scores:
         out.append("      heads: " + ", ".join(f"{name} {p:.4f}" for name, p in sorted(r.head_scores.items())))
     for a in r.because:
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(a.timestamp))
-        out.append(f"      because {a.behavior} {a.item_id} at {when} UTC (attention {a.weight:.2f})")
+        out.append(f"      because {a.behavior} {a.item_id} at {when} UTC (score +{a.effect:.4f} with it; attention {a.weight:.2f})")
     return out
 
 
@@ -240,7 +243,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--head-weight", dest="head_weights", type=parse_head_weight, action="append", default=[], metavar="HEAD=W",
         help="weight of a ranker head (click, cart_fav, buy) in the final score for this request; heads not given keep the server's weights (repeatable)",
     )
-    parser.add_argument("--why", action="store_true", help="under each item, print its per-head scores and the past behaviours the ranker attended to most")
+    parser.add_argument(
+        "--why", action="store_true",
+        help="under each item, print its per-head scores and the past behaviours that raise its score most (by how much the score drops without "
+        "each; asks the server for explanations, a second ranking pass)",
+    )
     parser.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default: 10)")
 
 
@@ -256,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
             category=args.category,
             request_id=args.request_id,
             head_weights=dict(args.head_weights),
+            explain=args.why,
             timeout=args.timeout,
         )
     except grpc.RpcError as err:

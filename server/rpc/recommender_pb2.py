@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66unnel/v1/recommender.proto\x12\tfunnel.v1\"c\n\x05\x45vent\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x65havior\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x03\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x13\n\x0b\x63\x61tegory_id\x18\x05 \x01(\t\"4\n\x10LogEventsRequest\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.funnel.v1.Event\"<\n\x11LogEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x15\n\runknown_items\x18\x02 \x01(\x05\"\x0f\n\rReloadRequest\"O\n\x0eReloadResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t\"\xb7\x02\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\'\n\rrecent_events\x18\x03 \x03(\x0b\x32\x10.funnel.v1.Event\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x14\n\x0cinclude_seen\x18\x05 \x01(\x08\x12\x15\n\x08\x63\x61tegory\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x42\n\x0chead_weights\x18\x08 \x03(\x0b\x32,.funnel.v1.RecommendRequest.HeadWeightsEntry\x1a\x32\n\x10HeadWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0b\n\t_category\"X\n\x10\x41ttendedBehavior\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x65havior\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x03\x12\x0e\n\x06weight\x18\x04 \x01(\x02\"\x91\x02\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x14\n\x0crecall_score\x18\x03 \x01(\x02\x12\x0f\n\x07\x63hannel\x18\x04 \x01(\t\x12\r\n\x05title\x18\x05 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x06 \x01(\t\x12,\n\x07\x62\x65\x63\x61use\x18\x07 \x03(\x0b\x32\x1b.funnel.v1.AttendedBehavior\x12:\n\x0bhead_scores\x18\x08 \x03(\x0b\x32%.funnel.v1.ScoredItem.HeadScoresEntry\x1a\x31\n\x0fHeadScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"D\n\x0cStageTimings\x12\x11\n\trecall_us\x18\x01 \x01(\x03\x12\x0f\n\x07rank_us\x18\x02 \x01(\x03\x12\x10\n\x08total_us\x18\x03 \x01(\x03\"\xb4\x01\n\x11RecommendResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.funnel.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12(\n\x07timings\x18\x04 \x01(\x0b\x32\x17.funnel.v1.StageTimings\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05\x62\x61sis\x18\x06 \x01(\t2\xdc\x01\n\x0bRecommender\x12\x46\n\tRecommend\x12\x1b.funnel.v1.RecommendRequest\x1a\x1c.funnel.v1.RecommendResponse\x12\x46\n\tLogEvents\x12\x1b.funnel.v1.LogEventsRequest\x1a\x1c.funnel.v1.LogEventsResponse\x12=\n\x06Reload\x12\x18.funnel.v1.ReloadRequest\x1a\x19.funnel.v1.ReloadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66unnel/v1/recommender.proto\x12\tfunnel.v1\"c\n\x05\x45vent\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x65havior\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x03\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x13\n\x0b\x63\x61tegory_id\x18\x05 \x01(\t\"4\n\x10LogEventsRequest\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.funnel.v1.Event\"<\n\x11LogEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x15\n\runknown_items\x18\x02 \x01(\x05\"\x0f\n\rReloadRequest\"O\n\x0eReloadResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t\"\xc8\x02\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\'\n\rrecent_events\x18\x03 \x03(\x0b\x32\x10.funnel.v1.Event\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x14\n\x0cinclude_seen\x18\x05 \x01(\x08\x12\x15\n\x08\x63\x61tegory\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x42\n\x0chead_weights\x18\x08 \x03(\x0b\x32,.funnel.v1.RecommendRequest.HeadWeightsEntry\x12\x0f\n\x07\x65xplain\x18\t \x01(\x08\x1a\x32\n\x10HeadWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0b\n\t_category\"h\n\x10\x41ttendedBehavior\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x65havior\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x03\x12\x0e\n\x06weight\x18\x04 \x01(\x02\x12\x0e\n\x06\x65\x66\x66\x65\x63t\x18\x05 \x01(\x02\"\x91\x02\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x14\n\x0crecall_score\x18\x03 \x01(\x02\x12\x0f\n\x07\x63hannel\x18\x04 \x01(\t\x12\r\n\x05title\x18\x05 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x06 \x01(\t\x12,\n\x07\x62\x65\x63\x61use\x18\x07 \x03(\x0b\x32\x1b.funnel.v1.AttendedBehavior\x12:\n\x0bhead_scores\x18\x08 \x03(\x0b\x32%.funnel.v1.ScoredItem.HeadScoresEntry\x1a\x31\n\x0fHeadScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"D\n\x0cStageTimings\x12\x11\n\trecall_us\x18\x01 \x01(\x03\x12\x0f\n\x07rank_us\x18\x02 \x01(\x03\x12\x10\n\x08total_us\x18\x03 \x01(\x03\"\xb4\x01\n\x11RecommendResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.funnel.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12(\n\x07timings\x18\x04 \x01(\x0b\x32\x17.funnel.v1.StageTimings\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05\x62\x61sis\x18\x06 \x01(\t2\xdc\x01\n\x0bRecommender\x12\x46\n\tRecommend\x12\x1b.funnel.v1.RecommendRequest\x1a\x1c.funnel.v1.RecommendResponse\x12\x46\n\tLogEvents\x12\x1b.funnel.v1.LogEventsRequest\x1a\x1c.funnel.v1.LogEventsResponse\x12=\n\x06Reload\x12\x18.funnel.v1.ReloadRequest\x1a\x19.funnel.v1.ReloadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,19 +46,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELOADRESPONSE']._serialized_start=276
   _globals['_RELOADRESPONSE']._serialized_end=355
   _globals['_RECOMMENDREQUEST']._serialized_start=358
-  _globals['_RECOMMENDREQUEST']._serialized_end=669
-  _globals['_RECOMMENDREQUEST_HEADWEIGHTSENTRY']._serialized_start=606
-  _globals['_RECOMMENDREQUEST_HEADWEIGHTSENTRY']._serialized_end=656
-  _globals['_ATTENDEDBEHAVIOR']._serialized_start=671
-  _globals['_ATTENDEDBEHAVIOR']._serialized_end=759
-  _globals['_SCOREDITEM']._serialized_start=762
-  _globals['_SCOREDITEM']._serialized_end=1035
-  _globals['_SCOREDITEM_HEADSCORESENTRY']._serialized_start=986
-  _globals['_SCOREDITEM_HEADSCORESENTRY']._serialized_end=1035
-  _globals['_STAGETIMINGS']._serialized_start=1037
-  _globals['_STAGETIMINGS']._serialized_end=1105
-  _globals['_RECOMMENDRESPONSE']._serialized_start=1108
-  _globals['_RECOMMENDRESPONSE']._serialized_end=1288
-  _globals['_RECOMMENDER']._serialized_start=1291
-  _globals['_RECOMMENDER']._serialized_end=1511
+  _globals['_RECOMMENDREQUEST']._serialized_end=686
+  _globals['_RECOMMENDREQUEST_HEADWEIGHTSENTRY']._serialized_start=623
+  _globals['_RECOMMENDREQUEST_HEADWEIGHTSENTRY']._serialized_end=673
+  _globals['_ATTENDEDBEHAVIOR']._serialized_start=688
+  _globals['_ATTENDEDBEHAVIOR']._serialized_end=792
+  _globals['_SCOREDITEM']._serialized_start=795
+  _globals['_SCOREDITEM']._serialized_end=1068
+  _globals['_SCOREDITEM_HEADSCORESENTRY']._serialized_start=1019
+  _globals['_SCOREDITEM_HEADSCORESENTRY']._serialized_end=1068
+  _globals['_STAGETIMINGS']._serialized_start=1070
+  _globals['_STAGETIMINGS']._serialized_end=1138
+  _globals['_RECOMMENDRESPONSE']._serialized_start=1141
+  _globals['_RECOMMENDRESPONSE']._serialized_end=1321
+  _globals['_RECOMMENDER']._serialized_start=1324
+  _globals['_RECOMMENDER']._serialized_end=1544
 # @@protoc_insertion_point(module_scope)

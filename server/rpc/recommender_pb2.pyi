@@ -49,7 +49,7 @@ class ReloadResponse(_message.Message):
     def __init__(self, changed: _Optional[bool] = ..., model_version: _Optional[str] = ..., index_version: _Optional[str] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "k", "recent_events", "exclude_item_ids", "include_seen", "category", "request_id", "head_weights")
+    __slots__ = ("user_id", "k", "recent_events", "exclude_item_ids", "include_seen", "category", "request_id", "head_weights", "explain")
     class HeadWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class RecommendRequest(_message.Message):
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HEAD_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     k: int
     recent_events: _containers.RepeatedCompositeFieldContainer[Event]
@@ -73,19 +74,22 @@ class RecommendRequest(_message.Message):
     category: str
     request_id: str
     head_weights: _containers.ScalarMap[str, float]
-    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., recent_events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., include_seen: _Optional[bool] = ..., category: _Optional[str] = ..., request_id: _Optional[str] = ..., head_weights: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    explain: bool
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., recent_events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., include_seen: _Optional[bool] = ..., category: _Optional[str] = ..., request_id: _Optional[str] = ..., head_weights: _Optional[_Mapping[str, float]] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class AttendedBehavior(_message.Message):
-    __slots__ = ("item_id", "behavior", "timestamp", "weight")
+    __slots__ = ("item_id", "behavior", "timestamp", "weight", "effect")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     BEHAVIOR_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    EFFECT_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     behavior: str
     timestamp: int
     weight: float
-    def __init__(self, item_id: _Optional[str] = ..., behavior: _Optional[str] = ..., timestamp: _Optional[int] = ..., weight: _Optional[float] = ...) -> None: ...
+    effect: float
+    def __init__(self, item_id: _Optional[str] = ..., behavior: _Optional[str] = ..., timestamp: _Optional[int] = ..., weight: _Optional[float] = ..., effect: _Optional[float] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "score", "recall_score", "channel", "title", "category", "because", "head_scores")

@@ -26,7 +26,7 @@ class ExplainingEngine:
 
     def recommend(self, query: RecommendQuery) -> RecommendResult:
         self.last_query = query
-        because = (Attended("seen-1", "buy", 1_500_000_000, 0.75), Attended("seen-2", "pv", 1_500_000_100, 0.25))
+        because = (Attended("seen-1", "buy", 1_500_000_000, 0.75, 0.125), Attended("seen-2", "pv", 1_500_000_100, 0.25, 0.0625))
         items = [
             Recommendation("a", 0.9, 0.5, "two_tower", because=because, head_scores={"click": 0.9, "buy": 0.1}),
             Recommendation("b", 0.8, 0.4, "covisit"),
@@ -45,16 +45,17 @@ def fake():
 
 def test_explanations_and_head_scores_cross_the_wire(fake):
     engine, addr = fake
-    result = recommend(addr=addr, user_id="u", k=2, head_weights={"click": 0.5, "buy": 2.0}, timeout=TIMEOUT)
+    result = recommend(addr=addr, user_id="u", k=2, head_weights={"click": 0.5, "buy": 2.0}, explain=True, timeout=TIMEOUT)
     first, second = result.items
     assert [(a.item_id, a.behavior, a.timestamp) for a in first.because] == [("seen-1", "buy", 1_500_000_000), ("seen-2", "pv", 1_500_000_100)]
     assert [a.weight for a in first.because] == pytest.approx([0.75, 0.25])
+    assert [a.effect for a in first.because] == pytest.approx([0.125, 0.0625])
     assert first.head_scores == pytest.approx({"click": 0.9, "buy": 0.1})
     assert second.because == () and second.head_scores == {}
     # The servicer hands the weights to the engine sorted by head name.
-    assert engine.last_query.head_weights == (("buy", 2.0), ("click", 0.5))
+    assert engine.last_query.head_weights == (("buy", 2.0), ("click", 0.5)) and engine.last_query.explain
     text = format_result(result, why=True)
-    assert "because buy seen-1" in text and "attention 0.75" in text and "buy 0.1000" in text
+    assert "because buy seen-1" in text and "score +0.1250 with it" in text and "buy 0.1000" in text
     assert "because" not in format_result(result)
 
 
@@ -82,21 +83,31 @@ def _history(engine: Engine) -> tuple[str, set[tuple[str, str, int]]]:
     return str(data.users.decode(np.array([user]))[0]), events
 
 
-def test_real_engine_explains_every_item_from_the_users_own_history(live):
+def test_real_engine_explains_items_from_the_users_own_history_on_request(live):
     engine, addr = live
     user, history = _history(engine)
     cfg = engine.pipeline.ranker.cfg
-    result = recommend(addr=addr, user_id=user, k=10, timeout=TIMEOUT)
+    result = recommend(addr=addr, user_id=user, k=10, explain=True, timeout=TIMEOUT)
     assert len(result.items) == 10
+    assert sum(bool(r.because) for r in result.items) >= 8  # an item no behaviour raises has no explanation
     for r in result.items:
-        assert 1 <= len(r.because) <= 3
-        weights = [a.weight for a in r.because]
-        assert weights == sorted(weights, reverse=True) and weights[-1] > 0 and sum(weights) <= 1 + 1e-5
-        assert {(a.item_id, a.behavior, a.timestamp) for a in r.because} <= history
+        assert len(r.because) <= 3
+        lines = [(a.item_id, a.behavior, a.timestamp) for a in r.because]
+        assert len(set(lines)) == len(lines) and set(lines) <= history
+        effects = [a.effect for a in r.because]
+        assert effects == sorted(effects, reverse=True) and all(e > 0 for e in effects)
+        assert all(0 <= a.weight <= 1 for a in r.because)
         assert set(r.head_scores) == set(cfg.heads)
         # The score is the documented combination of the head scores under the server's weights.
         w = {h: cfg.head_weights.get(h, 0.0) for h in cfg.heads}
         assert r.score == pytest.approx(sum(w[h] * r.head_scores[h] for h in cfg.heads) / sum(w.values()), rel=1e-4)
+
+
+def test_explanations_are_off_unless_asked_for(live):
+    engine, addr = live
+    user, _ = _history(engine)
+    result = recommend(addr=addr, user_id=user, k=10, timeout=TIMEOUT)
+    assert len(result.items) == 10 and all(r.because == () for r in result.items)
 
 
 def test_request_head_weights_reorder_by_the_weighted_heads(live):
@@ -113,7 +124,7 @@ def test_request_head_weights_reorder_by_the_weighted_heads(live):
 
 def test_cold_user_gets_no_explanations(live):
     _, addr = live
-    result = recommend(addr=addr, user_id="never-seen-anywhere", k=5, timeout=TIMEOUT)
+    result = recommend(addr=addr, user_id="never-seen-anywhere", k=5, explain=True, timeout=TIMEOUT)
     assert result.items and all(r.because == () for r in result.items)
     assert all(r.head_scores for r in result.items)
 
