@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import resource
+import subprocess
 import sys
 import time
 
@@ -290,6 +291,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--samples-per-epoch", type=_positive_int, default=None, metavar="N",
         help="two-tower training positions drawn per epoch (default: every position; a 100M-event log needs far fewer)",
     )
+    parser.add_argument(
+        "--nproc", type=_positive_int, default=1, metavar="N",
+        help="train with N processes on this machine: runs 'torchrun --standalone --nproc-per-node N -m tools train ...' with the other "
+        "arguments (DistributedDataParallel, gloo on CPU; one thread per process unless OMP_NUM_THREADS is set). Across machines, call "
+        "torchrun yourself (see the README) (default: 1)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (they are off anyway when stderr is not a terminal; one log line per epoch stays)")
 
 
@@ -306,7 +313,22 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def torchrun_command(argv: list[str], nproc: int) -> list[str]:
+    """The torchrun command that runs the ``funnel`` command line ``argv`` (``train`` and its arguments) in ``nproc`` processes, ``--nproc`` left out."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "tools", *rest]
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and not distributed.init_from_env().distributed:
+        return subprocess.run(torchrun_command(args.argv, args.nproc), check=False).returncode
     tt, rk = TwoTowerTrainConfig(), RankerTrainConfig()
     if args.epochs is not None:
         tt, rk = dataclasses.replace(tt, epochs=args.epochs), dataclasses.replace(rk, epochs=args.epochs)

@@ -14,6 +14,7 @@ from server.bundle import resolve
 from server.engine import Engine
 from tools.evaluate import evaluate
 from tools.recommend import recommend
+from tools.train import torchrun_command
 
 TIMEOUT_S = 300
 
@@ -64,3 +65,10 @@ def test_evaluate_and_serve_accept_the_bundle(ddp_bundle, tiny_log_path):
     finally:
         server.stop(None)
     assert len(result.items) == 10
+
+
+def test_nproc_reruns_the_command_line_under_torchrun():
+    argv = ["--verbose", "train", "--events", "log.csv", "--nproc", "2", "--out", "b", "--nproc=3", "--seed", "1"]
+    cmd = torchrun_command(argv, 2)
+    assert cmd[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
+    assert cmd[7:] == ["tools", "--verbose", "train", "--events", "log.csv", "--out", "b", "--seed", "1"]
