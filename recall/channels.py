@@ -112,7 +112,7 @@ class CoVisitation:
         # Damp very popular neighbours so the channel is not a second popularity list: every
         # entry is divided by the square root of its column's total weight.
         weight = np.zeros(num_items)
-        for (d, first, then), _ in _pair_chunks(items, pairs):
+        for d, first, then in _pair_chunks(items, pairs):
             weight += np.bincount(then, minlength=num_items) / d + np.bincount(first, minlength=num_items) * (0.5 / d)
         damp = (1.0 / np.sqrt(np.maximum(weight, 1.0))).astype(np.float32)
         shards = max(1, -(-2 * int(sum(ok.sum() for ok in pairs)) // shard_entries))
@@ -221,8 +221,8 @@ def _shard_pairs(items: np.ndarray, pairs: list[np.ndarray], shard: int, shards:
     classes = 2 * len(pairs)
     class_weight = np.array([w / d for d in range(1, len(pairs) + 1) for w in (1.0, 0.5)], np.float32)
     entries = []
-    for (d, first, then), cls in _pair_chunks(items, pairs):
-        for src, dst, c in ((first, then, cls), (then, first, cls + 1)):
+    for d, first, then in _pair_chunks(items, pairs):
+        for src, dst, c in ((first, then, 2 * (d - 1)), (then, first, 2 * (d - 1) + 1)):  # the weight classes of class_weight
             pick = src % shards == shard
             entries.append((src[pick] * num_items + dst[pick]) * classes + c)
     entries = np.concatenate(entries) if entries else np.zeros(0, np.int64)
@@ -234,11 +234,11 @@ def _shard_pairs(items: np.ndarray, pairs: list[np.ndarray], shard: int, shards:
 
 
 def _pair_chunks(items: np.ndarray, pairs: list[np.ndarray]):
-    """Yield ``((d, first items, then items), weight class)`` of every pair, a chunk of positions at a time (bounded memory)."""
+    """Yield ``(d, first items, then items)`` of the pairs ``d`` apart, a chunk of positions at a time (bounded memory)."""
     for d, ok in enumerate(pairs, 1):
         for lo in range(0, len(ok), PAIR_CHUNK):
             a = np.flatnonzero(ok[lo : lo + PAIR_CHUNK]) + lo
-            yield (d, items[a], items[a + d]), 2 * (d - 1)
+            yield d, items[a], items[a + d]
 
 
 def recency_weights(n: int) -> np.ndarray:
