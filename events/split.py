@@ -14,6 +14,23 @@ from events.sequences import Sequences
 SPLITS = ("leave-last-out", "time", "comirec")
 
 
+def subsample(rng: np.random.Generator, k: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """At most ``k`` of the aligned rows of ``arrays``, drawn without replacement, kept in their order.
+
+    Args:
+        rng: random source (untouched when the rows are ``k`` or fewer).
+        k: rows kept.
+        arrays: equal-length arrays (e.g. users and their target positions).
+
+    Returns:
+        The arrays themselves when they have ``k`` rows or fewer, else their sampled rows.
+    """
+    if len(arrays[0]) <= k:
+        return arrays
+    pick = np.sort(rng.choice(len(arrays[0]), k, replace=False))
+    return tuple(a[pick] for a in arrays)
+
+
 @dataclass
 class Split:
     """Per-user split positions (absolute indices into the flat sequence arrays).

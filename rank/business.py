@@ -176,6 +176,9 @@ def _funnel(keys: np.ndarray, users: np.ndarray, behaviors: np.ndarray, num_keys
         float32 [num_keys, 5]: conversion, cart_fav_rate, wishlist, repurchase, users;
         zero rows for keys without events.
     """
+    out = np.zeros((num_keys, 5), np.float32)
+    if not len(keys):
+        return out
     count = lambda k, w=None: np.bincount(k, weights=w, minlength=num_keys)
     pv, buy = count(keys, behaviors == PV), count(keys, behaviors == BUY)
     cf = count(keys, (behaviors == CART) | (behaviors == FAV))
@@ -186,12 +189,11 @@ def _funnel(keys: np.ndarray, users: np.ndarray, behaviors: np.ndarray, num_keys
     code |= (behaviors == CART).astype(np.int64) << 1
     code |= behaviors == BUY
     code.sort()
-    starts = np.flatnonzero(np.r_[True, (code[1:] >> 2) != (code[:-1] >> 2)]) if len(code) else np.zeros(0, np.int64)
-    buys = np.add.reduceat(code & 1, starts) if len(code) else np.zeros(0, np.int64)  # [P] buys per (key, user) pair
-    carted = (np.bitwise_or.reduceat(code & 2, starts) > 0) if len(code) else np.zeros(0, bool)
+    starts = np.flatnonzero(np.r_[True, (code[1:] >> 2) != (code[:-1] >> 2)])
+    buys = np.add.reduceat(code & 1, starts)  # [P] buys per (key, user) pair
+    carted = np.bitwise_or.reduceat(code & 2, starts) > 0
     pair_key = (code[starts] >> 2) // num_users
     del code
-    out = np.zeros((num_keys, 5), np.float32)
     out[:, 0] = _shrunk(buy, np.maximum(pv, buy))
     out[:, 1] = _shrunk(cf, np.maximum(pv, cf))
     out[:, 2] = _shrunk(count(pair_key, carted & (buys == 0)), count(pair_key, carted))

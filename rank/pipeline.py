@@ -151,11 +151,8 @@ class TwoStage:
         Returns:
             As :meth:`rank`.
         """
-        cfg = self.ranker.cfg
         logits, attention = self._score(feats)  # [B, C, H], [B, C, L]
-        # In numpy: on a few hundred scores each torch op would cost more than its arithmetic.
-        probs = head_probabilities(logits, cfg.heads)
-        final = combine_heads(probs, {**cfg.head_weights, **(head_weights or {})})
+        probs, final = self._final(logits, head_weights)
         real = candidates.items > 0
         order = np.argsort(np.where(real, -final, np.inf), axis=1, kind="stable")
         rows = np.arange(len(order))[:, None]
@@ -173,6 +170,15 @@ class TwoStage:
             history_ts=window.ts,
             recall_ranks=order,
         )
+
+    def _final(self, logits: np.ndarray, head_weights: dict[str, float] | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Per-head probabilities and the final score of ranker logits [..., H]; ``head_weights`` override the ranker's own.
+
+        In numpy: on a few hundred scores each torch op would cost more than its arithmetic.
+        """
+        cfg = self.ranker.cfg
+        probs = head_probabilities(logits, cfg.heads)
+        return probs, combine_heads(probs, {**cfg.head_weights, **(head_weights or {})})
 
     def event_effects(
         self, window: Window, now: np.ndarray, user_activity: np.ndarray, ranked: Ranked, k: int, head_weights: dict[str, float] | None = None
@@ -224,7 +230,7 @@ class TwoStage:
             num_gap_buckets=self.ranker.cfg.gap_buckets,
         )
         logits, _ = self._score(feats)  # [B * L, k, H]
-        without = combine_heads(head_probabilities(logits, self.ranker.cfg.heads), {**self.ranker.cfg.head_weights, **(head_weights or {})})
+        _, without = self._final(logits, head_weights)
         effects = ranked.scores[:, None, :k] - without.reshape(b, n, k)  # [B, L, k]
         effects = np.where(real[:, :, None] & (ranked.items[:, None, :k] > 0), effects, 0.0)
         return effects.transpose(0, 2, 1).astype(np.float32)  # [B, k, L]

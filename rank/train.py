@@ -27,7 +27,7 @@ from tqdm import tqdm
 from events.dataset import Dataset
 from events.metrics import summarize, target_ranks
 from events.schema import BEHAVIOR_CODE
-from events.split import Split
+from events.split import Split, subsample
 from rank.business import BusinessTables, item_table
 from rank.features import FeatureTables, RankFeatures, build_features, recall_ranks
 from rank.model import HEAD_BEHAVIORS, HEADS, Ranker, RankerConfig, ranking_loss
@@ -368,9 +368,7 @@ def train_ranker(
 
     view = held_out_view(data, split, retriever, business, cfg.holdout)
     users, positions = view.users, view.positions
-    if len(users) > cfg.max_examples:
-        pick = np.sort(rng.choice(len(users), cfg.max_examples, replace=False))
-        users, positions = users[pick], positions[pick]
+    users, positions = subsample(rng, cfg.max_examples, users, positions)
     groups = make_groups(data, view.retriever, users, positions, cfg, rng, progress=progress)
     feats = group_features(data, groups, view.tables, mcfg)
     del view  # its refitted graph and tables (GBs at 100M events) are not needed past the features
@@ -379,9 +377,7 @@ def train_ranker(
     model = Ranker(mcfg).to(device)
     pipeline = TwoStage(retriever, model, item_counts, business)
     valid_users, valid_pos = split.targets("valid")
-    if len(valid_users) > cfg.max_valid_users:
-        pick = np.sort(rng.choice(len(valid_users), cfg.max_valid_users, replace=False))
-        valid_users, valid_pos = valid_users[pick], valid_pos[pick]
+    valid_users, valid_pos = subsample(rng, cfg.max_valid_users, valid_users, valid_pos)
     valid = ValidationSet(pipeline, data, valid_users, valid_pos)
 
     sparse = cfg.sparse_ids and distributed.sparse_gradients_supported()

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from events.dataset import Dataset
 from events.metrics import summarize, target_ranks
-from events.split import Split
+from events.split import Split, subsample
 from recall import distributed
 from recall.model import TwoTower, TwoTowerConfig, sampled_softmax_loss, user_tensors
 from recall.scoring import exact_topk
@@ -374,9 +374,7 @@ def train_two_tower(
 
     valid_users, valid_pos = split.targets("valid")
     max_valid = max(1, min(cfg.max_valid_users, cfg.valid_scores // mcfg.num_items))
-    if len(valid_users) > max_valid:
-        pick = np.sort(rng.choice(len(valid_users), max_valid, replace=False))
-        valid_users, valid_pos = valid_users[pick], valid_pos[pick]
+    valid_users, valid_pos = subsample(rng, max_valid, valid_users, valid_pos)
 
     history: dict = {"epochs": [], "config": asdict(cfg), "positions": int(len(users)), "processes": world.size}
     stopper = EarlyStopping(cfg.patience)

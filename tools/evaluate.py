@@ -46,7 +46,7 @@ from events.metrics import (
 from events.readers import FORMATS, read_events, release_read_memory
 from events.schema import BEHAVIOR_CODE, BEHAVIORS
 from events.sequences import Sequences
-from events.split import SPLITS, Split, make_split
+from events.split import SPLITS, Split, make_split, subsample
 from rank.model import HEAD_BEHAVIORS
 from rank.pipeline import TwoStage
 from recall.baselines import itemknn_topk, popularity_topk
@@ -127,9 +127,8 @@ def evaluate(
     if len(users) == 0:
         raise ValueError(f"{events}: no user has a test target under the {split} split")
     test_users = len(users)
-    if 0 < max_users < len(users):
-        pick = np.sort(np.random.default_rng(seed).choice(len(users), max_users, replace=False))
-        users, pos, ends = users[pick], pos[pick], ends[pick]
+    if max_users:
+        users, pos, ends = subsample(np.random.default_rng(seed), max_users, users, pos, ends)
     num_items = b.data.items.size
     proto = _protocol(parts, seqs, pos, ends)
     k = max(proto.recall_ks)

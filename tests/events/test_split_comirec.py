@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from events.sequences import Sequences
-from events.split import comirec_split, make_split
+from events.split import comirec_split, make_split, subsample
 
 
 def seqs_with_lengths(lengths: list[int]) -> Sequences:
@@ -87,3 +87,11 @@ def test_single_target_splits_have_one_wide_test_ranges(seqs):
     users, starts, ends = split.test_ranges()
     assert not split.multi_target and np.array_equal(ends, starts + 1)
     assert np.array_equal(starts, split.targets("test")[1])
+
+
+def test_subsample_keeps_aligned_rows_in_order_and_leaves_small_sets_alone():
+    users, pos = np.arange(10) * 3, np.arange(10) + 100
+    u, p = subsample(np.random.default_rng(0), 4, users, pos)
+    assert len(u) == 4 and (np.diff(u) > 0).all() and (p == u // 3 + 100).all()
+    small = subsample(np.random.default_rng(0), 10, users, pos)
+    assert small[0] is users and small[1] is pos
