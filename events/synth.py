@@ -18,6 +18,10 @@ so that later stages have something to learn and tests something to measure:
 * Funnel: most events are views (pv); a view may be followed by cart and fav on the
   same item, a cart by buy (roughly 89% / 5.5% / 3% / 2%); repeat views convert more.
 * Noise: a small share of views go to uniformly random items.
+* Change over time (off by default): a share of the catalogue can be released during
+  the later half of the window, each item getting no events before its release, and
+  interests that drift can move towards a reshuffled category popularity, so the
+  population's tastes shift. A model frozen on the early part misses both.
 
 Users are generated in fixed-size chunks with vectorised numpy and streamed to disk,
 so memory stays flat however many rows are written; the same config always gives the
@@ -80,6 +84,12 @@ class SynthConfig:
         interests_per_user: categories a user cares about at any time.
         drift: chance per session that one of a user's interests is replaced.
         zipf_exponent: power-law exponent of item popularity inside a category.
+        new_items: share of the catalogue released during the window: each such item
+            gets a release time uniform over the window's later half and no events
+            before it (a category's most popular item is always there from the start).
+        taste_shift: how far drifting interests move towards a reshuffled category
+            popularity (0: they are drawn like the first interests; 1: wholly from the
+            reshuffled one), so categories rise and fall over the window.
         start_ts: first possible timestamp (unix seconds).
         days: length of the time window; timestamps lie in ``[start_ts, start_ts + days * 86400)``.
         seed: random seed; the same config always produces the same file.
@@ -92,6 +102,8 @@ class SynthConfig:
     interests_per_user: int = 3
     drift: float = 0.15
     zipf_exponent: float = 1.1
+    new_items: float = 0.0
+    taste_shift: float = 0.0
     start_ts: int = 1_511_539_200
     days: int = 9
     seed: int = 0
@@ -105,6 +117,8 @@ class SynthConfig:
             (self.interests_per_user >= 1, "interests_per_user must be at least 1"),
             (0.0 <= self.drift <= 1.0, "drift must be within [0, 1]"),
             (self.zipf_exponent >= 0, "zipf_exponent must be non-negative"),
+            (0.0 <= self.new_items < 1.0, "new_items must be within [0, 1)"),
+            (0.0 <= self.taste_shift <= 1.0, "taste_shift must be within [0, 1]"),
             (self.days >= 1, "days must be at least 1"),
         ]
         for ok, message in checks:
@@ -165,6 +179,8 @@ class _Catalogue:
     nb_start: np.ndarray
     nb_len: np.ndarray
     nb_pos: np.ndarray
+    release: np.ndarray
+    drift_popularity: np.ndarray
 
     @property
     def n_items(self) -> int:
@@ -178,9 +194,9 @@ class _Catalogue:
         # Float rounding can land one past either end of the category's run.
         return np.clip(picked, self.cat_start[categories], self.cat_start[categories + 1] - 1)
 
-    def new_interests(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-        """Categories drawn by popularity; a user may get the same one twice, which only adds weight."""
-        cum = np.cumsum(self.cat_popularity)
+    def new_interests(self, rng: np.random.Generator, shape: tuple[int, ...], drifted: bool = False) -> np.ndarray:
+        """Categories drawn by popularity (``drifted``: the shifted popularity of drifting interests); a user may get the same one twice, which only adds weight."""
+        cum = np.cumsum(self.drift_popularity if drifted else self.cat_popularity)
         picked = np.searchsorted(cum, rng.random(shape) * cum[-1], side="right")
         return np.minimum(picked, len(self.cat_popularity) - 1)
 
@@ -195,17 +211,26 @@ def _catalogue(cfg: SynthConfig) -> _Catalogue:
     item_category = np.repeat(np.arange(c), sizes)
     rank = np.arange(n) - cat_start[item_category]
     ring, nb_start, nb_len, nb_pos = _neighbourhoods(rng, item_category, cat_start, sizes)
+    # Its own stream, so logs without change over time keep their bytes.
+    change = np.random.default_rng([cfg.seed, 2])
+    span = cfg.days * 86_400
+    late = (change.random(n) < cfg.new_items) & (rank > 0)
+    release = np.where(late, cfg.start_ts + span * (0.5 + 0.5 * change.random(n)), 0.0)
+    popularity = sizes / sizes.sum()
+    shifted = (1 - cfg.taste_shift) * popularity + cfg.taste_shift * popularity[change.permutation(c)]
     return _Catalogue(
         item_ids=rng.choice(ID_SPREAD * n, n, replace=False) + 1,
         category_ids=rng.choice(ID_SPREAD * c, c, replace=False) + 1,
         item_category=item_category,
         cat_start=cat_start,
-        cat_popularity=sizes / sizes.sum(),
+        cat_popularity=popularity,
         cum_weight=np.cumsum((rank + 1.0) ** -cfg.zipf_exponent),
         ring=ring,
         nb_start=nb_start,
         nb_len=nb_len,
         nb_pos=nb_pos,
+        release=release,
+        drift_popularity=shifted,
     )
 
 
@@ -306,7 +331,7 @@ def _session_interests(
         users = user[sessions]
         if r > 0:
             drifts = users[rng.random(len(users)) < cfg.drift]
-            current[drifts, rng.integers(0, k, len(drifts))] = cat.new_interests(rng, (len(drifts),))
+            current[drifts, rng.integers(0, k, len(drifts))] = cat.new_interests(rng, (len(drifts),), drifted=True)
         interests[sessions] = current[users]
         slot = (rng.random((len(users), 1)) > cum_weight[users]).sum(axis=1)
         focus[sessions] = current[users, np.minimum(slot, k - 1)]
@@ -402,13 +427,17 @@ def _chunk(cat: _Catalogue, cfg: SynthConfig, chunk: int, first_user: int, n_use
     source, code = _funnel(rng, kind)
     session = view_session[source]
     item = view_item[source]
+    ts = _timestamps(rng, cfg, sessions, session, code)
+    released = ts >= cat.release[item]  # all true without new_items
+    if not released.all():
+        session, item, code, ts = session[released], item[released], code[released], ts[released]
     table = pa.table(
         [
             pa.array(first_user + 1 + sessions.user[session]),
             pa.array(cat.item_ids[item]),
             pa.array(cat.category_ids[cat.item_category[item]]),
             pa.DictionaryArray.from_arrays(pa.array(code), pa.array(BEHAVIORS)),
-            pa.array(_timestamps(rng, cfg, sessions, session, code)),
+            pa.array(ts),
         ],
         names=list(TAOBAO_COLUMNS),
     )
@@ -474,6 +503,9 @@ Planted structure, which trained models should pick up:
   - funnel: ~89% pv, ~5.5% cart, ~3% fav, ~2% buy; cart/fav follow a view of the
     same item, buy follows a cart; repeat views convert more
   - ~2% of views go to uniformly random items (noise)
+  - optional change over time, to test online learning: --new-items releases part
+    of the catalogue during the later half of the window, --taste-shift moves
+    drifting interests towards a reshuffled category popularity
 """
 
 
@@ -497,6 +529,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--interests", type=int, default=d.interests_per_user, help=f"interest categories per user (default: {d.interests_per_user})")
     parser.add_argument("--drift", type=float, default=d.drift, help=f"chance per session that an interest changes (default: {d.drift})")
+    parser.add_argument(
+        "--new-items", type=float, default=d.new_items, metavar="SHARE",
+        help="share of the catalogue released during the later half of the window, with no events before release (default: 0)",
+    )
+    parser.add_argument(
+        "--taste-shift", type=float, default=d.taste_shift, metavar="S",
+        help="how far drifting interests move towards a reshuffled category popularity, 0 to 1 (default: 0)",
+    )
     parser.add_argument("--days", type=int, default=d.days, help=f"days covered, starting 2017-11-25 UTC (default: {d.days})")
     parser.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -514,7 +554,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = SynthConfig(
             n_users=args.users, n_items=args.items, n_categories=args.categories, events_per_user=args.events_per_user,
-            interests_per_user=args.interests, drift=args.drift, days=args.days, seed=args.seed,
+            interests_per_user=args.interests, drift=args.drift, new_items=args.new_items, taste_shift=args.taste_shift,
+            days=args.days, seed=args.seed,
         )
     except ValueError as err:
         print(f"funnel synth: error: {err}", file=sys.stderr)

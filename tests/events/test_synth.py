@@ -196,3 +196,25 @@ def test_cli_help_explains_the_planted_structure():
     text = _parser().format_help()
     assert "Planted structure" in text
     assert "--events-per-user" in text
+
+
+def test_new_items_appear_only_in_the_later_half_and_shift_changes_the_log(tmp_path, tiny):
+    _, _, base = tiny
+    cfg = SynthConfig(n_users=300, n_items=2_000, n_categories=20, seed=0, new_items=0.4, taste_shift=0.8)
+    path = str(tmp_path / "change.csv")
+    generate(path, cfg, progress=False)
+    df = _read(path)
+    mid = cfg.start_ts + cfg.days * 86_400 // 2
+    first_seen = df.groupby("item_id")["timestamp"].min()
+    base_first = base.groupby("item_id")["timestamp"].min()
+    # Items the unchanged log has in its first half but this one only in its second: the released ones.
+    late = first_seen[first_seen >= mid].index.intersection(base_first[base_first < mid].index)
+    assert len(late) > 0.1 * len(base_first)
+    assert len(df) < len(base)  # views before an item's release are not written
+    # Taste shift: the category mix of the second half moves away from the first half's more than without it.
+    def moved(frame):
+        half = frame["timestamp"] >= mid
+        a = frame[~half]["category_id"].value_counts(normalize=True)
+        b = frame[half]["category_id"].value_counts(normalize=True)
+        return float(a.subtract(b, fill_value=0).abs().sum())
+    assert moved(df) > moved(base)
