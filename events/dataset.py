@@ -94,6 +94,57 @@ class Dataset:
             users[known], items[known], self.item_category[items[known]], events["behavior"].to_numpy()[known], events["ts"].to_numpy()[known], self.users.size
         )
 
+    def grow(self, log: EventLog, unknown_category: str = "unknown") -> tuple["Dataset", np.ndarray]:
+        """This dataset with another log's events added: new users, items and categories join the vocabularies.
+
+        Existing ids keep their numbers, so a model trained on this dataset can be grown
+        to the result by adding rows to its tables. Items already known keep their
+        metadata; a new item takes the category its events give it (``unknown_category``
+        where they give none), no title and no tags.
+
+        Args:
+            log: the added events (raw ids, e.g. from :func:`server.eventlog.read_event_store`).
+            unknown_category: category of new items whose events name none.
+
+        Returns:
+            The grown dataset, and bool [N] marking the positions of its sequences that
+            hold ``log``'s events.
+        """
+        events = log.events
+        users = self.users.extend(events["user"])
+        items = self.items.extend(events["item"])
+        meta = log.items.drop_duplicates("item", keep="last")
+        meta = meta[items.encode(meta["item"]) >= self.items.size]  # only new items take metadata from the log
+        categories = meta["category"].astype("string[pyarrow]").fillna("").replace("", unknown_category)
+        cats = self.categories.extend(categories)
+        added = items.size - self.items.size
+        item_category = np.concatenate([self.item_category, np.zeros(added, np.int64)])
+        item_category[items.encode(meta["item"])] = cats.encode(categories)
+        item_ids = items.encode(events["item"])
+        extra = Sequences.from_encoded(
+            users.encode(events["user"]),
+            item_ids,
+            item_category[item_ids],
+            events["behavior"].to_numpy(),
+            events["ts"].to_numpy(),
+            users.size,
+        )
+        seqs, fresh = self.seqs.append(extra)
+        return (
+            Dataset(
+                users,
+                items,
+                cats,
+                item_category,
+                np.concatenate([self.item_title, np.full(added, "", dtype=object)]),
+                seqs,
+                self.tags,
+                np.concatenate([self.item_tags, np.zeros((added, self.item_tags.shape[1]), self.item_tags.dtype)]),
+                np.concatenate([self.item_listed, np.zeros(added, bool)]),
+            ),
+            fresh,
+        )
+
     def save(self, directory: str) -> None:
         """Write vocabularies, item metadata and sequences into ``directory``."""
         os.makedirs(directory, exist_ok=True)

@@ -119,17 +119,25 @@ class Sequences:
         m.data[:] = 1.0
         return m
 
-    def append(self, other: "Sequences") -> "Sequences":
-        """Merge two sequence sets over the same user id space (``other`` may be longer)."""
+    def append(self, other: "Sequences") -> tuple["Sequences", np.ndarray]:
+        """Merge two sequence sets over the same user id space (``other`` may be longer).
+
+        Returns:
+            The merged sequences, and bool [N] marking the positions that came from
+            ``other`` (time ties put ``self``'s events first).
+        """
         users = np.concatenate([self.user_positions(), other.user_positions()])
-        return Sequences.from_encoded(
+        ts = np.concatenate([self.ts, other.ts])
+        merged = Sequences.from_encoded(
             users,
             np.concatenate([self.items, other.items]),
             np.concatenate([self.categories, other.categories]),
             np.concatenate([self.behaviors, other.behaviors]),
-            np.concatenate([self.ts, other.ts]),
+            ts,
             max(self.num_users, other.num_users),
         )
+        order = _user_time_order(users, ts, merged.num_users)  # the order from_encoded laid the events out in
+        return merged, order >= len(self)
 
     def to_frame(self) -> pd.DataFrame:
         """Long format: ``user, item, category, behavior, ts``."""

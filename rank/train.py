@@ -36,6 +36,7 @@ from recall import distributed
 from recall.channels import CoVisitation, Popularity
 from recall.retriever import Candidates, Retriever
 from recall.train import EarlyStopping, EpochClock, SparseTableOptimizer, brief_metrics, close_history, epoch_record, pick_device
+from recall.warm import grown
 
 log = logging.getLogger("funnel.train")
 
@@ -339,6 +340,8 @@ def train_ranker(
     *,
     model_config: RankerConfig | None = None,
     train_config: RankerTrainConfig | None = None,
+    init: Ranker | None = None,
+    examples: np.ndarray | None = None,
     progress: bool = True,
 ) -> tuple[Ranker, dict]:
     """Train the ranker; early-stop on the validation target's final NDCG@10.
@@ -352,6 +355,10 @@ def train_ranker(
         model_config: architecture; sized to the vocabularies, with heads for the
             behaviours the training part holds, when omitted.
         train_config: optimisation and sampling settings.
+        init: a trained ranker to start from (warm start), its tables grown to the
+            vocabularies (``model_config`` is then ignored).
+        examples: bool [N] positions that may be training positives (default: each
+            user's last training positions, see :class:`RankerTrainConfig`).
         progress: show progress bars.
 
     Returns:
@@ -361,6 +368,8 @@ def train_ranker(
     clock = EpochClock(cfg.max_seconds, cfg.budget_epochs)  # the preparation below counts against the budget
     seqs = data.seqs
     mcfg = model_config or RankerConfig(num_items=data.items.size, num_categories=data.categories.size, heads=heads_for(seqs.behaviors[split.train_mask(seqs)]))
+    if init is not None:
+        mcfg = dataclasses.replace(init.cfg, num_items=data.items.size, num_categories=data.categories.size)
     device = pick_device(cfg.device)
     world = distributed.current()
     torch.manual_seed(cfg.seed)
@@ -368,13 +377,15 @@ def train_ranker(
 
     view = held_out_view(data, split, retriever, business, cfg.holdout)
     users, positions = view.users, view.positions
+    if examples is not None:
+        users, positions = users[examples[positions]], positions[examples[positions]]
     users, positions = subsample(rng, cfg.max_examples, users, positions)
     groups = make_groups(data, view.retriever, users, positions, cfg, rng, progress=progress)
     feats = group_features(data, groups, view.tables, mcfg)
     del view  # its refitted graph and tables (GBs at 100M events) are not needed past the features
     labels = head_labels(groups.behaviors, groups.items.shape[1], mcfg.heads)
 
-    model = Ranker(mcfg).to(device)
+    model = Ranker(mcfg).to(device) if init is None else grown(init.to(device), mcfg)
     pipeline = TwoStage(retriever, model, item_counts, business)
     valid_users, valid_pos = split.targets("valid")
     valid_users, valid_pos = subsample(rng, cfg.max_valid_users, valid_users, valid_pos)

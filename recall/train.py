@@ -1,6 +1,7 @@
 """Train the two-tower model next-item style on every training position."""
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -16,6 +17,7 @@ from events.split import Split, subsample
 from recall import distributed
 from recall.model import TwoTower, TwoTowerConfig, sampled_softmax_loss, user_tensors
 from recall.scoring import exact_topk
+from recall.warm import freeze_rows, grown
 
 log = logging.getLogger("funnel.train")
 
@@ -327,6 +329,8 @@ def train_two_tower(
     *,
     model_config: TwoTowerConfig | None = None,
     train_config: TwoTowerTrainConfig | None = None,
+    init: TwoTower | None = None,
+    examples: np.ndarray | None = None,
     progress: bool = True,
 ) -> tuple[TwoTower, dict]:
     """Train next-item retrieval on every training position; early-stop on validation NDCG@10.
@@ -337,6 +341,12 @@ def train_two_tower(
             target is never read).
         model_config: architecture; sized to the vocabularies when omitted.
         train_config: optimisation settings.
+        init: a trained model to start from (warm start), grown to the vocabularies
+            (``model_config`` is then ignored). The item tower stays fixed for the items
+            and categories it had, so their vectors, and an index over them, stay valid;
+            new items and categories and the whole user side train.
+        examples: bool [N] positions that may be training targets (default: all the
+            split's training positions); the rest still serve as history.
         progress: show progress bars.
 
     Returns:
@@ -350,13 +360,20 @@ def train_two_tower(
     world = distributed.current()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)  # the same on every rank: each takes its shard of the same epoch order
-    model = TwoTower(mcfg).to(device)
+    if init is None:
+        model = TwoTower(mcfg).to(device)
+    else:
+        mcfg = dataclasses.replace(init.cfg, num_items=data.items.size, num_categories=data.categories.size)
+        model = grown(init.to(device), mcfg)
+    release = _fix_item_space(model, init.cfg) if init is not None else (lambda: None)
     if world.distributed:
         torch.manual_seed(cfg.seed + world.rank)  # each rank draws its own negatives and dropout
     sparse = cfg.sparse_ids and distributed.sparse_gradients_supported()
     opt = SparseTableOptimizer(model, [model.item_tower.item] if sparse else [], cfg.lr, cfg.weight_decay)
 
     users, positions = split.train_targets(data.seqs)
+    if examples is not None:
+        users, positions = users[examples[positions]], positions[examples[positions]]
     if len(users) == 0:
         raise ValueError("no training examples: every user needs at least two training events")
     seqs = data.seqs
@@ -409,4 +426,26 @@ def train_two_tower(
     log.info("two-tower: kept epoch %d of %d (valid ndcg@10 %.4f)", stopper.best_epoch, len(history["epochs"]), stopper.best)
     close_history(history, stopper, clock)
     opt.finish()
+    release()
     return stopper.restore(model), history
+
+
+def _fix_item_space(model: TwoTower, old: TwoTowerConfig):
+    """Hold the item tower of a warm-started model where it was for the ids ``old`` had (see :func:`train_two_tower`).
+
+    Returns:
+        A function that lets the whole model train again.
+    """
+    tower = model.item_tower
+    hooks = [freeze_rows(tower.item, old.num_items), freeze_rows(tower.category, old.num_categories)]
+    fixed = [*tower.tags.parameters(), *tower.proj.parameters()]
+    for p in fixed:
+        p.requires_grad_(False)
+
+    def release() -> None:
+        for hook in hooks:
+            hook.remove()
+        for p in fixed:
+            p.requires_grad_(True)
+
+    return release

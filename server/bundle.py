@@ -180,6 +180,7 @@ def write_version(
     recall_config: RecallConfig,
     business: BusinessTables,
     info: dict,
+    publish: bool = True,
 ) -> str:
     """Write a complete new version under ``root`` and make it current.
 
@@ -188,9 +189,12 @@ def write_version(
         data, two_tower, ranker, item_vecs, index, index_spec, covisit, popularity,
             recall_config, business: the pieces of the bundle.
         info: extra manifest fields (training data fingerprint, configs, metrics).
+        publish: False leaves the complete version in a hidden staging directory, which
+            :func:`load_bundle` can load and :func:`publish_staged` publishes (or
+            :func:`discard_staged` removes): for a version that must pass a check first.
 
     Returns:
-        The new version directory.
+        The new version directory (the staging directory when not ``publish``).
     """
     version = new_version()
     stage = _stage_dir(root)
@@ -218,6 +222,9 @@ def write_version(
         "counts": {"users": len(data.users), "items": len(data.items), "categories": len(data.categories), "events": int(len(data.seqs))},
         **info,
     }
+    if not publish:
+        _seal(stage, manifest)
+        return stage
     return _publish(root, stage, version, manifest)
 
 
@@ -301,15 +308,47 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _publish(root: str, stage: str, version: str, manifest: dict) -> str:
+def _seal(stage: str, manifest: dict) -> None:
+    """Record every staged file's size and SHA-256 in the manifest and write it."""
     names = sorted(os.path.relpath(os.path.join(d, f), stage) for d, _, files in os.walk(stage) for f in files)
     manifest["files"] = {name: os.path.getsize(os.path.join(stage, name)) for name in names}
     manifest["sha256"] = {name: file_sha256(os.path.join(stage, name)) for name in names}
     _write_atomic(os.path.join(stage, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def _publish(root: str, stage: str, version: str, manifest: dict) -> str:
+    _seal(stage, manifest)
+    return _move_in(root, stage, version)
+
+
+def _move_in(root: str, stage: str, version: str) -> str:
     final = os.path.join(root, "versions", version)
     os.replace(stage, final)
     _write_atomic(os.path.join(root, CURRENT), version + "\n")
     return final
+
+
+def publish_staged(root: str, stage: str, info: dict | None = None) -> str:
+    """Publish a version that :func:`write_version` left staged: rename it into place and flip ``CURRENT``.
+
+    Args:
+        root: the bundle root it was staged under.
+        stage: the staging directory.
+        info: manifest fields to add first (the manifest is re-sealed; files are unchanged).
+
+    Returns:
+        The published version directory.
+    """
+    manifest = read_manifest(stage)
+    if info:
+        manifest.update(info)
+        _write_atomic(os.path.join(stage, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
+    return _move_in(root, stage, manifest["model_version"])
+
+
+def discard_staged(stage: str) -> None:
+    """Remove a staged version that will not be published."""
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def _write_atomic(path: str, text: str) -> None:

@@ -179,12 +179,13 @@ class EventStore:
             self._reader.close()
 
 
-def read_event_store(path: str) -> EventLog:
+def read_event_store(path: str, after: int = 0) -> EventLog:
     """Read an event store as a behaviour log (the columns every reader returns).
 
     Args:
         path: an event store written by :class:`EventStore`; a live server may be
             appending to it (WAL readers see the last committed state).
+        after: only events with a sequence number above this (0: all).
 
     Returns:
         The events in append order; empty categories stay ``""`` (see :func:`fold_events`).
@@ -193,12 +194,26 @@ def read_event_store(path: str) -> EventLog:
         FileNotFoundError: no such file.
         EventStoreError: the file is not an event store.
     """
+    return read_event_store_since(path, after)[0]
+
+
+def read_event_store_since(path: str, after: int = 0, upto: int | None = None) -> tuple[EventLog, int]:
+    """:func:`read_event_store` of the events after sequence number ``after`` (and at most ``upto``), and the last sequence number read.
+
+    Returns:
+        The log and the highest sequence number in it (``after`` when there was nothing new),
+        read in one query, so events committed meanwhile are left for the next read.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such event store")
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            frame = pd.read_sql_query("SELECT user_id, item_id, category_id, behavior, ts FROM events ORDER BY seq", conn)
+            frame = pd.read_sql_query(
+                "SELECT seq, user_id, item_id, category_id, behavior, ts FROM events WHERE seq > ? AND seq <= ? ORDER BY seq",
+                conn,
+                params=(int(after), int(upto) if upto is not None else 2**63 - 1),
+            )
         finally:
             conn.close()
     except (sqlite3.DatabaseError, pd.errors.DatabaseError) as err:
@@ -216,7 +231,8 @@ def read_event_store(path: str) -> EventLog:
     items = events.drop_duplicates("item", keep="last")[["item", "category"]].reset_index(drop=True)
     items["title"] = pd.array([""] * len(items), dtype="string[pyarrow]")
     items["tags"] = pd.array([""] * len(items), dtype="string[pyarrow]")
-    return EventLog(events, items, path, ReadReport(rows=len(events)))
+    last = int(frame["seq"].iloc[-1]) if len(frame) else int(after)
+    return EventLog(events, items, path, ReadReport(rows=len(events))), last
 
 
 def _string_ids(log: EventLog) -> EventLog:

@@ -15,6 +15,7 @@ COMMANDS = {
     "train": ("tools.train", "train both stages on a behaviour log and publish a bundle"),
     "evaluate": ("tools.evaluate", "full-ranking evaluation of a bundle (recall, channels, final, baselines)"),
     "seeds": ("tools.seeds", "train and evaluate once per seed; mean and spread of every metric"),
+    "learn": ("tools.learn", "keep learning from logged events: warm-start cycles, gated, published as new versions"),
     "rebuild-index": ("tools.rebuild_index", "rebuild a bundle's FAISS index with another spec, verify its recall, swap it in"),
     "verify": ("tools.verify", "check a bundle's files against its manifest (presence, size, SHA-256)"),
     "serve": ("tools.serve", "serve a bundle over gRPC (funnel.v1.Recommender)"),

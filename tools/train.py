@@ -26,7 +26,7 @@ from recall.retriever import RecallConfig, Retriever
 from recall.train import TwoTowerTrainConfig, item_vectors, known_items, recommendable_items, train_two_tower, user_vectors
 from server.bundle import write_version
 from server.eventlog import fold_events as fold_events_into
-from server.eventlog import read_event_store
+from server.eventlog import read_event_store_since
 
 log = logging.getLogger("funnel.train")
 
@@ -104,8 +104,10 @@ def train(
         log_ = read_events(events, fmt, on_error=on_error, progress=progress)
         log.info("%s: %s", events, log_.report.summary())
         base_rows = log_.report.rows
+        folded_seq = 0
         if fold_events:
-            log_ = fold_events_into(log_, read_event_store(fold_events))
+            logged, folded_seq = read_event_store_since(fold_events)
+            log_ = fold_events_into(log_, logged)
             log.info("%s: folded in %d logged events", fold_events, log_.report.rows - base_rows)
     with stage("dataset"):
         data = Dataset.from_log(log_, read_items(items) if items else None)
@@ -166,6 +168,8 @@ def train(
             "processes": world.size,
         },
         "index_choice": index_gate,
+        # Where `funnel learn` takes over: the events after this one are not in the bundle yet.
+        "learning": {"event_log": os.path.abspath(fold_events), "event_seq": folded_seq} if fold_events else None,
     }
     version = write_version(
         out,

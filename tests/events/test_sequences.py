@@ -91,3 +91,29 @@ def test_vocab_encodes_few_and_many_ids_alike():
     for lo in range(0, len(many), 7):
         assert v.encode(many[lo : lo + 7]).tolist() == want[lo : lo + 7].tolist()
     assert v.encode(np.array(many[-3:], dtype=object)).tolist() == want[-3:].tolist()
+
+
+def test_dataset_grow_keeps_ids_and_marks_the_added_events():
+    import pandas as pd
+
+    from events.dataset import Dataset
+    from events.readers import EventLog, ReadReport
+
+    def log(rows):
+        events = pd.DataFrame(rows, columns=["user", "item", "category", "behavior", "ts"]).astype(
+            {"user": "string[pyarrow]", "item": "string[pyarrow]", "category": "string[pyarrow]", "behavior": "int8", "ts": "int64"}
+        )
+        items = events.drop_duplicates("item", keep="last")[["item", "category"]].assign(title="", tags="")
+        return EventLog(events, items, "mem", ReadReport(rows=len(events)))
+
+    base = Dataset.from_log(log([("u1", "a", "c1", 0, 10), ("u1", "b", "c1", 0, 20), ("u2", "a", "c1", 0, 15)]))
+    grown, fresh = base.grow(log([("u2", "n", "", 0, 30), ("u3", "b", "c1", 0, 31), ("u1", "n", "c9", 3, 25)]))
+    assert list(grown.items.decode(base.items.encode(["a", "b"]))) == ["a", "b"]  # old ids unchanged
+    new = grown.items.encode(["n"])[0]
+    assert new == base.items.size  # appended
+    assert grown.categories.decode([grown.item_category[new]])[0] == "c9"
+    u1 = grown.users.encode(["u1"])[0]
+    lo, hi = grown.seqs.offsets[u1], grown.seqs.offsets[u1 + 1]
+    assert list(grown.items.decode(grown.seqs.items[lo:hi])) == ["a", "b", "n"]
+    assert list(fresh[lo:hi]) == [False, False, True]
+    assert fresh.sum() == 3 and grown.users.size == base.users.size + 1

@@ -32,7 +32,7 @@ def republish(root: str, *, nan_ranker: bool = False) -> str:
             for p in b.ranker.parameters():
                 p.fill_(float("nan"))
     # Every piece write_version takes is the loaded bundle's attribute of the same name.
-    pieces = {name: getattr(b, name) for name in inspect.signature(write_version).parameters if name not in ("root", "info")}
+    pieces = {name: getattr(b, name) for name in inspect.signature(write_version).parameters if name not in ("root", "info", "publish")}
     return write_version(root, **pieces, info={"republished_from": b.model_version})
 
 
