@@ -261,7 +261,7 @@ def add_items(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, *, repla
     if len(np.unique(ids)) != len(ids):
         raise ValueError("ids repeat within one add_items call")
     if replace:
-        if not _can_remove(index):
+        if not can_remove(index):
             raise NotImplementedError(f"{type(_base_index(index)).__name__} cannot remove vectors, so stored items cannot be replaced; rebuild the index instead")
         index.remove_ids(ids)
     else:
@@ -277,7 +277,8 @@ def _base_index(index: faiss.Index) -> faiss.Index:
     return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
 
 
-def _can_remove(index: faiss.Index) -> bool:
+def can_remove(index: faiss.Index) -> bool:
+    """Whether vectors can be removed from ``index`` (flat, ivf and ivfpq on the CPU; not HNSW graphs or GPU indexes)."""
     base = _base_index(index)
     on_gpu = hasattr(faiss, "GpuIndex") and isinstance(base, faiss.GpuIndex)
     return not on_gpu and not isinstance(base, faiss.IndexHNSW)

@@ -38,12 +38,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from events.metrics import summarize, target_ranks
 from events.sequences import Sequences
-from events.split import Split, subsample
+from events.split import Split
 from rank.business import BusinessTables
 from rank.pipeline import TwoStage
 from rank.train import RankerTrainConfig, train_ranker
 from recall.channels import CoVisitation, Popularity
-from recall.index import MIN_GATE_RECALL, add_items, build_index, tune_nprobe
+from recall.index import MIN_GATE_RECALL, add_items, build_index, can_remove, tune_nprobe
 from recall.retriever import Retriever
 from recall.train import TwoTowerTrainConfig, item_vectors, recommendable_items, train_two_tower, user_vectors
 from server.bundle import CURRENT, Bundle, BundleError, discard_staged, load_bundle, publish_staged, write_version
@@ -71,7 +71,9 @@ class LearnConfig:
             paired difference on 1,000 users.
         min_gate_users: fewer fresh-holdout users than this cannot judge a cycle; it is
             refused (and its events wait for the next, larger window).
-        stable_users: users sampled from before the window for the stable holdout.
+        stable_share: share of users (fixed by a hash of their id) whose last event, while
+            they have no event in the window, is kept out of training: the stable holdout.
+        stable_users: the stable holdout scores at most this many of them.
         max_item_share: window health: the most any one item may carry of the window's events.
         min_events: a window with fewer new events is left for the next cycle.
         two_tower_epochs, ranker_epochs: warm-start epochs at most (early stopping on the
@@ -87,6 +89,7 @@ class LearnConfig:
     replay: float = 1.0
     tolerance: float = 0.02
     min_gate_users: int = 50
+    stable_share: float = 0.05
     stable_users: int = 1000
     max_item_share: float = 0.2
     min_events: int = 100
@@ -273,8 +276,8 @@ def _learning_split(seqs: Sequences, fresh: np.ndarray, cfg: LearnConfig) -> tup
     user trains on the events before the cut, and a user with events after it has the
     first of them as a target. Half of those users (by id parity) are the early-stopping
     validation, the other half the gate's fresh holdout. The stable holdout is the last
-    event of users sampled among those with no event in the window (and three or more
-    before it); it is kept out of training, channels and tables.
+    event of a fixed share of users while they have no event in the window (and three or
+    more before it); it is kept out of training, channels and tables.
 
     Returns:
         (split, gate users, gate positions, examples: bool [N] training positions the
@@ -289,13 +292,16 @@ def _learning_split(seqs: Sequences, fresh: np.ndarray, cfg: LearnConfig) -> tup
     users = np.arange(seqs.num_users)
     stop = targeted & (users % 2 == 0)
     gate_users = np.flatnonzero(targeted & ~stop)
-    # Stable holdout: users with no event in the window, their last event held out of training.
-    quiet = np.flatnonzero(_counts(fresh, seqs.offsets) == 0)
-    quiet = quiet[ends[quiet] - starts[quiet] >= 3]
-    (stable_users,) = subsample(rng, cfg.stable_users, quiet)
+    # Stable holdout: the last event of a fixed share of users (by a hash of their id, which
+    # never changes) while they have no event in the window. Every cycle keeps these events
+    # out of training, so the current bundle, if learned, never trained on them either.
+    quiet = (_counts(fresh, seqs.offsets) == 0) & (ends - starts >= 3)
+    rank = _user_rank(users)
+    held = np.flatnonzero(quiet & (rank < cfg.stable_share))
+    stable_users = held[np.argsort(rank[held], kind="stable")[: cfg.stable_users]]
     stable_pos = ends[stable_users] - 1
     train_end = first_after.copy()
-    train_end[stable_users] = stable_pos
+    train_end[held] = ends[held] - 1
     split = Split(kind="learn", train_end=train_end, valid_pos=np.where(stop, first_after, -1), test_pos=np.full(seqs.num_users, -1))
     in_train = split.train_mask(seqs)
     examples = in_train & fresh
@@ -303,6 +309,12 @@ def _learning_split(seqs: Sequences, fresh: np.ndarray, cfg: LearnConfig) -> tup
     replay = rng.choice(older, min(len(older), int(cfg.replay * examples.sum())), replace=False)
     examples[replay] = True
     return split, gate_users, first_after[gate_users], examples, stable_users, stable_pos
+
+
+def _user_rank(users: np.ndarray) -> np.ndarray:
+    """A fixed pseudo-random number in [0, 1) per user id (a multiplicative hash), the same in every cycle."""
+    mixed = users.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # wraps modulo 2**64
+    return (mixed >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
 def _counts(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -324,13 +336,22 @@ def _grown_index(bundle: Bundle, model, data, split: Split, vecs: np.ndarray, re
     index = faiss.clone_index(bundle.index)
     before = np.zeros(len(vecs), bool)
     before[: len(bundle.recommendable)] = bundle.recommendable
-    changed = np.flatnonzero(before[:old] & (np.abs(vecs[:old] - bundle.item_vecs).max(1) > 1e-4))
+    changed = np.flatnonzero(before[:old] & recommendable[:old] & (np.abs(vecs[:old] - bundle.item_vecs).max(1) > 1e-4))
     added = np.flatnonzero(recommendable & ~before)
+    # Items whose only events are now held out (the stable holdout samples other users each cycle) leave the index, as in training.
+    dropped = np.flatnonzero(before & ~recommendable)
+    if len(dropped):
+        if not can_remove(index):
+            log.info("%d items left the catalogue's training part and %s cannot remove vectors: rebuilding", len(dropped), bundle.index_spec)
+            spec, choice, built = _choose_index(str(bundle.index_spec), model, data, split, vecs, recommendable, seed)
+            ids = np.flatnonzero(recommendable)
+            return build_index(vecs[ids], ids, spec), spec, {"rebuilt": "items left the index", "spec": str(spec)}
+        index.remove_ids(dropped)
     if len(changed):
         add_items(index, vecs[changed], changed, replace=True)
     if len(added):
         add_items(index, vecs[added], added)
-    report = {"added": int(len(added)), "replaced": int(len(changed)), "spec": str(bundle.index_spec)}
+    report = {"added": int(len(added)), "replaced": int(len(changed)), "removed": int(len(dropped)), "spec": str(bundle.index_spec)}
     if bundle.index_spec.kind == "flat":
         return index, bundle.index_spec, report
     users, targets = split.targets("valid")
