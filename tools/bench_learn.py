@@ -18,6 +18,7 @@ Prints a summary and writes the report as JSON.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -69,15 +70,32 @@ def next_events(bundle_dir: str, event_log: str, *, upto_seq: int, start_ts: int
 
 def bench(
     *, out: str, users: int, items: int, categories: int, events_per_user: float, new_items: float, taste_shift: float,
-    base_share: float, chunks: int, budget: str, load_qps: float, load_seconds: float, seed: int,
+    base_share: float, chunks: int, budget: str, load_qps: float, load_seconds: float, seed: int, reuse: bool = False,
 ) -> dict:
-    """Run the scenario (see the module docstring); returns the report."""
+    """Run the scenario (see the module docstring); returns the report.
+
+    With ``reuse``, a log and base bundle left in ``out`` by an earlier run with the same
+    settings are kept: the bundle root is reset to its first version and the stream replayed anew.
+    """
     os.makedirs(out, exist_ok=True)
     py = [sys.executable, "-m", "tools"]
     log_path, root, store = os.path.join(out, "log.csv"), os.path.join(out, "bundle"), os.path.join(out, "events.db")
-    subprocess.run([*py, "synth", "--out", log_path, "--users", str(users), "--items", str(items), "--categories", str(categories),
-                    "--events-per-user", str(events_per_user), "--new-items", str(new_items), "--taste-shift", str(taste_shift),
-                    "--seed", str(seed), "--no-progress"], check=True)
+    versions = os.path.join(root, "versions")
+    reuse = reuse and os.path.isfile(log_path) and os.path.isdir(versions)
+    for stale in (store, store + "-wal", store + "-shm", os.path.join(root, LEARNING_LOG)):
+        if os.path.exists(stale):
+            os.remove(stale)
+    if reuse:
+        first = min(v for v in os.listdir(versions) if not v.startswith("."))
+        for name in os.listdir(versions):
+            if name != first:  # later versions, and what killed runs left staged
+                shutil.rmtree(os.path.join(versions, name))
+        with open(os.path.join(root, "CURRENT"), "w") as fh:
+            fh.write(first + "\n")
+    else:
+        subprocess.run([*py, "synth", "--out", log_path, "--users", str(users), "--items", str(items), "--categories", str(categories),
+                        "--events-per-user", str(events_per_user), "--new-items", str(new_items), "--taste-shift", str(taste_shift),
+                        "--seed", str(seed), "--no-progress"], check=True)
     df = pd.read_csv(log_path, header=None, names=list(TAOBAO_COLUMNS))
     df = df.sort_values("timestamp", kind="stable").reset_index(drop=True)
     n_base = int(len(df) * base_share)
@@ -86,7 +104,8 @@ def bench(
     rest = df.iloc[n_base:]
     bounds = np.linspace(0, len(rest), chunks + 1).astype(int)
     started = time.time()
-    subprocess.run([*py, "train", "--events", base_path, "--out", root, "--budget", budget, "--no-progress", "--seed", str(seed)], check=True)
+    if not reuse:
+        subprocess.run([*py, "train", "--events", base_path, "--out", root, "--budget", budget, "--no-progress", "--seed", str(seed)], check=True)
     base_dir = resolve(root)
     report: dict = {"config": {k: v for k, v in locals().items() if k in ("users", "items", "categories", "events_per_user", "new_items", "taste_shift", "base_share", "chunks", "budget", "load_qps", "load_seconds", "seed")},
                     "rows": {"log": len(df), "base": n_base, "stream": len(rest)}, "base_train_seconds": round(time.time() - started, 1), "cycles": [], "chunks": []}
@@ -161,12 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-qps", type=float, default=100.0, help="Recommend load during the last two cycles; 0: none (default: 100)")
     parser.add_argument("--load-seconds", type=float, default=60.0, help="length of that load (default: 60)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse", action="store_true", help="keep the log and base bundle an earlier run left in --out (same settings), replay the stream anew")
     parser.add_argument("--json", dest="json_out", default=None, help="write the report here too")
     args = parser.parse_args(argv)
     report = bench(
         out=args.out, users=args.users, items=args.items, categories=args.categories, events_per_user=args.events_per_user, new_items=args.new_items,
         taste_shift=args.taste_shift, base_share=args.base_share, chunks=args.chunks, budget=args.budget, load_qps=args.load_qps,
-        load_seconds=args.load_seconds, seed=args.seed,
+        load_seconds=args.load_seconds, seed=args.seed, reuse=args.reuse,
     )
     print(json.dumps({"chunks": report["chunks"], "load": report.get("load")}, indent=1))
     if args.json_out:

@@ -71,8 +71,8 @@ class LearnConfig:
             paired difference on 1,000 users.
         min_gate_users: fewer fresh-holdout users than this cannot judge a cycle; it is
             refused (and its events wait for the next, larger window).
-        stable_share: share of users (fixed by a hash of their id) whose last event, while
-            they have no event in the window, is kept out of training: the stable holdout.
+        stable_share: share of users (fixed by a hash of their id) whose last event is
+            kept out of training; those with no event in the window are the stable holdout.
         stable_users: the stable holdout scores at most this many of them.
         max_item_share: window health: the most any one item may carry of the window's events.
         min_events: a window with fewer new events is left for the next cycle.
@@ -197,13 +197,12 @@ def learn_cycle(*, bundle_root: str, event_log: str, config: LearnConfig | None 
         model, tt_history = train_two_tower(data, split, train_config=tt_cfg, init=bundle.two_tower, examples=examples, progress=progress)
     with stage("index"):
         mask = split.train_mask(data.seqs)
-        # Items the bundle had keep their cold or trained state (their id rows stayed fixed);
-        # new items are trained where they occur in the window's training part.
         in_train = np.bincount(data.seqs.items[mask], minlength=data.items.size) > 0
         # Items the bundle had keep their cold or trained state (their id rows stayed fixed);
         # new items are trained where they occur in the window's training part.
-        new_item = np.arange(data.items.size) >= old_items
-        known = np.concatenate([bundle.popularity.counts > 0, np.zeros(data.items.size - old_items, bool)]) | (new_item & (np.bincount(data.seqs.items[mask & fresh], minlength=data.items.size) > 0))
+        was_known = np.concatenate([bundle.popularity.counts > 0, np.zeros(data.items.size - old_items, bool)])
+        trained_now = np.bincount(data.seqs.items[mask & fresh], minlength=data.items.size) > 0
+        known = was_known | (trained_now & (np.arange(data.items.size) >= old_items))
         vecs = item_vectors(model, data, known)
         recommendable = recommendable_items(data, in_train)
         index, spec, index_report = _grown_index(bundle, model, data, split, vecs, recommendable, cfg.seed)
@@ -293,15 +292,16 @@ def _learning_split(seqs: Sequences, fresh: np.ndarray, cfg: LearnConfig) -> tup
     stop = targeted & (users % 2 == 0)
     gate_users = np.flatnonzero(targeted & ~stop)
     # Stable holdout: the last event of a fixed share of users (by a hash of their id, which
-    # never changes) while they have no event in the window. Every cycle keeps these events
-    # out of training, so the current bundle, if learned, never trained on them either.
-    quiet = (_counts(fresh, seqs.offsets) == 0) & (ends - starts >= 3)
+    # never changes), scored while they have no event in the window. Every cycle keeps
+    # these users' last event out of training, window or not, so the current bundle, if
+    # learned, never trained on a stable target either.
     rank = _user_rank(users)
-    held = np.flatnonzero(quiet & (rank < cfg.stable_share))
-    stable_users = held[np.argsort(rank[held], kind="stable")[: cfg.stable_users]]
+    held = np.flatnonzero((rank < cfg.stable_share) & (ends - starts >= 3))
+    quiet = held[_counts(fresh, seqs.offsets)[held] == 0]
+    stable_users = quiet[np.argsort(rank[quiet], kind="stable")[: cfg.stable_users]]
     stable_pos = ends[stable_users] - 1
     train_end = first_after.copy()
-    train_end[held] = ends[held] - 1
+    train_end[held] = np.minimum(first_after[held], ends[held] - 1)
     split = Split(kind="learn", train_end=train_end, valid_pos=np.where(stop, first_after, -1), test_pos=np.full(seqs.num_users, -1))
     in_train = split.train_mask(seqs)
     examples = in_train & fresh

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from prometheus_client.exposition import generate_latest
 
 from events.schema import TAOBAO_COLUMNS
 from events.synth import SynthConfig, generate
@@ -14,7 +15,7 @@ from recall.retriever import TWO_TOWER
 from recall.train import TwoTowerTrainConfig
 from server.bundle import CURRENT, load_bundle, resolve
 from server.eventlog import EventStore, UserEvent
-from tools.learn import LEARNING_LOG, LearnConfig, learn_cycle
+from tools.learn import LEARNING_LOG, LearnConfig, LearnMetrics, learn_cycle
 from tools.train import train
 
 # The judging rules are tested apart (the flood test); here the gate only must not block learning.
@@ -57,6 +58,12 @@ def test_a_cycle_learns_new_items_and_recalls_them_through_the_two_tower(stream)
     store.append(_events(rest.iloc[: len(rest) // 2]))
     report = learn_cycle(bundle_root=root, event_log=store_path, config=LENIENT)
     assert report["outcome"] == "published", report.get("gate")
+    metrics = LearnMetrics()
+    metrics.record(report)
+    text = generate_latest(metrics.registry).decode()
+    assert 'funnel_learn_cycles_total{outcome="published"} 1.0' in text
+    assert f"funnel_learn_events {float(report['events'])}" in text
+    assert 'funnel_learn_holdout_hr{bundle="learned",holdout="fresh"}' in text
     after = load_bundle(root)
     assert after.model_version == report["version"].rsplit("/", 1)[-1] != before.model_version
     assert after.manifest["learning"]["event_seq"] == store.count()
