@@ -363,6 +363,8 @@ def train_two_tower(
     if init is None:
         model = TwoTower(mcfg).to(device)
     else:
+        if cfg.weight_decay:
+            raise ValueError("a warm start keeps the known items' rows fixed, which weight decay would shrink: use weight_decay=0")
         mcfg = dataclasses.replace(init.cfg, num_items=data.items.size, num_categories=data.categories.size)
         model = grown(init.to(device), mcfg)
     release = _fix_item_space(model, init.cfg) if init is not None else (lambda: None)

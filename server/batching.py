@@ -26,6 +26,14 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 
+STALL_FACTOR = 4.0
+"""One batch moves the cost estimates up by at most this factor of their current value
+(before averaging). A batch stalled by something else in the process (a bundle loading
+for a swap holds the GIL for moments) then does not make every queued request look 20x
+dearer and shed requests that would have been answered in time; a server that really
+became slower still raises its estimates within a few batches."""
+
+
 class DeadlineExpired(Exception):
     """The caller's deadline passed before its batch ran; the item was not computed."""
 
@@ -175,9 +183,9 @@ class MicroBatcher:
                     p.future.set_result(result)
         run_s = time.monotonic() - started
         if live:
-            self._run_s = run_s if self._run_s == 0 else 0.8 * self._run_s + 0.2 * run_s
+            self._run_s = run_s if self._run_s == 0 else 0.8 * self._run_s + 0.2 * min(run_s, STALL_FACTOR * self._run_s)
             item_s = run_s / len(live)
-            self._item_s = item_s if self._item_s == 0 else 0.8 * self._item_s + 0.2 * item_s
+            self._item_s = item_s if self._item_s == 0 else 0.8 * self._item_s + 0.2 * min(item_s, STALL_FACTOR * self._item_s)
         if self.on_batch is not None:
             stats = BatchStats(len(live), [started - p.enqueued for p in live], run_s, expired)
             try:

@@ -5,7 +5,9 @@
    stream, cut by time into ``--chunks`` chunks of equal event counts.
 3. A ``funnel serve`` process serves the bundle root with an event log. Each chunk is
    sent through ``LogEvents``, then one ``funnel learn`` cycle runs.
-4. During the last two cycles a ``funnel loadtest`` sends ``Recommend`` at ``--load-qps``.
+4. From the start of the second-last cycle a ``funnel loadtest`` sends ``Recommend`` at
+   ``--load-qps`` for ``--load-seconds``, long enough that both last cycles publish
+   during it (the report lists the versions that answered).
 5. For every chunk after the first: HR@10 and NDCG@10 on each user's first event of the
    chunk (history: everything logged before it) of the frozen base bundle and of the
    bundle learned through the chunk before, both scored the same way (as a server with
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=5, help="chunks the rest is replayed in, one learn cycle after each (default: 5)")
     parser.add_argument("--budget", default="8m", help="funnel train --budget of the base bundle (default: 8m)")
     parser.add_argument("--load-qps", type=float, default=100.0, help="Recommend load during the last two cycles; 0: none (default: 100)")
-    parser.add_argument("--load-seconds", type=float, default=60.0, help="length of that load (default: 60)")
+    parser.add_argument("--load-seconds", type=float, default=300.0, help="length of that load; it should outlast two cycles (default: 300)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true", help="keep the log and base bundle an earlier run left in --out (same settings), replay the stream anew")
     parser.add_argument("--json", dest="json_out", default=None, help="write the report here too")

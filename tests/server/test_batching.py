@@ -206,3 +206,25 @@ def test_overload_is_shed_on_arrival_and_the_queue_recovers():
     # Each batch of one took no time once released: a deadline far less than the gate's wait is admitted again.
     assert batcher.submit(5, deadline=time.monotonic() + 1).result(5) == 50
     batcher.close()
+
+
+def test_one_stalled_batch_does_not_shed_requests_that_would_finish_in_time():
+    stall = threading.Event()
+
+    def run(items):
+        if stall.is_set():
+            stall.clear()
+            time.sleep(0.5)  # something else held the process (e.g. a bundle loading for a swap)
+        else:
+            time.sleep(0.002)
+        return items
+
+    batcher = MicroBatcher(run, max_batch=1, max_wait_s=0)
+    for i in range(20):  # learns a batch of one takes ~2 ms
+        batcher.submit(i).result(5)
+    stall.set()
+    batcher.submit("stalled").result(5)
+    # Ten queued requests cost ~20 ms; a 500 ms deadline is comfortably met, so none is refused.
+    futures = [batcher.submit(i, deadline=time.monotonic() + 0.5) for i in range(10)]
+    assert [f.result(5) for f in futures] == list(range(10))
+    batcher.close()
