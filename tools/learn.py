@@ -14,8 +14,9 @@ directory, then ``CURRENT`` flips, so every server hot-swaps) only when the gate
   (a burst on one item is a bot or a broken client, not a taste);
 * fresh holdout: on the newest ``holdout`` share of the window's events, kept out of
   training, the new bundle's final HR@10 is at least the current one's less ``tolerance``;
-* stable holdout: the same on the last older event of users sampled from before the
-  window (also kept out of training), so old tastes are not forgotten.
+* stable holdout: the same on the last event of a fixed share of users (by a hash of
+  their id) while they have no event in the window; every cycle keeps those events out
+  of training, so old tastes are measured, not remembered.
 
 Both bundles are scored through their served pipelines (ONNX Runtime); the current one
 sees the events it could see as a server does: those on items it does not know are left
@@ -80,6 +81,8 @@ class LearnConfig:
         min_events: a window with fewer new events is left for the next cycle.
         two_tower_epochs, ranker_epochs: warm-start epochs at most (early stopping on the
             fresh holdout's other half, patience 1).
+        ranker_examples: ranking groups per cycle at most (their recall and features are
+            most of the ranker's preparation).
         train_seconds: time for training both models (0: none); the two-tower gets
             :data:`TWO_TOWER_SHARE` of it, the ranker the rest. Reading, channels, writing
             and the gate come on top (about 20 s at 100k items).
@@ -98,6 +101,7 @@ class LearnConfig:
     min_events: int = 100
     two_tower_epochs: int = 3
     ranker_epochs: int = 2
+    ranker_examples: int = 30_000
     train_seconds: float = 70.0
     seed: int = 0
     k: int = 10
@@ -217,7 +221,8 @@ def learn_cycle(*, bundle_root: str, event_log: str, config: LearnConfig | None 
         business = BusinessTables.fit(data.seqs, mask, data.item_category)
     with stage("ranker"):
         rk_cfg = RankerTrainConfig(
-            epochs=cfg.ranker_epochs, patience=1, seed=cfg.seed, max_seconds=cfg.train_seconds * (1 - TWO_TOWER_SHARE), budget_epochs=cfg.ranker_epochs
+            epochs=cfg.ranker_epochs, patience=1, seed=cfg.seed, max_seconds=cfg.train_seconds * (1 - TWO_TOWER_SHARE), budget_epochs=cfg.ranker_epochs,
+            max_examples=cfg.ranker_examples,
         )
         ranker, rk_history = train_ranker(data, split, retriever, popularity.counts, business, train_config=rk_cfg, init=bundle.ranker, examples=examples, progress=progress)
 
