@@ -49,7 +49,7 @@ from recall.retriever import Retriever
 from recall.train import TwoTowerTrainConfig, item_vectors, recommendable_items, train_two_tower, user_vectors
 from server.bundle import CURRENT, Bundle, BundleError, discard_staged, load_bundle, publish_staged, write_version
 from server.eventlog import read_event_store_since
-from tools.train import AUTO_INDEX, GATE_K, Stages, _choose_index, parse_duration
+from tools.train import AUTO_INDEX, GATE_K, Stages, choose_index, duration_arg
 
 log = logging.getLogger("funnel.learn")
 
@@ -354,14 +354,14 @@ def _grown_index(bundle: Bundle, model, data, split: Split, vecs: np.ndarray, re
     before[: len(bundle.recommendable)] = bundle.recommendable
     changed = np.flatnonzero(before[:old] & recommendable[:old] & (np.abs(vecs[:old] - bundle.item_vecs).max(1) > 1e-4))
     added = np.flatnonzero(recommendable & ~before)
-    # Items whose only events are now held out (the stable holdout samples other users each cycle) leave the index, as in training.
+    # Items whose only events are now held out (a user who fell quiet has their last event
+    # in the stable holdout) leave the index, as held-out-only items do in training.
     dropped = np.flatnonzero(before & ~recommendable)
     if len(dropped):
         if not can_remove(index):
-            log.info("%d items left the catalogue's training part and %s cannot remove vectors: rebuilding", len(dropped), bundle.index_spec)
-            spec, choice, built = _choose_index(str(bundle.index_spec), model, data, split, vecs, recommendable, seed)
+            log.info("%d items left the training part and %s cannot remove vectors: rebuilding", len(dropped), bundle.index_spec)
             ids = np.flatnonzero(recommendable)
-            return build_index(vecs[ids], ids, spec), spec, {"rebuilt": "items left the index", "spec": str(spec)}
+            return build_index(vecs[ids], ids, bundle.index_spec), bundle.index_spec, {"rebuilt": "items left the index", "spec": str(bundle.index_spec)}
         index.remove_ids(dropped)
     if len(changed):
         add_items(index, vecs[changed], changed, replace=True)
@@ -371,6 +371,8 @@ def _grown_index(bundle: Bundle, model, data, split: Split, vecs: np.ndarray, re
     if bundle.index_spec.kind == "flat":
         return index, bundle.index_spec, report
     users, targets = split.targets("valid")
+    if not len(users):
+        return index, bundle.index_spec, {**report, "recall_gate": "no validation users to check it with"}
     pick = np.random.default_rng(seed).permutation(len(users))[:1000]
     queries = user_vectors(model, data, users[pick], targets[pick])
     k = min(GATE_K, int(recommendable.sum()))
@@ -379,7 +381,7 @@ def _grown_index(bundle: Bundle, model, data, split: Split, vecs: np.ndarray, re
     if tried[str(spec)] >= MIN_GATE_RECALL:
         return index, spec, report
     log.info("grown index recall %s below %.2f: rebuilding", tried, MIN_GATE_RECALL)
-    spec, choice, built = _choose_index(AUTO_INDEX, model, data, split, vecs, recommendable, seed)
+    spec, choice, built = choose_index(AUTO_INDEX, model, data, split, vecs, recommendable, seed)
     if built is None:
         ids = np.flatnonzero(recommendable)
         built = build_index(vecs[ids], ids, spec)
@@ -486,7 +488,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = LearnConfig()
     parser.add_argument("--bundle-root", required=True, help="the served bundle root; each cycle starts from the version CURRENT names and publishes beside it")
     parser.add_argument("--event-log", required=True, help="the event store the servers write (funnel serve --event-log)")
-    parser.add_argument("--every", type=_duration, default=None, metavar="DURATION", help="run a cycle every DURATION (e.g. 10m) until stopped (default: one cycle)")
+    parser.add_argument("--every", type=duration_arg, default=None, metavar="DURATION", help="run a cycle every DURATION (e.g. 10m) until stopped (default: one cycle)")
     parser.add_argument("--cycles", type=int, default=None, help="stop after this many cycles (default: 1 without --every, else none)")
     parser.add_argument("--after", type=int, default=None, metavar="SEQ", help="learn the events after this event-store sequence number, skipping earlier ones (default: after those the current bundle holds)")
     parser.add_argument("--holdout", type=float, default=d.holdout, help=f"share of the window's newest events held out for the gate and early stopping (default: {d.holdout})")
@@ -501,13 +503,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
     parser.add_argument("--metrics-port", type=int, default=None, help="expose Prometheus metrics of the cycles on this port (default: none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def run(args: argparse.Namespace) -> int:

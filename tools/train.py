@@ -128,7 +128,7 @@ def train(
         vecs = item_vectors(model, data, known)
         recommendable = recommendable_items(data, known)
         ids = np.flatnonzero(recommendable)
-        spec, index_gate, ann = _choose_index(index, model, data, parts, vecs, recommendable, seed)
+        spec, index_gate, ann = choose_index(index, model, data, parts, vecs, recommendable, seed)
         if ann is None:
             ann = build_index(vecs[ids], ids, spec)
     # Channels and popularity see only the training part, like the models.
@@ -237,7 +237,7 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-def _choose_index(
+def choose_index(
     index: str, model, data: Dataset, parts, vecs: np.ndarray, recommendable: np.ndarray, seed: int
 ) -> tuple[IndexSpec, dict | None, faiss.Index | None]:
     """The index spec to build: ``index`` as given, or for ``auto`` exact search or a gated IVF (see :func:`train`).
@@ -286,7 +286,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed for both models (default: 0)")
     parser.add_argument("--epochs", type=int, default=None, help="maximum epochs per model (early stopping usually ends sooner)")
     parser.add_argument(
-        "--budget", type=_duration, default=None, metavar="DURATION",
+        "--budget", type=duration_arg, default=None, metavar="DURATION",
         help=f"time for the whole run, e.g. 60m or 2h: two-tower training gets {TWO_TOWER_SHARE * 100:.0f}%%, the ranker what reading, "
         f"the index, channels and tables left of the rest less {WRITE_SHARE * 100:.0f}%% for writing; each is cut into epochs that are "
         "validated (early stopping as usual) (default: no budget, train to early stopping)",
@@ -304,7 +304,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (they are off anyway when stderr is not a terminal; one log line per epoch stays)")
 
 
-def _duration(text: str) -> float:
+def duration_arg(text: str) -> float:
+    """argparse type for a duration (:func:`parse_duration`): seconds, or a usage error naming the text."""
     try:
         return parse_duration(text)
     except ValueError as err:

@@ -9,7 +9,7 @@ from server.bundle import load_bundle
 def _choose(bundle, spec="auto"):
     b = load_bundle(bundle)
     parts = make_split(b.data.seqs, "leave-last-out")
-    return train_tool._choose_index(spec, b.two_tower, b.data, parts, b.item_vecs, b.recommendable, seed=0)
+    return train_tool.choose_index(spec, b.two_tower, b.data, parts, b.item_vecs, b.recommendable, seed=0)
 
 
 def test_small_catalogue_gets_exact_search(tiny_bundle):
