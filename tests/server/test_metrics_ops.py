@@ -2,6 +2,7 @@
 
 import logging
 import subprocess
+import time
 import urllib.request
 
 import grpc
@@ -127,6 +128,11 @@ def test_right_token_passes_and_recommend_needs_none(stub):
 def test_failed_rpcs_are_logged_with_their_request_id(stub, caplog):
     with caplog.at_level(logging.WARNING, logger="funnel.access"):
         code_of(lambda: stub.Recommend(recommender_pb2.RecommendRequest(user_id="u", k=0, request_id="req-42"), timeout=5))
+        # context.abort sends the status before the interceptor's record is written, so the
+        # client can see the error first: wait for the record rather than race it.
+        deadline = time.monotonic() + 5
+        while not any(r.name == "funnel.access" for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.01)
     records = [r for r in caplog.records if r.name == "funnel.access"]
     assert records and records[-1].request_id == "req-42" and records[-1].code == "INVALID_ARGUMENT" and records[-1].method == "Recommend"
 
