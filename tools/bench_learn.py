@@ -33,7 +33,7 @@ from events.schema import TAOBAO_COLUMNS
 from server.bundle import load_bundle, resolve
 from server.eventlog import read_event_store_since
 from server.rpc import recommender_pb2, recommender_pb2_grpc
-from tools.learn import LEARNING_LOG, _known_only, _scores
+from tools.learn import LEARNING_LOG, known_only, holdout_scores
 from tools.output import write_json
 from tools.recommend import wait_ready
 
@@ -66,7 +66,7 @@ def next_events(bundle_dir: str, event_log: str, *, upto_seq: int, start_ts: int
     positions = np.flatnonzero(candidate)
     first = np.r_[True, users[1:] != users[:-1]]
     users, positions = users[first], positions[first]
-    scores = _scores(bundle.pipeline(), _known_only(seqs, bundle.data.items.size), bundle.data.items.size, users, positions, seqs, k)
+    scores = holdout_scores(bundle.pipeline(), known_only(seqs, bundle.data.items.size), bundle.data.items.size, users, positions, seqs, k)
     return {"users": int(len(users)), **scores}
 
 

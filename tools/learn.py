@@ -396,8 +396,8 @@ def _gate(current: Bundle, learned: Bundle, seqs: Sequences, fresh_targets, stab
         holdouts[name] = {
             "users": int(len(np.unique(users))),
             "targets": int(len(users)),
-            "current": _scores(current.pipeline(), _known_only(seqs, old_items), old_items, users, positions, seqs, cfg.k),
-            "learned": _scores(learned.pipeline(), (seqs, None), learned.data.items.size, users, positions, seqs, cfg.k),
+            "current": holdout_scores(current.pipeline(), known_only(seqs, old_items), old_items, users, positions, seqs, cfg.k),
+            "learned": holdout_scores(learned.pipeline(), (seqs, None), learned.data.items.size, users, positions, seqs, cfg.k),
         }
     key = f"hr@{cfg.k}"
     reasons = []
@@ -411,7 +411,7 @@ def _gate(current: Bundle, learned: Bundle, seqs: Sequences, fresh_targets, stab
     return {"passed": not reasons, "reasons": reasons, "k": cfg.k, "tolerance": cfg.tolerance, "health": health, "holdouts": holdouts}
 
 
-def _known_only(seqs: Sequences, num_items: int) -> tuple[Sequences, np.ndarray]:
+def known_only(seqs: Sequences, num_items: int) -> tuple[Sequences, np.ndarray]:
     """The sequences as a bundle knowing only the first ``num_items`` ids sees them (events on later items left out, as a server does).
 
     Returns:
@@ -423,7 +423,7 @@ def _known_only(seqs: Sequences, num_items: int) -> tuple[Sequences, np.ndarray]
     return Sequences(kept[seqs.offsets], seqs.items[keep], seqs.categories[keep], seqs.behaviors[keep], seqs.ts[keep]), kept
 
 
-def _scores(pipeline: TwoStage, view: tuple[Sequences, np.ndarray | None], num_items: int, users: np.ndarray, positions: np.ndarray, seqs: Sequences, k: int, batch: int = 512) -> dict:
+def holdout_scores(pipeline: TwoStage, view: tuple[Sequences, np.ndarray | None], num_items: int, users: np.ndarray, positions: np.ndarray, seqs: Sequences, k: int, batch: int = 512) -> dict:
     """HR and NDCG at ``k`` of the pipeline's final lists for the targets at ``positions`` of ``seqs``, histories from ``view``."""
     if not len(users):
         return {f"hr@{k}": 0.0, f"ndcg@{k}": 0.0}
