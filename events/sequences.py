@@ -52,6 +52,11 @@ class Sequences:
             num_users: size of the user id space (the user vocabulary's ``size``).
         """
         order = _user_time_order(np.asarray(users, np.int64), np.asarray(ts, np.int64), num_users)
+        return cls._laid_out(users, items, categories, behaviors, ts, num_users, order)
+
+    @classmethod
+    def _laid_out(cls, users, items, categories, behaviors, ts, num_users: int, order: np.ndarray) -> "Sequences":
+        """:meth:`from_encoded` with the (user, time) order already computed."""
         counts = np.bincount(users, minlength=num_users)
         offsets = np.zeros(num_users + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
@@ -128,15 +133,17 @@ class Sequences:
         """
         users = np.concatenate([self.user_positions(), other.user_positions()])
         ts = np.concatenate([self.ts, other.ts])
-        merged = Sequences.from_encoded(
+        num_users = max(self.num_users, other.num_users)
+        order = _user_time_order(users, ts, num_users)
+        merged = Sequences._laid_out(
             users,
             np.concatenate([self.items, other.items]),
             np.concatenate([self.categories, other.categories]),
             np.concatenate([self.behaviors, other.behaviors]),
             ts,
-            max(self.num_users, other.num_users),
+            num_users,
+            order,
         )
-        order = _user_time_order(users, ts, merged.num_users)  # the order from_encoded laid the events out in
         return merged, order >= len(self)
 
     def to_frame(self) -> pd.DataFrame:

@@ -111,8 +111,8 @@ def time_split(seqs: Sequences, valid_fraction: float = 0.1, test_fraction: floa
         raise ValueError("fractions must be positive and sum to less than 1")
     c_valid, c_test = np.quantile(seqs.ts, [1 - valid_fraction - test_fraction, 1 - test_fraction])
     ends = seqs.offsets[1:]
-    first_valid = _first_at_or_after(seqs, c_valid)
-    first_test = _first_at_or_after(seqs, c_test)
+    first_valid = first_at_or_after(seqs, c_valid)
+    first_test = first_at_or_after(seqs, c_test)
     has_valid = (first_valid < ends) & (first_valid < first_test)
     return Split(
         kind="time",
@@ -122,7 +122,8 @@ def time_split(seqs: Sequences, valid_fraction: float = 0.1, test_fraction: floa
     )
 
 
-def _first_at_or_after(seqs: Sequences, cutoff: float) -> np.ndarray:
+def first_at_or_after(seqs: Sequences, cutoff: float) -> np.ndarray:
+    """int64 [U]: each user's first position with a timestamp at or after ``cutoff`` (its end when none)."""
     # Timestamps are sorted within a user, so the count before the cutoff is the offset.
     cum = np.concatenate([[0], np.cumsum(seqs.ts < cutoff)])
     return seqs.offsets[:-1] + cum[seqs.offsets[1:]] - cum[seqs.offsets[:-1]]

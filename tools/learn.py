@@ -39,7 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from events.metrics import summarize, target_ranks
 from events.sequences import Sequences
-from events.split import Split, subsample
+from events.split import Split, first_at_or_after, subsample
 from rank.business import BusinessTables
 from rank.pipeline import TwoStage
 from rank.train import RankerTrainConfig, train_ranker
@@ -293,9 +293,8 @@ def _learning_split(seqs: Sequences, fresh: np.ndarray, cfg: LearnConfig) -> tup
     """
     rng = np.random.default_rng(cfg.seed)
     cut = np.quantile(seqs.ts[fresh], 1 - cfg.holdout, method="higher")
-    after_cut = np.concatenate([[0], np.cumsum(seqs.ts >= cut)])
     starts, ends = seqs.offsets[:-1], seqs.offsets[1:]
-    first_after = ends - (after_cut[ends] - after_cut[starts])  # ts is sorted within a user
+    first_after = first_at_or_after(seqs, cut)
     targeted = first_after < ends
     users = np.arange(seqs.num_users)
     stop = targeted & (users % 2 == 0)
