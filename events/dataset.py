@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from events.readers import EventLog
-from events.sequences import Sequences
-from events.vocab import PAD, Vocab, is_integer_ids
+from funnel.events.readers import EventLog
+from funnel.events.sequences import Sequences
+from funnel.events.vocab import PAD, Vocab, is_integer_ids
 
 _SEQ_FIELDS = ("offsets", "items", "categories", "behaviors", "ts")
 

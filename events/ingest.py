@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from events.readers import _TAOBAO_CHECKS, EventLog, OnError, ReadReport, _Column, _validated_batches, read_events
-from events.schema import BEHAVIORS
+from funnel.events.readers import _TAOBAO_CHECKS, EventLog, OnError, ReadReport, _Column, _validated_batches, read_events
+from funnel.events.schema import BEHAVIORS
 
 INGEST_FORMATS = ("taobao", "movielens")
 

@@ -19,7 +19,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from events.schema import BEHAVIOR_CODE, BEHAVIORS, TAOBAO_COLUMNS
+from funnel.events.schema import BEHAVIOR_CODE, BEHAVIORS, TAOBAO_COLUMNS
 
 OnError = Literal["fail", "skip"]
 FORMATS = ("taobao", "movielens", "parquet")

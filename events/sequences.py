@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from events.vocab import PAD
+from funnel.events.vocab import PAD
 
 
 @dataclass

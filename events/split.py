@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from events.sequences import Sequences
+from funnel.events.sequences import Sequences
 
 SPLITS = ("leave-last-out", "time", "comirec")
 

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 from tqdm import tqdm
 
-from events.schema import BEHAVIORS, TAOBAO_COLUMNS
+from funnel.events.schema import BEHAVIORS, TAOBAO_COLUMNS
 
 USERS_PER_CHUNK = 10_000
 """Part of the output format: changing it changes which random numbers each user gets."""

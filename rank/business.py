@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from events.schema import BEHAVIOR_CODE
-from events.sequences import Sequences, Window
+from funnel.events.schema import BEHAVIOR_CODE
+from funnel.events.sequences import Sequences, Window
 
 PV, CART, FAV, BUY = (BEHAVIOR_CODE[b] for b in ("pv", "cart", "fav", "buy"))
 _LAST_CODES = np.array([PV, CART, FAV, BUY])

@@ -2,21 +2,25 @@
 
 Using the same function everywhere is what keeps offline and online features equal:
 training, ``funnel evaluate`` and the server all reach :func:`build_features` with
-the tables of one bundle (:class:`FeatureTables`).
+the tables of one bundle (:class:`FeatureTables`). Importing this module registers the
+built-in features (:mod:`rank.schema`), so the ranker's width is read from here.
 """
+
+__all__ = ["FeatureTables", "RankFeatures", "build_features", "dense_names", "recall_ranks"]
 
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-from events.schema import BEHAVIOR_CODE
-from events.sequences import Window
-from events.timegap import gap_buckets
-from rank.business import ITEM_FEATURES, POPULARITY_WINDOWS_S, USER_FEATURES, BusinessTables, user_business_features
-from recall.channels import CoVisitation, recency_weights, sorted_lookup
+from funnel.events.schema import BEHAVIOR_CODE
+from funnel.events.sequences import Window
+from funnel.events.timegap import gap_buckets
+from funnel.rank.business import ITEM_FEATURES, POPULARITY_WINDOWS_S, USER_FEATURES, BusinessTables, user_business_features
+from funnel.rank.schema import FeatureBatch, dense_names, groups, register_features
+from funnel.recall.channels import CoVisitation, recency_weights, sorted_lookup
 
-CANDIDATE_FEATURES = (
+CANDIDATE_COLUMNS = (
     "recall_score",
     "recall_rank",
     "log_count",
@@ -28,10 +32,9 @@ CANDIDATE_FEATURES = (
     "seen_hours",
     "seen_cart_fav",
     "seen_buy",
-) + tuple(f"popularity_{w // 86_400}d" for w in POPULARITY_WINDOWS_S) + ("popularity_before",)
-DENSE_FEATURES = CANDIDATE_FEATURES + ITEM_FEATURES + ("user_activity",) + USER_FEATURES
-"""Names of the columns of :attr:`RankFeatures.dense`, in order."""
-NUM_DENSE = len(DENSE_FEATURES)
+)
+POPULARITY_COLUMNS = tuple(f"popularity_{w // 86_400}d" for w in POPULARITY_WINDOWS_S) + ("popularity_before",)
+USER_COLUMNS = ("user_activity",) + USER_FEATURES
 
 SHORT_SCALE = 10
 """Events in the short-term category share."""
@@ -65,7 +68,7 @@ class RankFeatures:
         hist_items, hist_categories, hist_behaviors, hist_gaps: [B, L] recent behaviour,
             right-aligned, 0 = padding; gaps are log-time buckets to the request time.
         cand_items, cand_categories, cand_channels: [B, C] candidates, 0 = padding.
-        dense: [B, C, NUM_DENSE] float32 numeric features named by :data:`DENSE_FEATURES`.
+        dense: [B, C, F] float32 numeric features, named in order by :func:`rank.schema.dense_names`.
     """
 
     hist_items: np.ndarray
@@ -106,7 +109,7 @@ def build_features(
     tables: FeatureTables,
     num_gap_buckets: int,
 ) -> RankFeatures:
-    """Assemble ranking features.
+    """Assemble ranking features: every registered feature group (:mod:`rank.schema`), in order.
 
     Args:
         window: the users' recent behaviour [B, L].
@@ -120,26 +123,54 @@ def build_features(
 
     Returns:
         The features, ready for :meth:`RankFeatures.to_torch`.
+
+    Raises:
+        ValueError: a feature group returned an array of the wrong shape.
     """
     now = np.asarray(now, np.int64)
-    valid = window.items > 0
     real = cand_items > 0
     cand_categories = tables.item_category[np.where(cand_items < len(tables.item_category), cand_items, 0)]
+    batch = FeatureBatch(window, now, cand_items, cand_scores, cand_channels, cand_categories, cand_ranks, real, np.asarray(user_activity), tables)
     b, c = cand_items.shape
+    blocks = []
+    for group in groups():
+        block = np.asarray(group.compute(batch))
+        want = (b, len(group.names)) if group.per_user else (b, c, len(group.names))
+        if block.shape != want:
+            raise ValueError(f"feature group {', '.join(group.names)} returned shape {block.shape}, expected {want}")
+        blocks.append(np.broadcast_to(block[:, None, :], (b, c, want[1])) if group.per_user else block)
+    dense = np.concatenate(blocks, axis=-1).astype(np.float32)  # [B, C, F]
+    dense[~real] = 0.0
+    return RankFeatures(
+        hist_items=window.items,
+        hist_categories=window.categories,
+        hist_behaviors=window.behaviors,
+        hist_gaps=gap_buckets(now, window.ts, window.items > 0, num_gap_buckets),
+        cand_items=cand_items,
+        cand_categories=np.where(real, cand_categories, 0),
+        cand_channels=cand_channels.astype(np.int64),
+        dense=dense,
+    )
+
+
+def _candidate_columns(batch: FeatureBatch) -> np.ndarray:
+    """[B, C, len(CANDIDATE_COLUMNS)]: recall score and rank, popularity, category shares, co-visitation, what the user did with the item."""
+    window, cand_items, real, tables = batch.window, batch.cand_items, batch.real, batch.tables
+    valid = window.items > 0
     events = np.maximum(valid.sum(-1), 1)[:, None]  # [B, 1]
-    same_cat = (window.categories[:, None, :] == cand_categories[:, :, None]) & valid[:, None, :]  # [B, C, L]
+    same_cat = (window.categories[:, None, :] == batch.cand_categories[:, :, None]) & valid[:, None, :]  # [B, C, L]
     share = np.count_nonzero(same_cat, axis=-1) / events
     short_valid = valid[:, -SHORT_SCALE:]
     share_short = np.count_nonzero(same_cat[:, :, -SHORT_SCALE:], axis=-1) / np.maximum(short_valid.sum(-1), 1)[:, None]
     seen_count, last_seen, cart_fav, bought = _seen_before(window, cand_items, valid)
     seen = seen_count > 0
-    seen_hours = np.where(seen, np.log1p(np.maximum(now[:, None] - last_seen, 0) / 3600.0) / 10.0, 0.0)
+    seen_hours = np.where(seen, np.log1p(np.maximum(batch.now[:, None] - last_seen, 0) / 3600.0) / 10.0, 0.0)
     counts = tables.item_counts[np.where(cand_items < len(tables.item_counts), cand_items, 0)]
     covisit = tables.covisit.pair_scores(window.items[:, -COVISIT_RECENT:], cand_items)  # [B, C, n]
-    candidate = np.stack(
+    return np.stack(
         [
-            np.where(real, cand_scores, 0.0),
-            np.log1p(np.minimum(cand_ranks, _MAX_RANK)) / np.log1p(_MAX_RANK),
+            np.where(real, batch.cand_scores, 0.0),
+            np.log1p(np.minimum(batch.cand_ranks, _MAX_RANK)) / np.log1p(_MAX_RANK),
             np.log1p(counts) / 10.0,
             share,
             share_short,
@@ -152,27 +183,19 @@ def build_features(
         ],
         axis=-1,
     )  # [B, C, 11]
-    user = np.concatenate([np.log1p(np.asarray(user_activity, np.float64))[:, None] / 10.0, user_business_features(window, now)], axis=-1)  # [B, U]
-    dense = np.concatenate(
-        [
-            candidate,
-            tables.business.popularity(cand_items, now),
-            tables.business.item_features(cand_items),
-            np.broadcast_to(user[:, None, :], (b, c, user.shape[1])),
-        ],
-        axis=-1,
-    ).astype(np.float32)
-    dense[~real] = 0.0
-    return RankFeatures(
-        hist_items=window.items,
-        hist_categories=window.categories,
-        hist_behaviors=window.behaviors,
-        hist_gaps=gap_buckets(now, window.ts, valid, num_gap_buckets),
-        cand_items=cand_items,
-        cand_categories=np.where(real, cand_categories, 0),
-        cand_channels=cand_channels.astype(np.int64),
-        dense=dense,
-    )
+
+
+def _user_columns(batch: FeatureBatch) -> np.ndarray:
+    """[B, len(USER_COLUMNS)]: overall activity, then the user's business features."""
+    activity = np.log1p(np.asarray(batch.user_activity, np.float64))[:, None] / 10.0  # [B, 1]
+    return np.concatenate([activity, user_business_features(batch.window, batch.now)], axis=-1)
+
+
+# The built-in features, in the column order every bundle so far was trained with.
+register_features(CANDIDATE_COLUMNS, _candidate_columns)
+register_features(POPULARITY_COLUMNS, lambda batch: batch.tables.business.popularity(batch.cand_items, batch.now))
+register_features(ITEM_FEATURES, lambda batch: batch.tables.business.item_features(batch.cand_items))
+register_features(USER_COLUMNS, _user_columns, per_user=True)
 
 
 def _seen_before(window: Window, cand_items: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.export import Dim
 
-from events.schema import BEHAVIORS, NUM_BEHAVIOR_CODES
-from rank.features import NUM_DENSE
-from recall.model import frozen_for_inference, lookup, masked_softmax
-from recall.runtime import export_onnx
+from funnel.events.schema import BEHAVIORS, NUM_BEHAVIOR_CODES
+from funnel.rank.features import dense_names
+from funnel.recall.model import frozen_for_inference, lookup, masked_softmax
+from funnel.recall.runtime import export_onnx
 
 
 ArrayLike = TypeVar("ArrayLike", torch.Tensor, np.ndarray)
@@ -46,7 +46,7 @@ class RankerConfig:
     Attributes:
         num_items, num_categories: embedding table sizes.
         num_channels: recall channel ids (0 = none).
-        num_dense: dense feature count (:data:`rank.features.NUM_DENSE`).
+        num_dense: dense feature count (default: every registered feature, :func:`rank.schema.dense_names`).
         dim: embedding width.
         history: events in the long-term window (the model's input length).
         short: the latest events in the short-term window.
@@ -62,7 +62,7 @@ class RankerConfig:
     num_items: int
     num_categories: int
     num_channels: int = 4
-    num_dense: int = NUM_DENSE
+    num_dense: int = field(default_factory=lambda: len(dense_names()))
     dim: int = 32
     history: int = 100
     short: int = 10

@@ -9,12 +9,12 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from events.sequences import Window
-from rank.business import BusinessTables
-from rank.features import FeatureTables, RankFeatures, build_features
-from rank.model import Ranker, combine_heads, frozen_ranker, head_probabilities
-from recall.retriever import Candidates, Excluded, Retriever
-from recall.runtime import OnnxModel
+from funnel.events.sequences import Window
+from funnel.rank.business import BusinessTables
+from funnel.rank.features import FeatureTables, RankFeatures, build_features
+from funnel.rank.model import Ranker, combine_heads, frozen_ranker, head_probabilities
+from funnel.recall.retriever import Candidates, Excluded, Retriever
+from funnel.recall.runtime import OnnxModel
 
 
 @dataclass

@@ -24,19 +24,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from events.dataset import Dataset
-from events.metrics import summarize, target_ranks
-from events.schema import BEHAVIOR_CODE
-from events.split import Split, subsample
-from rank.business import BusinessTables, item_table
-from rank.features import FeatureTables, RankFeatures, build_features, recall_ranks
-from rank.model import HEAD_BEHAVIORS, HEADS, Ranker, RankerConfig, ranking_loss
-from rank.pipeline import TwoStage
-from recall import distributed
-from recall.channels import CoVisitation, Popularity
-from recall.retriever import Candidates, Retriever
-from recall.train import EarlyStopping, EpochClock, SparseTableOptimizer, brief_metrics, close_history, epoch_record, pick_device
-from recall.warm import grown
+from funnel.events.dataset import Dataset
+from funnel.events.metrics import summarize, target_ranks
+from funnel.events.schema import BEHAVIOR_CODE
+from funnel.events.split import Split, subsample
+from funnel.rank.business import BusinessTables, item_table
+from funnel.rank.features import FeatureTables, RankFeatures, build_features, recall_ranks
+from funnel.rank.model import HEAD_BEHAVIORS, HEADS, Ranker, RankerConfig, ranking_loss
+from funnel.rank.pipeline import TwoStage
+from funnel.recall import distributed
+from funnel.recall.channels import CoVisitation, Popularity
+from funnel.recall.retriever import Candidates, Retriever
+from funnel.recall.train import EarlyStopping, EpochClock, SparseTableOptimizer, brief_metrics, close_history, epoch_record, pick_device
+from funnel.recall.warm import grown
 
 log = logging.getLogger("funnel.train")
 

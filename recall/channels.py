@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from events.sequences import Sequences
+from funnel.events.sequences import Sequences
 
 
 SHARD_ENTRIES = 64_000_000

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, fields, replace
 import faiss
 import numpy as np
 
-from events.metrics import overlap_recall
-from recall.scoring import exact_topk
+from funnel.events.metrics import overlap_recall
+from funnel.recall.scoring import exact_topk
 
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.export import Dim
 
-from events.schema import NUM_BEHAVIOR_CODES
-from events.sequences import Window
-from events.timegap import GAP_BUCKETS, gap_buckets
-from recall.runtime import export_onnx
+from funnel.events.schema import NUM_BEHAVIOR_CODES
+from funnel.events.sequences import Window
+from funnel.events.timegap import GAP_BUCKETS, gap_buckets
+from funnel.recall.runtime import export_onnx
 
 log = logging.getLogger("funnel.recall")
 

@@ -12,11 +12,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from events.sequences import Window
-from recall.channels import CoVisitation, Popularity, sorted_lookup, top_entries
-from recall.index import search
-from recall.model import USER_INPUTS, TwoTower, frozen_for_inference, user_arrays
-from recall.runtime import OnnxModel
+from funnel.events.sequences import Window
+from funnel.recall.channels import CoVisitation, Popularity, sorted_lookup, top_entries
+from funnel.recall.index import search
+from funnel.recall.model import USER_INPUTS, TwoTower, frozen_for_inference, user_arrays
+from funnel.recall.runtime import OnnxModel
 
 CHANNELS: tuple[str, ...] = ("none", "two_tower", "covisit", "popular")
 TWO_TOWER, COVISIT, POPULAR = 1, 2, 3

@@ -11,13 +11,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from events.dataset import Dataset
-from events.metrics import summarize, target_ranks
-from events.split import Split, subsample
-from recall import distributed
-from recall.model import TwoTower, TwoTowerConfig, sampled_softmax_loss, user_tensors
-from recall.scoring import exact_topk
-from recall.warm import freeze_rows, grown
+from funnel.events.dataset import Dataset
+from funnel.events.metrics import summarize, target_ranks
+from funnel.events.split import Split, subsample
+from funnel.recall import distributed
+from funnel.recall.model import TwoTower, TwoTowerConfig, sampled_softmax_loss, user_tensors
+from funnel.recall.scoring import exact_topk
+from funnel.recall.warm import freeze_rows, grown
 
 log = logging.getLogger("funnel.train")
 

@@ -14,14 +14,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.aio import AioServer
-from server.batching import BatchStats, MicroBatcher
-from server.holder import EngineHolder
-from server.interceptors import ServerInterceptor
-from server.metrics import Metrics
-from server.rpc import recommender_pb2_grpc
-from server.service import SERVICE_NAME, RecommenderServicer
-from server.state import MAX_EVENTS_PER_USER
+from funnel.server.aio import AioServer
+from funnel.server.batching import BatchStats, MicroBatcher
+from funnel.server.holder import EngineHolder
+from funnel.server.interceptors import ServerInterceptor
+from funnel.server.metrics import Metrics
+from funnel.server.rpc import recommender_pb2_grpc
+from funnel.server.service import SERVICE_NAME, RecommenderServicer
+from funnel.server.state import MAX_EVENTS_PER_USER
 
 log = logging.getLogger(__name__)
 
@@ -307,8 +307,8 @@ def serve(
             (:meth:`recall.retriever.RecallConfig.parse_counts`); ``None`` keeps each bundle's.
         runtime: ``onnx`` or ``torch``, for every bundle served (:class:`server.engine.Engine`).
     """
-    from server.engine import Engine
-    from server.state import open_state
+    from funnel.server.engine import Engine
+    from funnel.server.state import open_state
 
     options = options or ServerOptions()
     n_threads = configure_threads(threads)

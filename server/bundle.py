@@ -19,16 +19,18 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from events.dataset import Dataset, file_sha256
-from rank.business import BusinessTables
-from rank.model import Ranker, RankerConfig, export_ranker
-from rank.pipeline import TwoStage
-from recall.channels import CoVisitation, Popularity
-from recall.index import IndexSpec, load_index, save_index
-from recall.model import TwoTower, TwoTowerConfig, export_user_tower
-from recall.retriever import RecallConfig, Retriever
-from recall.runtime import RUNTIMES
-from recall.train import recommendable_items
+from funnel.events.dataset import Dataset, file_sha256
+from funnel.rank.business import BusinessTables
+from funnel.rank.features import dense_names
+from funnel.rank.schema import check_schema, feature_schema
+from funnel.rank.model import Ranker, RankerConfig, export_ranker
+from funnel.rank.pipeline import TwoStage
+from funnel.recall.channels import CoVisitation, Popularity
+from funnel.recall.index import IndexSpec, load_index, save_index
+from funnel.recall.model import TwoTower, TwoTowerConfig, export_user_tower
+from funnel.recall.retriever import RecallConfig, Retriever
+from funnel.recall.runtime import RUNTIMES
+from funnel.recall.train import recommendable_items
 
 log = logging.getLogger("funnel.bundle")
 
@@ -219,6 +221,7 @@ def write_version(
         "recall_config": recall_config.to_dict(),
         "two_tower_config": two_tower.cfg.to_dict(),
         "ranker_config": ranker.cfg.to_dict(),
+        "rank_features": feature_schema(),
         "counts": {"users": len(data.users), "items": len(data.items), "categories": len(data.categories), "events": int(len(data.seqs))},
         **info,
     }
@@ -447,6 +450,7 @@ def load_bundle(path: str, device: str = "cpu", candidates: dict[str, int] | Non
     sizes = {"item vectors": len(item_vecs), "popularity": len(counts), "vocabulary": data.items.size}
     if len(set(sizes.values())) != 1 or max(two_tower.cfg.num_items, ranker.cfg.num_items, len(business.item)) > data.items.size:
         raise BundleError(f"{version_dir}: item id spaces disagree: {sizes}, model tables {two_tower.cfg.num_items}/{ranker.cfg.num_items}, business table {len(business.item)}")
+    _check_features(version_dir, manifest, ranker)
     bundle = Bundle(
         version_dir, manifest, data, two_tower, ranker, item_vecs, index, spec, covisit, Popularity.from_counts(counts),
         RecallConfig(**{**manifest["recall_config"], **(candidates or {})}), business,
@@ -455,6 +459,17 @@ def load_bundle(path: str, device: str = "cpu", candidates: dict[str, int] | Non
     if index.ntotal != recommendable:
         raise BundleError(f"{version_dir}: index holds {index.ntotal} vectors for {recommendable} recommendable items")
     return bundle
+
+
+def _check_features(version_dir: str, manifest: dict, ranker: Ranker) -> None:
+    """Refuse a bundle whose ranker reads other dense features than this code builds (it would score garbage)."""
+    try:
+        if "rank_features" in manifest:  # bundles written before the schema was recorded hold the built-in list
+            check_schema(manifest["rank_features"])
+        if ranker.cfg.num_dense != len(dense_names()):
+            raise ValueError(f"the ranker reads {ranker.cfg.num_dense} dense features, this code builds {len(dense_names())} ({', '.join(dense_names())})")
+    except ValueError as err:
+        raise BundleError(f"{version_dir}: {err}") from err
 
 
 def _runtime(runtime: str) -> str:

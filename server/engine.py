@@ -6,16 +6,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from events.schema import BEHAVIORS
-from events.sequences import Sequences
-from events.vocab import PAD
-from rank.pipeline import Ranked
-from recall.retriever import CHANNELS, Excluded
-from server.bundle import Bundle, load_bundle
-from server.eventlog import UserEvent
-from server.history import UserHistory, stack
-from server.query import Attended, BadQuery, RecommendQuery, RecommendResult, Recommendation
-from server.state import StateUnavailable, UserState
+from funnel.events.schema import BEHAVIORS
+from funnel.events.sequences import Sequences
+from funnel.events.vocab import PAD
+from funnel.rank.pipeline import Ranked
+from funnel.recall.retriever import CHANNELS, Excluded
+from funnel.server.bundle import Bundle, load_bundle
+from funnel.server.eventlog import UserEvent
+from funnel.server.history import UserHistory, stack
+from funnel.server.query import Attended, BadQuery, RecommendQuery, RecommendResult, Recommendation
+from funnel.server.state import StateUnavailable, UserState
 
 EXPLAIN_TOP = 3
 """Attended behaviours returned per item."""

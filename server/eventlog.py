@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from events.readers import EventLog, ReadReport
-from events.schema import BEHAVIOR_CODE
-from events.vocab import is_integer_ids
+from funnel.events.readers import EventLog, ReadReport
+from funnel.events.schema import BEHAVIOR_CODE
+from funnel.events.vocab import is_integer_ids
 
 FORMAT_VERSION = 1
 UNKNOWN_CATEGORY = "unknown"

@@ -9,13 +9,13 @@ import logging
 
 import numpy as np
 
-from events.dataset import Dataset
-from events.schema import BEHAVIOR_CODE
-from events.sequences import Sequences
-from events.vocab import PAD
-from server.eventlog import UserEvent
-from server.query import RecommendQuery
-from server.state import StateUnavailable, UserState
+from funnel.events.dataset import Dataset
+from funnel.events.schema import BEHAVIOR_CODE
+from funnel.events.sequences import Sequences
+from funnel.events.vocab import PAD
+from funnel.server.eventlog import UserEvent
+from funnel.server.query import RecommendQuery
+from funnel.server.state import StateUnavailable, UserState
 
 log = logging.getLogger("funnel.history")
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from server.bundle import BundleError, resolve
-from server.query import RecommendQuery
+from funnel.server.bundle import BundleError, resolve
+from funnel.server.query import RecommendQuery
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from collections.abc import Collection
 
 import grpc
 
-from server.metrics import Metrics
+from funnel.server.metrics import Metrics
 
 access_log = logging.getLogger("funnel.access")
 

@@ -23,9 +23,9 @@ import os
 import signal
 from typing import Any
 
-from server.app import BindError, ServerOptions, serve
-from server.eventlog import EventStoreError
-from server.state import StateUnavailable
+from funnel.server.app import BindError, ServerOptions, serve
+from funnel.server.eventlog import EventStoreError
+from funnel.server.state import StateUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -12,15 +12,15 @@ from concurrent.futures import Executor
 
 import grpc
 
-from events.schema import BEHAVIORS
-from rank.model import HEADS
-from server.eventlog import UserEvent
-from server.batching import DeadlineExpired, MicroBatcher, Overloaded
-from server.holder import BundleRefused, EngineHolder
-from server.metrics import Metrics
-from server.query import BadQuery, Event, RecommendQuery, RecommendResult
-from server.rpc import recommender_pb2, recommender_pb2_grpc
-from server.state import StateUnavailable
+from funnel.events.schema import BEHAVIORS
+from funnel.rank.model import HEADS
+from funnel.server.eventlog import UserEvent
+from funnel.server.batching import DeadlineExpired, MicroBatcher, Overloaded
+from funnel.server.holder import BundleRefused, EngineHolder
+from funnel.server.metrics import Metrics
+from funnel.server.query import BadQuery, Event, RecommendQuery, RecommendResult
+from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
+from funnel.server.state import StateUnavailable
 
 log = logging.getLogger(__name__)
 

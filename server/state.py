@@ -27,7 +27,7 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Sequence
 
-from server.eventlog import EventStore, UserEvent
+from funnel.server.eventlog import EventStore, UserEvent
 
 log = logging.getLogger(__name__)
 

@@ -2,13 +2,13 @@
 
 import pytest
 
-from events.dataset import Dataset
-from events.readers import read_events
+from funnel.events.dataset import Dataset
+from funnel.events.readers import read_events
 
 
 @pytest.fixture(scope="session")
 def tiny_log_path(tmp_path_factory) -> str:
-    from events.synth import SynthConfig, generate
+    from funnel.events.synth import SynthConfig, generate
 
     path = str(tmp_path_factory.mktemp("data") / "events.csv")
     generate(path, SynthConfig(n_users=150, n_items=400, n_categories=8, events_per_user=30.0, seed=7), progress=False)
@@ -23,9 +23,9 @@ def tiny_data(tiny_log_path) -> Dataset:
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_log_path, tmp_path_factory) -> str:
     """A bundle root trained on the tiny log with short schedules."""
-    from rank.train import RankerTrainConfig
-    from recall.train import TwoTowerTrainConfig
-    from tools.train import train
+    from funnel.rank.train import RankerTrainConfig
+    from funnel.recall.train import TwoTowerTrainConfig
+    from funnel.tools.train import train
 
     root = str(tmp_path_factory.mktemp("bundle"))
     train(

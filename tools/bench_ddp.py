@@ -1,4 +1,4 @@
-"""``python -m tools.bench_ddp``: two-tower training samples/s of N torchrun processes against one process.
+"""``python -m funnel.tools.bench_ddp``: two-tower training samples/s of N torchrun processes against one process.
 
 Both sides run one thread per process on the same log and split, alternating so that a
 noisy machine slows both alike; the report gives each run, the medians and their ratio.
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tools.output import write_json
+from funnel.tools.output import write_json
 
 
 def worker(*, events: str, fmt: str, split: str, samples: int) -> dict:
@@ -29,11 +29,11 @@ def worker(*, events: str, fmt: str, split: str, samples: int) -> dict:
     """
     import torch
 
-    from events.dataset import Dataset
-    from events.readers import read_events, release_read_memory
-    from events.split import make_split
-    from recall import distributed
-    from recall.train import TwoTowerTrainConfig, train_two_tower
+    from funnel.events.dataset import Dataset
+    from funnel.events.readers import read_events, release_read_memory
+    from funnel.events.split import make_split
+    from funnel.recall import distributed
+    from funnel.recall.train import TwoTowerTrainConfig, train_two_tower
 
     world = distributed.init_from_env()
     try:
@@ -54,7 +54,7 @@ def run_benchmark(*, events: str, fmt: str = "parquet", split: str = "comirec", 
         The report: the setting, every run, the median samples/s of each side and ``speedup`` (their ratio).
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    worker_args = ["-m", "tools.bench_ddp", "--worker", "--events", events, "--format", fmt, "--split", split, "--samples", str(samples)]
+    worker_args = ["-m", "funnel.tools.bench_ddp", "--worker", "--events", events, "--format", fmt, "--split", split, "--samples", str(samples)]
     commands = {
         "one": [sys.executable, *worker_args],
         "many": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *worker_args],
@@ -92,7 +92,7 @@ def format_report(report: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: the benchmark, or with ``--worker`` one run of it."""
-    p = argparse.ArgumentParser(prog="python -m tools.bench_ddp", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m funnel.tools.bench_ddp", description=__doc__.splitlines()[0])
     p.add_argument("--events", required=True, help="behaviour log (a parquet file from 'funnel ingest' reads fastest)")
     p.add_argument("--format", dest="fmt", default="parquet", help="log format (default: parquet)")
     p.add_argument("--split", default="comirec", help="split (default: comirec)")

@@ -1,4 +1,4 @@
-"""``python -m tools.bench_index``: each index spec against exact search on a synthetic catalogue.
+"""``python -m funnel.tools.bench_index``: each index spec against exact search on a synthetic catalogue.
 
 The catalogue imitates trained item-tower vectors: L2-normalised, scattered around a few
 thousand centres (categories) of uneven size. Queries imitate user vectors: a mix of one
@@ -19,10 +19,10 @@ import faiss
 import numpy as np
 import torch
 
-from events.metrics import overlap_recall
-from recall.index import IndexSpec, build_index, resolve, search
-from recall.scoring import exact_topk
-from tools.output import write_json
+from funnel.events.metrics import overlap_recall
+from funnel.recall.index import IndexSpec, build_index, resolve, search
+from funnel.recall.scoring import exact_topk
+from funnel.tools.output import write_json
 
 DEFAULT_SPECS = ("ivf", "ivf:nprobe=1", "ivfpq:m=16")
 BATCHES = (1, 256)
@@ -206,8 +206,8 @@ def format_table(report: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m tools.bench_index [--items N] [--spec S ...] [--json out.json]``."""
-    p = argparse.ArgumentParser(prog="python -m tools.bench_index", description=__doc__.splitlines()[0])
+    """Command line: ``python -m funnel.tools.bench_index [--items N] [--spec S ...] [--json out.json]``."""
+    p = argparse.ArgumentParser(prog="python -m funnel.tools.bench_index", description=__doc__.splitlines()[0])
     p.add_argument("--items", type=int, default=1_000_000, help="catalogue size (default: 1,000,000)")
     p.add_argument("--dim", type=int, default=64, help="vector width (default: 64)")
     p.add_argument("--queries", type=int, default=1000, help="query vectors (default: 1000)")

@@ -1,4 +1,4 @@
-"""``python -m tools.bench_learn``: online learning on a drifting stream, against the frozen base bundle.
+"""``python -m funnel.tools.bench_learn``: online learning on a drifting stream, against the frozen base bundle.
 
 1. ``funnel synth`` writes a log with items released over time and shifting tastes.
 2. A base bundle is trained on its first ``--base-share`` by time; the rest is the
@@ -29,13 +29,13 @@ import grpc
 import numpy as np
 import pandas as pd
 
-from events.schema import TAOBAO_COLUMNS
-from server.bundle import load_bundle, resolve
-from server.eventlog import read_event_store_since
-from server.rpc import recommender_pb2, recommender_pb2_grpc
-from tools.learn import LEARNING_LOG, known_only, holdout_scores
-from tools.output import write_json
-from tools.recommend import wait_ready
+from funnel.events.schema import TAOBAO_COLUMNS
+from funnel.server.bundle import load_bundle, resolve
+from funnel.server.eventlog import read_event_store_since
+from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
+from funnel.tools.learn import LEARNING_LOG, known_only, holdout_scores
+from funnel.tools.output import write_json
+from funnel.tools.recommend import wait_ready
 
 LOG_BATCH = 5_000
 """Events per LogEvents call (the rpc takes up to 10,000)."""
@@ -80,7 +80,7 @@ def bench(
     settings are kept: the bundle root is reset to its first version and the stream replayed anew.
     """
     os.makedirs(out, exist_ok=True)
-    py = [sys.executable, "-m", "tools"]
+    py = [sys.executable, "-m", "funnel.tools"]
     log_path, root, store = os.path.join(out, "log.csv"), os.path.join(out, "bundle"), os.path.join(out, "events.db")
     versions = os.path.join(root, "versions")
     reuse = reuse and os.path.isfile(log_path) and os.path.isdir(versions)
@@ -168,7 +168,7 @@ def _free_port() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.bench_learn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m funnel.tools.bench_learn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="working directory (log, bundle root, event store, reports)")
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--items", type=int, default=100_000)

@@ -1,4 +1,4 @@
-"""``python -m tools.bench_rank``: cost of ranking one user's candidates on one CPU thread.
+"""``python -m funnel.tools.bench_rank``: cost of ranking one user's candidates on one CPU thread.
 
 Every call is :meth:`rank.pipeline.TwoStage.rank` for one user and ``--candidates``
 recall candidates (features, model forward, sort), as a server pays it per request.
@@ -30,11 +30,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from rank.pipeline import TwoStage
-from recall.retriever import Candidates
-from recall.runtime import RUNTIMES
-from server.bundle import load_bundle
-from tools.output import write_json
+from funnel.rank.pipeline import TwoStage
+from funnel.recall.retriever import Candidates
+from funnel.recall.runtime import RUNTIMES
+from funnel.server.bundle import load_bundle
+from funnel.tools.output import write_json
 
 TARGET_MS = {"rank": 0.7, "recall": 0.5}
 """Per-request targets, median CPU or wall milliseconds on one thread."""
@@ -252,8 +252,8 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m tools.bench_rank --bundle DIR [--candidates 200] [--calls 2000] [--json out.json]``."""
-    p = argparse.ArgumentParser(prog="python -m tools.bench_rank", description=__doc__.splitlines()[0])
+    """Command line: ``python -m funnel.tools.bench_rank --bundle DIR [--candidates 200] [--calls 2000] [--json out.json]``."""
+    p = argparse.ArgumentParser(prog="python -m funnel.tools.bench_rank", description=__doc__.splitlines()[0])
     p.add_argument("--bundle", required=True, help="bundle root (with CURRENT) or a version directory")
     p.add_argument("--candidates", type=int, default=200, help="candidates ranked per call (default: 200)")
     p.add_argument("--calls", type=int, default=2000, help="timed calls (default: 2000)")

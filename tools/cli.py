@@ -4,23 +4,23 @@ import argparse
 import logging
 import sys
 
-from events.readers import EventFormatError
-from recall.retriever import RecallConfig
-from server.bundle import BundleError
+from funnel.events.readers import EventFormatError
+from funnel.recall.retriever import RecallConfig
+from funnel.server.bundle import BundleError
 
 COMMANDS = {
-    "demo": ("tools.demo", "generate data, train, serve and query once: the quickstart"),
-    "synth": ("events.synth", "write a synthetic Taobao-format behaviour log with planted structure"),
-    "ingest": ("tools.ingest", "parse and check a behaviour log once into parquet, for train and evaluate"),
-    "train": ("tools.train", "train both stages on a behaviour log and publish a bundle"),
-    "evaluate": ("tools.evaluate", "full-ranking evaluation of a bundle (recall, channels, final, baselines)"),
-    "seeds": ("tools.seeds", "train and evaluate once per seed; mean and spread of every metric"),
-    "learn": ("tools.learn", "keep learning from logged events: warm-start cycles, gated, published as new versions"),
-    "rebuild-index": ("tools.rebuild_index", "rebuild a bundle's FAISS index with another spec, verify its recall, swap it in"),
-    "verify": ("tools.verify", "check a bundle's files against its manifest (presence, size, SHA-256)"),
-    "serve": ("tools.serve", "serve a bundle over gRPC (funnel.v1.Recommender)"),
-    "recommend": ("tools.recommend", "call a running server's Recommend and print the ranked items"),
-    "loadtest": ("tools.loadtest", "open-loop load on a running server: latency percentiles, errors, model versions, health-check floor"),
+    "demo": ("funnel.tools.demo", "generate data, train, serve and query once: the quickstart"),
+    "synth": ("funnel.events.synth", "write a synthetic Taobao-format behaviour log with planted structure"),
+    "ingest": ("funnel.tools.ingest", "parse and check a behaviour log once into parquet, for train and evaluate"),
+    "train": ("funnel.tools.train", "train both stages on a behaviour log and publish a bundle"),
+    "evaluate": ("funnel.tools.evaluate", "full-ranking evaluation of a bundle (recall, channels, final, baselines)"),
+    "seeds": ("funnel.tools.seeds", "train and evaluate once per seed; mean and spread of every metric"),
+    "learn": ("funnel.tools.learn", "keep learning from logged events: warm-start cycles, gated, published as new versions"),
+    "rebuild-index": ("funnel.tools.rebuild_index", "rebuild a bundle's FAISS index with another spec, verify its recall, swap it in"),
+    "verify": ("funnel.tools.verify", "check a bundle's files against its manifest (presence, size, SHA-256)"),
+    "serve": ("funnel.tools.serve", "serve a bundle over gRPC (funnel.v1.Recommender)"),
+    "recommend": ("funnel.tools.recommend", "call a running server's Recommend and print the ranked items"),
+    "loadtest": ("funnel.tools.loadtest", "open-loop load on a running server: latency percentiles, errors, model versions, health-check floor"),
 }
 
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for chatty in ("faiss.loader", "onnxscript", "onnx_ir"):  # library INFO lines (per-node ONNX export notes) drown ours
         logging.getLogger(chatty).setLevel(logging.WARNING)
     if args.log_json:
-        from server.logs import use_json_logs
+        from funnel.server.logs import use_json_logs
 
         use_json_logs()
     try:

@@ -7,13 +7,13 @@ import os
 
 import numpy as np
 
-from events.synth import SynthConfig, generate
-from rank.train import RankerTrainConfig
-from recall.train import TwoTowerTrainConfig
-from server.app import create_server
-from server.engine import Engine
-from tools.recommend import format_result, recommend, wait_ready
-from tools.train import train
+from funnel.events.synth import SynthConfig, generate
+from funnel.rank.train import RankerTrainConfig
+from funnel.recall.train import TwoTowerTrainConfig
+from funnel.server.app import create_server
+from funnel.server.engine import Engine
+from funnel.tools.recommend import format_result, recommend, wait_ready
+from funnel.tools.train import train
 
 
 def demo(*, workdir: str = "quickstart", users: int = 500, items: int = 3000, categories: int = 30, seed: int = 0, k: int = 10, progress: bool = True) -> str:

@@ -31,7 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm import tqdm
 
-from events.metrics import (
+from funnel.events.metrics import (
     auc,
     calibration_bins,
     expected_calibration_error,
@@ -43,19 +43,19 @@ from events.metrics import (
     summarize_multi,
     target_ranks,
 )
-from events.readers import FORMATS, read_events, release_read_memory
-from events.schema import BEHAVIOR_CODE, BEHAVIORS
-from events.sequences import Sequences
-from events.split import SPLITS, Split, make_split, subsample
-from rank.model import HEAD_BEHAVIORS
-from rank.pipeline import TwoStage
-from recall.baselines import itemknn_topk, popularity_topk
-from recall.retriever import CHANNELS, COVISIT, POPULAR, TWO_TOWER
-from recall.runtime import RUNTIMES
-from server.bundle import load_bundle
-from tools.cli import add_candidates_argument
-from tools.output import write_json
-from tools.report import write_report
+from funnel.events.readers import FORMATS, read_events, release_read_memory
+from funnel.events.schema import BEHAVIOR_CODE, BEHAVIORS
+from funnel.events.sequences import Sequences
+from funnel.events.split import SPLITS, Split, make_split, subsample
+from funnel.rank.model import HEAD_BEHAVIORS
+from funnel.rank.pipeline import TwoStage
+from funnel.recall.baselines import itemknn_topk, popularity_topk
+from funnel.recall.retriever import CHANNELS, COVISIT, POPULAR, TWO_TOWER
+from funnel.recall.runtime import RUNTIMES
+from funnel.server.bundle import load_bundle
+from funnel.tools.cli import add_candidates_argument
+from funnel.tools.output import write_json
+from funnel.tools.report import write_report
 
 log = logging.getLogger("funnel.evaluate")
 

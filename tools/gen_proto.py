@@ -1,10 +1,10 @@
-"""``python -m tools.gen_proto``: regenerate the gRPC stubs in ``server/rpc/`` from ``proto/``.
+"""``python -m funnel.tools.gen_proto``: regenerate the gRPC stubs in ``server/rpc/`` from ``proto/``.
 
 protoc names generated modules after the ``.proto`` path (``funnel.v1.recommender_pb2``),
 but ``proto/`` must not become an importable package (proto-plus owns the name ``proto``)
-and the stubs live in ``server.rpc``. The ``.proto`` keeps its canonical path, so the
+and the stubs live in ``funnel.server.rpc``. The ``.proto`` keeps its canonical path, so the
 descriptor served by reflection is ``funnel/v1/recommender.proto``; only the Python
-module references protoc writes are moved to ``server.rpc``.
+module references protoc writes are moved to ``funnel.server.rpc``.
 """
 
 import os
@@ -16,31 +16,32 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROTO_ROOT = os.path.join(REPO_ROOT, "proto")
 PROTO_DIR = "funnel/v1"
 PROTO_FILES = ("recommender.proto",)
-TARGET_PACKAGE = "server.rpc"
-DEFAULT_OUT = os.path.join(REPO_ROOT, *TARGET_PACKAGE.split("."))
+TARGET_PACKAGE = "funnel.server.rpc"
+DEFAULT_OUT = os.path.join(REPO_ROOT, "server", "rpc")
 
 
 def _module_rewrites(stem: str) -> list[tuple[str, str]]:
-    """Python module references protoc derives from the .proto path, and their ``server.rpc`` form.
+    """Python module references protoc derives from the .proto path, and their ``funnel.server.rpc`` form.
 
     Service and method names (``/funnel.v1.Recommender/Recommend``) are wire names and are
     deliberately not among them.
     """
     source_package = PROTO_DIR.replace("/", ".")
-    target_dir = TARGET_PACKAGE.replace(".", "/")
     return [
         (f"from {source_package} import {stem}_pb2", f"from {TARGET_PACKAGE} import {stem}_pb2"),
         (f"'{source_package}.{stem}_pb2'", f"'{TARGET_PACKAGE}.{stem}_pb2'"),
-        (f"{PROTO_DIR}/{stem}_pb2_grpc.py", f"{target_dir}/{stem}_pb2_grpc.py"),
+        (f"{PROTO_DIR}/{stem}_pb2_grpc.py", f"server/rpc/{stem}_pb2_grpc.py"),
     ]
 
 
-def generate(out_dir: str) -> list[str]:
-    """Run protoc on ``proto/`` and write the ``server.rpc`` stubs into ``out_dir``.
+def generate(out_dir: str, proto_root: str = PROTO_ROOT) -> list[str]:
+    """Run protoc on ``proto/`` and write the ``funnel.server.rpc`` stubs into ``out_dir``.
 
     Args:
         out_dir: existing directory that receives ``<name>_pb2.py``, ``<name>_pb2.pyi``
             and ``<name>_pb2_grpc.py`` for every file in ``PROTO_FILES``.
+        proto_root: the repository's ``proto/`` folder (a wheel does not ship it, so
+            a check run against an installed wheel names the checkout's).
 
     Returns:
         Paths of the written files, sorted.
@@ -55,7 +56,7 @@ def generate(out_dir: str) -> list[str]:
     written = []
     with tempfile.TemporaryDirectory() as raw:
         sources = [f"{PROTO_DIR}/{name}" for name in PROTO_FILES]
-        args = ["protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", f"--python_out={raw}", f"--pyi_out={raw}", f"--grpc_python_out={raw}", *sources]
+        args = ["protoc", f"-I{proto_root}", f"-I{well_known}", f"--python_out={raw}", f"--pyi_out={raw}", f"--grpc_python_out={raw}", *sources]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed: {' '.join(args)}")
         for name in PROTO_FILES:

@@ -11,7 +11,7 @@ a bad row. The output appears only once it is complete.
 import argparse
 import sys
 
-from events.ingest import INGEST_FORMATS, ingest
+from funnel.events.ingest import INGEST_FORMATS, ingest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     for example in report.read.examples:
         print(f"  skipped {example}")
     if args.json_out:
-        from tools.output import write_json
+        from funnel.tools.output import write_json
 
         write_json(
             args.json_out,

@@ -37,19 +37,19 @@ import faiss
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from events.metrics import summarize, target_ranks
-from events.sequences import Sequences
-from events.split import Split, first_at_or_after, subsample
-from rank.business import BusinessTables
-from rank.pipeline import TwoStage
-from rank.train import RankerTrainConfig, train_ranker
-from recall.channels import CoVisitation, Popularity
-from recall.index import MIN_GATE_RECALL, add_items, build_index, can_remove, tune_nprobe
-from recall.retriever import Retriever
-from recall.train import TwoTowerTrainConfig, item_vectors, recommendable_items, train_two_tower, user_vectors
-from server.bundle import CURRENT, Bundle, BundleError, discard_staged, load_bundle, publish_staged, write_version
-from server.eventlog import read_event_store_since
-from tools.train import AUTO_INDEX, GATE_K, Stages, choose_index, duration_arg
+from funnel.events.metrics import summarize, target_ranks
+from funnel.events.sequences import Sequences
+from funnel.events.split import Split, first_at_or_after, subsample
+from funnel.rank.business import BusinessTables
+from funnel.rank.pipeline import TwoStage
+from funnel.rank.train import RankerTrainConfig, train_ranker
+from funnel.recall.channels import CoVisitation, Popularity
+from funnel.recall.index import MIN_GATE_RECALL, add_items, build_index, can_remove, tune_nprobe
+from funnel.recall.retriever import Retriever
+from funnel.recall.train import TwoTowerTrainConfig, item_vectors, recommendable_items, train_two_tower, user_vectors
+from funnel.server.bundle import CURRENT, Bundle, BundleError, discard_staged, load_bundle, publish_staged, write_version
+from funnel.server.eventlog import read_event_store_since
+from funnel.tools.train import AUTO_INDEX, GATE_K, Stages, choose_index, duration_arg
 
 log = logging.getLogger("funnel.learn")
 

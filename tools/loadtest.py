@@ -34,8 +34,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.rpc import recommender_pb2, recommender_pb2_grpc
-from tools.output import write_json
+from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
+from funnel.tools.output import write_json
 
 log = logging.getLogger("funnel.loadtest")
 
@@ -167,7 +167,7 @@ def version_report(due_s: np.ndarray, versions: list) -> tuple[dict, dict]:
 
 def load_users(path: str, fmt: str = "taobao", limit: int = 100_000, seed: int = 0) -> tuple[list[str], list[str]]:
     """User ids (a random sample of at most ``limit``) and item ids to draw requests from a behaviour log."""
-    from events.readers import read_events
+    from funnel.events.readers import read_events
 
     events = read_events(path, fmt).events
     rng = np.random.default_rng(seed)

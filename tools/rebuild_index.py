@@ -13,12 +13,12 @@ import time
 import faiss
 import numpy as np
 
-from events.metrics import overlap_recall
-from recall.index import AUTO_IVF_MIN_ITEMS, MIN_GATE_RECALL, IndexSpec, build_index, resolve, search, tune_nprobe
-from recall.scoring import exact_topk, subset_rows
-from recall.train import item_vectors
-from server.bundle import Bundle, load_bundle, replace_index
-from tools.bench_index import queries_per_second
+from funnel.events.metrics import overlap_recall
+from funnel.recall.index import AUTO_IVF_MIN_ITEMS, MIN_GATE_RECALL, IndexSpec, build_index, resolve, search, tune_nprobe
+from funnel.recall.scoring import exact_topk, subset_rows
+from funnel.recall.train import item_vectors
+from funnel.server.bundle import Bundle, load_bundle, replace_index
+from funnel.tools.bench_index import queries_per_second
 
 log = logging.getLogger("funnel.rebuild_index")
 

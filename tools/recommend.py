@@ -13,9 +13,9 @@ from collections.abc import Iterable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from events.schema import BEHAVIORS
-from server.query import Attended, Event, RecommendResult, Recommendation
-from server.rpc import recommender_pb2, recommender_pb2_grpc
+from funnel.events.schema import BEHAVIORS
+from funnel.server.query import Attended, Event, RecommendResult, Recommendation
+from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
 
 TITLE_WIDTH = 40
 HEALTH_RETRY_S = 0.05

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tools.output import write_text
+from funnel.tools.output import write_text
 
 WIDTH, HEIGHT = 560, 340
 MARGIN = {"left": 62, "right": 16, "top": 34, "bottom": 48}

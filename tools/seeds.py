@@ -14,11 +14,11 @@ import time
 
 import numpy as np
 
-from events.readers import FORMATS
-from events.split import SPLITS
-from tools.evaluate import evaluate
-from tools.output import write_json
-from tools.train import train
+from funnel.events.readers import FORMATS
+from funnel.events.split import SPLITS
+from funnel.tools.evaluate import evaluate
+from funnel.tools.output import write_json
+from funnel.tools.train import train
 
 log = logging.getLogger("funnel.seeds")
 

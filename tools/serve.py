@@ -4,11 +4,11 @@ import argparse
 import os
 import sys
 
-from recall.runtime import RUNTIMES
-from server.app import TOKEN_ENV, BindError, ServerOptions, open_without_token
-from server.eventlog import EventStoreError
-from server.state import MAX_EVENTS_PER_USER, StateUnavailable
-from tools.cli import add_candidates_argument
+from funnel.recall.runtime import RUNTIMES
+from funnel.server.app import TOKEN_ENV, BindError, ServerOptions, open_without_token
+from funnel.server.eventlog import EventStoreError
+from funnel.server.state import MAX_EVENTS_PER_USER, StateUnavailable
+from funnel.tools.cli import add_candidates_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,8 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.app import serve
-    from server.processes import ProcessesError, serve_processes
+    from funnel.server.app import serve
+    from funnel.server.processes import ProcessesError, serve_processes
 
     processes = args.processes if args.processes is not None else (len(os.sched_getaffinity(0)) if args.port else 1)
     event_log = args.event_log

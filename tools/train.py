@@ -14,19 +14,19 @@ import time
 import faiss
 import numpy as np
 
-from events.dataset import Dataset, file_fingerprint
-from events.readers import FORMATS, read_events, read_items, release_read_memory
-from events.split import SPLITS, make_split
-from rank.business import BusinessTables
-from rank.train import RankerTrainConfig, train_ranker
-from recall import distributed
-from recall.channels import CoVisitation, Popularity
-from recall.index import AUTO_IVF_MIN_ITEMS, MIN_GATE_RECALL, IndexSpec, build_index, resolve, tune_nprobe
-from recall.retriever import RecallConfig, Retriever
-from recall.train import TwoTowerTrainConfig, item_vectors, known_items, recommendable_items, train_two_tower, user_vectors
-from server.bundle import write_version
-from server.eventlog import fold_events as fold_events_into
-from server.eventlog import read_event_store_since
+from funnel.events.dataset import Dataset, file_fingerprint
+from funnel.events.readers import FORMATS, read_events, read_items, release_read_memory
+from funnel.events.split import SPLITS, make_split
+from funnel.rank.business import BusinessTables
+from funnel.rank.train import RankerTrainConfig, train_ranker
+from funnel.recall import distributed
+from funnel.recall.channels import CoVisitation, Popularity
+from funnel.recall.index import AUTO_IVF_MIN_ITEMS, MIN_GATE_RECALL, IndexSpec, build_index, resolve, tune_nprobe
+from funnel.recall.retriever import RecallConfig, Retriever
+from funnel.recall.train import TwoTowerTrainConfig, item_vectors, known_items, recommendable_items, train_two_tower, user_vectors
+from funnel.server.bundle import write_version
+from funnel.server.eventlog import fold_events as fold_events_into
+from funnel.server.eventlog import read_event_store_since
 
 log = logging.getLogger("funnel.train")
 
@@ -297,7 +297,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--nproc", type=_positive_int, default=1, metavar="N",
-        help="train with N processes on this machine: runs 'torchrun --standalone --nproc-per-node N -m tools train ...' with the other "
+        help="train with N processes on this machine: runs 'torchrun --standalone --nproc-per-node N -m funnel.tools train ...' with the other "
         "arguments (DistributedDataParallel, gloo on CPU; one thread per process unless OMP_NUM_THREADS is set). Across machines, call "
         "torchrun yourself (see the README) (default: 1)",
     )
@@ -328,7 +328,7 @@ def torchrun_command(argv: list[str], nproc: int) -> list[str]:
             skip = True
         elif not arg.startswith("--nproc="):
             rest.append(arg)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "tools", *rest]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "funnel.tools", *rest]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66unnel/v1/r
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'server.rpc.recommender_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'funnel.server.rpc.recommender_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RECOMMENDREQUEST_HEADWEIGHTSENTRY']._loaded_options = None

@@ -5,10 +5,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from events.dataset import Dataset
-from events.ingest import TAOBAO_SCHEMA, ingest
-from events.readers import EventFormatError, read_events
-from tools.cli import main
+from funnel.events.dataset import Dataset
+from funnel.events.ingest import TAOBAO_SCHEMA, ingest
+from funnel.events.readers import EventFormatError, read_events
+from funnel.tools.cli import main
 
 GOOD = "1,10,100,pv,1000\n1,11,100,cart,1001\n2,10,100,buy,1002\n"
 BAD = GOOD + "3,12,100,pv\n3,x,100,pv,5\n007,12,100,pv,6\n3,12,100,click,5\n"

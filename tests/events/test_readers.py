@@ -3,8 +3,8 @@ import os
 import pandas as pd
 import pytest
 
-from events.readers import EventFormatError, read_events
-from events.schema import BEHAVIOR_CODE
+from funnel.events.readers import EventFormatError, read_events
+from funnel.events.schema import BEHAVIOR_CODE
 
 GOOD = "1,10,100,pv,1000\n1,11,100,cart,1001\n2,10,100,buy,1002\n"
 

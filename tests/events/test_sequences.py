@@ -1,10 +1,10 @@
 import numpy as np
 
-from events.dataset import Dataset
-from events.readers import EventLog, ReadReport
-from events.sequences import Sequences
-from events.split import leave_last_out, make_split, time_split
-from events.vocab import Vocab
+from funnel.events.dataset import Dataset
+from funnel.events.readers import EventLog, ReadReport
+from funnel.events.sequences import Sequences
+from funnel.events.split import leave_last_out, make_split, time_split
+from funnel.events.vocab import Vocab
 import pandas as pd
 import pytest
 
@@ -96,8 +96,8 @@ def test_vocab_encodes_few_and_many_ids_alike():
 def test_dataset_grow_keeps_ids_and_marks_the_added_events():
     import pandas as pd
 
-    from events.dataset import Dataset
-    from events.readers import EventLog, ReadReport
+    from funnel.events.dataset import Dataset
+    from funnel.events.readers import EventLog, ReadReport
 
     def log(rows):
         events = pd.DataFrame(rows, columns=["user", "item", "category", "behavior", "ts"]).astype(

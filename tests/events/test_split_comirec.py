@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from events.sequences import Sequences
-from events.split import comirec_split, make_split, subsample
+from funnel.events.sequences import Sequences
+from funnel.events.split import comirec_split, make_split, subsample
 
 
 def seqs_with_lengths(lengths: list[int]) -> Sequences:

@@ -5,10 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from events import synth
-from events.readers import read_events
-from events.schema import BEHAVIORS, TAOBAO_COLUMNS
-from events.synth import SynthConfig, SynthStats, add_arguments, generate, run
+from funnel.events import synth
+from funnel.events.readers import read_events
+from funnel.events.schema import BEHAVIORS, TAOBAO_COLUMNS
+from funnel.events.synth import SynthConfig, SynthStats, add_arguments, generate, run
 
 TINY = SynthConfig(n_users=300, n_items=2_000, n_categories=20, seed=0)
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from events.sequences import Sequences, Window
-from rank.business import ITEM_FEATURES, USER_FEATURES, BusinessTables, user_business_features
+from funnel.events.sequences import Sequences, Window
+from funnel.rank.business import ITEM_FEATURES, USER_FEATURES, BusinessTables, user_business_features
 
 PV, CART, FAV, BUY = 1, 2, 3, 4
 S = 20.0  # the smoothing weight in rank.business

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from events.sequences import Window
-from server.bundle import load_bundle
+from funnel.events.sequences import Window
+from funnel.server.bundle import load_bundle
 
 
 @pytest.fixture(scope="module")

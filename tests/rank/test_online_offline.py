@@ -4,14 +4,14 @@ import dataclasses
 
 import numpy as np
 
-from events.dataset import Dataset
-from events.readers import read_events
-from events.split import leave_last_out
-from rank.business import BusinessTables
-from rank.features import FeatureTables, build_features
-from recall.channels import CoVisitation, Popularity
-from server.engine import Engine
-from server.query import RecommendQuery
+from funnel.events.dataset import Dataset
+from funnel.events.readers import read_events
+from funnel.events.split import leave_last_out
+from funnel.rank.business import BusinessTables
+from funnel.rank.features import FeatureTables, build_features
+from funnel.recall.channels import CoVisitation, Popularity
+from funnel.server.engine import Engine
+from funnel.server.query import RecommendQuery
 
 
 def test_served_features_equal_offline_features(tiny_bundle, tiny_log_path):

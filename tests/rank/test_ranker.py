@@ -2,19 +2,19 @@ import numpy as np
 import pytest
 import torch
 
-from events.sequences import Window
-from events.split import leave_last_out
-from events.timegap import gap_buckets
-from rank.business import BusinessTables
-from rank.features import DENSE_FEATURES, NUM_DENSE, FeatureTables, build_features, recall_ranks
-from rank.model import Ranker, RankerConfig, combine_heads, frozen_ranker, head_probabilities, ranking_loss
-from rank.pipeline import TwoStage
-from rank.train import RankerTrainConfig, head_labels, held_out_view, heads_for, make_groups, train_ranker
-from recall.channels import CoVisitation, Popularity
-from recall.index import IndexSpec, build_index
-from recall.retriever import Retriever
-from recall.train import TwoTowerTrainConfig, item_vectors, known_items, train_two_tower
-from events.sequences import Sequences
+from funnel.events.sequences import Window
+from funnel.events.split import leave_last_out
+from funnel.events.timegap import gap_buckets
+from funnel.rank.business import BusinessTables
+from funnel.rank.features import FeatureTables, build_features, dense_names, recall_ranks
+from funnel.rank.model import Ranker, RankerConfig, combine_heads, frozen_ranker, head_probabilities, ranking_loss
+from funnel.rank.pipeline import TwoStage
+from funnel.rank.train import RankerTrainConfig, head_labels, held_out_view, heads_for, make_groups, train_ranker
+from funnel.recall.channels import CoVisitation, Popularity
+from funnel.recall.index import IndexSpec, build_index
+from funnel.recall.retriever import Retriever
+from funnel.recall.train import TwoTowerTrainConfig, item_vectors, known_items, train_two_tower
+from funnel.events.sequences import Sequences
 
 
 def test_gap_buckets_log_scale_and_padding():
@@ -41,8 +41,8 @@ def test_features_category_share_seen_and_padding():
         w, np.array([10]), np.array([[3, 2, 0]]), np.array([[0.5, 0.2, -np.inf]], np.float32), np.array([[1, 2, 0]]), np.array([[0, 1, 2]]),
         user_activity=np.array([2]), tables=_tables(cat, np.array([0, 1, 1, 3, 7]), 5), num_gap_buckets=8,
     )
-    col = {name: i for i, name in enumerate(DENSE_FEATURES)}
-    assert f.dense.shape == (1, 3, NUM_DENSE)
+    col = {name: i for i, name in enumerate(dense_names())}
+    assert f.dense.shape == (1, 3, len(dense_names()))
     assert f.cand_categories.tolist() == [[1, 2, 0]]
     np.testing.assert_allclose(f.dense[0, :, col["category_share"]], [0.5, 0.5, 0.0])  # one of two events in each category
     np.testing.assert_allclose(f.dense[0, :, col["seen_share"]], [0.0, 0.5, 0.0])  # item 2 is half the history
@@ -62,7 +62,7 @@ def test_seen_features_match_within_each_user_only():
         w, np.array([10, 10]), cands, np.zeros(cands.shape, np.float32), np.ones_like(cands), np.zeros_like(cands),
         user_activity=np.array([2, 2]), tables=tables, num_gap_buckets=8,
     )  # fmt: skip
-    seen_cols = [DENSE_FEATURES.index(c) for c in ("seen_share", "seen_hours", "seen_cart_fav", "seen_buy")]
+    seen_cols = [dense_names().index(c) for c in ("seen_share", "seen_hours", "seen_cart_fav", "seen_buy")]
     # Each user's candidates are the other user's history: nothing is seen.
     assert (build(np.array([[3, 4], [1, 2]])).dense[..., seen_cols] == 0).all()
     # User 0's candidate 1 is their carted first event; user 1 still sees nothing.
@@ -81,7 +81,7 @@ def _feature_dict(b, c, n):
     return {
         "hist_items": z, "hist_categories": z, "hist_behaviors": z, "hist_gaps": z,
         "cand_items": torch.tensor([[1, 2], [3, 0]]), "cand_categories": torch.tensor([[1, 1], [2, 0]]),
-        "cand_channels": torch.tensor([[1, 2], [1, 0]]), "dense": torch.zeros(b, c, NUM_DENSE),
+        "cand_channels": torch.tensor([[1, 2], [1, 0]]), "dense": torch.zeros(b, c, len(dense_names())),
     }
 
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from server.bundle import load_bundle
-from server.engine import Engine
-from server.query import RecommendQuery
+from funnel.server.bundle import load_bundle
+from funnel.server.engine import Engine
+from funnel.server.query import RecommendQuery
 
 TOLERANCE = 1e-4
 

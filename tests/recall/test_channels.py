@@ -1,8 +1,8 @@
 import numpy as np
 import scipy.sparse as sp
 
-from events.sequences import Sequences
-from recall.channels import CoVisitation, Popularity, recency_weights, sorted_lookup, top_per_row
+from funnel.events.sequences import Sequences
+from funnel.recall.channels import CoVisitation, Popularity, recency_weights, sorted_lookup, top_per_row
 
 
 def seqs(users, items):

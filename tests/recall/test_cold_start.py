@@ -5,11 +5,11 @@ import faiss
 import numpy as np
 import scipy.sparse as sp
 
-from rank.train import RankerTrainConfig
-from recall.retriever import RecallConfig, Retriever, TWO_TOWER
-from recall.train import TwoTowerTrainConfig
-from server.bundle import load_bundle
-from tools.train import train
+from funnel.rank.train import RankerTrainConfig
+from funnel.recall.retriever import RecallConfig, Retriever, TWO_TOWER
+from funnel.recall.train import TwoTowerTrainConfig
+from funnel.server.bundle import load_bundle
+from funnel.tools.train import train
 
 
 def test_cold_item_reaches_users_of_its_category(tiny_log_path, tiny_data, tmp_path):

@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from recall import distributed
-from recall.distributed import World
+from funnel.recall import distributed
+from funnel.recall.distributed import World
 
 
 def test_outside_torchrun_the_world_is_one_process(monkeypatch):

@@ -2,8 +2,8 @@ import faiss
 import numpy as np
 import pytest
 
-from recall.index import IndexSpec, add_items, auto_nprobe, build_index, load_index, resolve, save_index, search, tune_nprobe
-from recall.scoring import exact_topk
+from funnel.recall.index import IndexSpec, add_items, auto_nprobe, build_index, load_index, resolve, save_index, search, tune_nprobe
+from funnel.recall.scoring import exact_topk
 
 
 def clustered(n=4000, d=16, clusters=40, seed=0):

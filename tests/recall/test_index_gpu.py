@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from recall.index import IndexSpec, build_index, gpu_available, load_index, save_index, search
-from recall.scoring import exact_topk
+from funnel.recall.index import IndexSpec, build_index, gpu_available, load_index, save_index, search
+from funnel.recall.scoring import exact_topk
 from tests.recall.test_index import clustered, overlap
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="faiss sees no GPU")]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from recall.retriever import Excluded, RecallConfig
+from funnel.recall.retriever import Excluded, RecallConfig
 
 
 def test_excluded_answers_per_user_membership():

@@ -1,8 +1,8 @@
 import numpy as np
 import scipy.sparse as sp
 
-import recall.scoring as scoring
-from recall.scoring import exact_topk
+import funnel.recall.scoring as scoring
+from funnel.recall.scoring import exact_topk
 
 
 def test_exact_topk_in_small_blocks_matches_brute_force(monkeypatch):

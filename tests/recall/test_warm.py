@@ -1,7 +1,7 @@
 import torch
 
-from recall.model import TwoTower, TwoTowerConfig
-from recall.warm import freeze_rows, grown
+from funnel.recall.model import TwoTower, TwoTowerConfig
+from funnel.recall.warm import freeze_rows, grown
 
 
 def test_grown_copies_every_weight_and_keeps_fresh_rows_for_new_ids():

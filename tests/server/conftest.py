@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from server.app import create_server
-from server.engine import Engine
-from server.state import RedisState, StateUnavailable
+from funnel.server.app import create_server
+from funnel.server.engine import Engine
+from funnel.server.state import RedisState, StateUnavailable
 
 REDIS_START_TIMEOUT_S = 10.0
 

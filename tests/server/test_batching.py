@@ -7,12 +7,12 @@ import grpc
 import numpy as np
 import pytest
 
-from server.app import ServerOptions, build_server
-from server.batching import DeadlineExpired, MicroBatcher, Overloaded
-from server.engine import Engine
-from server.holder import EngineHolder
-from server.query import BadQuery, Event, RecommendQuery, RecommendResult, Recommendation
-from server.rpc import recommender_pb2, recommender_pb2_grpc
+from funnel.server.app import ServerOptions, build_server
+from funnel.server.batching import DeadlineExpired, MicroBatcher, Overloaded
+from funnel.server.engine import Engine
+from funnel.server.holder import EngineHolder
+from funnel.server.query import BadQuery, Event, RecommendQuery, RecommendResult, Recommendation
+from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
 
 
 class Gate:

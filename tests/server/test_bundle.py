@@ -3,10 +3,10 @@ import os
 
 import pytest
 
-from server.bundle import FORMAT_VERSION, BundleError, load_bundle, read_manifest, resolve
-from server.engine import Engine
-from server.query import RecommendQuery
-from tools.rebuild_index import rebuild_index
+from funnel.server.bundle import FORMAT_VERSION, BundleError, load_bundle, read_manifest, resolve
+from funnel.server.engine import Engine
+from funnel.server.query import RecommendQuery
+from funnel.tools.rebuild_index import rebuild_index
 
 
 def test_bundle_loads_and_manifest_records_data(tiny_bundle, tiny_log_path):
@@ -102,7 +102,7 @@ def test_same_size_corruption_of_any_file_is_refused_naming_it(tiny_bundle, tmp_
 def test_verify_names_the_bad_file_and_exits_1(tiny_bundle, tmp_path, capsys):
     import shutil
 
-    from tools.cli import main
+    from funnel.tools.cli import main
 
     root = tmp_path / "root"
     shutil.copytree(tiny_bundle, root)
@@ -120,10 +120,33 @@ def test_verify_names_the_bad_file_and_exits_1(tiny_bundle, tmp_path, capsys):
 
 
 def test_large_bundles_log_their_checksum_progress(tiny_bundle, monkeypatch, caplog):
-    import server.bundle as bundle_module
+    import funnel.server.bundle as bundle_module
 
     monkeypatch.setattr(bundle_module, "HASH_PROGRESS_BYTES", 1)  # every bundle counts as large
     with caplog.at_level("INFO", logger="funnel.bundle"):
         bundle_module.read_manifest(bundle_module.resolve(tiny_bundle))
     lines = [r.getMessage() for r in caplog.records]
     assert "against their SHA-256" in lines[0] and lines[-1].endswith(" s") and "100% of the bundle" in lines[-1]
+
+
+def test_bundle_with_other_ranking_features_is_refused(tiny_bundle, tmp_path):
+    import shutil
+
+    from funnel.rank.features import dense_names
+    from funnel.rank.schema import register_feature, unregister
+
+    assert [f["name"] for f in load_bundle(tiny_bundle).manifest["rank_features"]] == list(dense_names())
+    copy = tmp_path / "copy"
+    shutil.copytree(resolve(tiny_bundle), copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["rank_features"] = [f for f in manifest["rank_features"] if f["name"] != "seen_hours"] + [{"name": "old_feature", "dtype": "float32"}]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="the code lacks old_feature; the bundle lacks seen_hours"):
+        load_bundle(str(copy))
+    # Code with a feature the (otherwise intact) bundle was not trained with refuses it too.
+    group = register_feature("newer_feature", lambda batch: batch.cand_scores)
+    try:
+        with pytest.raises(BundleError, match="the bundle lacks newer_feature"):
+            load_bundle(tiny_bundle)
+    finally:
+        unregister(group)

@@ -4,10 +4,10 @@ import grpc
 import numpy as np
 import pytest
 
-from server.app import create_server
-from server.engine import Engine
-from server.query import Event
-from tools.recommend import format_result, recommend
+from funnel.server.app import create_server
+from funnel.server.engine import Engine
+from funnel.server.query import Event
+from funnel.tools.recommend import format_result, recommend
 
 
 def active_user(engine):

@@ -6,11 +6,11 @@ import grpc
 import numpy as np
 import pytest
 
-from events.schema import BEHAVIORS
-from server.app import create_server
-from server.engine import Engine
-from server.query import Attended, RecommendQuery, RecommendResult, Recommendation
-from tools.recommend import format_result, recommend
+from funnel.events.schema import BEHAVIORS
+from funnel.server.app import create_server
+from funnel.server.engine import Engine
+from funnel.server.query import Attended, RecommendQuery, RecommendResult, Recommendation
+from funnel.tools.recommend import format_result, recommend
 
 TIMEOUT = 10.0
 

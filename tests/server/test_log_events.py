@@ -6,11 +6,11 @@ import grpc
 import numpy as np
 import pytest
 
-from server.app import create_server
-from server.engine import Engine
-from server.rpc import recommender_pb2, recommender_pb2_grpc
-from server.service import MAX_LOG_EVENTS
-from server.state import MemoryState
+from funnel.server.app import create_server
+from funnel.server.engine import Engine
+from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
+from funnel.server.service import MAX_LOG_EVENTS
+from funnel.server.state import MemoryState
 
 TIMEOUT = 10.0
 
@@ -113,8 +113,8 @@ def test_ten_events_in_one_category_raise_its_share_of_the_top_10(live):
 
 
 def test_logged_events_are_counted_in_the_metrics(tiny_bundle):
-    from server.app import build_server
-    from server.holder import EngineHolder
+    from funnel.server.app import build_server
+    from funnel.server.holder import EngineHolder
 
     built = build_server("127.0.0.1:0", holder=EngineHolder(Engine.load(tiny_bundle, MemoryState())))
     built.server.start()

@@ -11,11 +11,11 @@ import grpc
 import numpy as np
 import pytest
 
-from server.engine import Engine
-from server.eventlog import UserEvent
-from server.rpc import recommender_pb2, recommender_pb2_grpc
-from server.state import open_state
-from tools.recommend import wait_ready
+from funnel.server.engine import Engine
+from funnel.server.eventlog import UserEvent
+from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
+from funnel.server.state import open_state
+from funnel.tools.recommend import wait_ready
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 START_TIMEOUT_S = 120.0
@@ -25,12 +25,12 @@ USERS = [f"durable-{u}" for u in range(5)]
 
 
 class ServeProcess:
-    """``python -m tools serve`` on a free port, its log in a file."""
+    """``python -m funnel.tools serve`` on a free port, its log in a file."""
 
     def __init__(self, bundle: str, event_log: str, log_path: str):
         self.log_path = log_path
         self._log = open(log_path, "w")
-        cmd = [sys.executable, "-m", "tools", "serve", "--bundle", bundle, "--host", "127.0.0.1", "--port", "0",
+        cmd = [sys.executable, "-m", "funnel.tools", "serve", "--bundle", bundle, "--host", "127.0.0.1", "--port", "0",
                "--event-log", event_log, "--watch-interval", "0", "--workers", "4"]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
         port = self._wait_for(r"serving .* on 127\.0\.0\.1:(\d+)")

@@ -2,15 +2,15 @@
 
 import pytest
 
-from events.readers import read_events
-from events.synth import SynthConfig, generate
-from rank.train import RankerTrainConfig
-from recall.train import TwoTowerTrainConfig
-from server.engine import Engine
-from server.eventlog import EventStore, UserEvent
-from server.query import RecommendQuery
-from server.state import open_state
-from tools.train import train
+from funnel.events.readers import read_events
+from funnel.events.synth import SynthConfig, generate
+from funnel.rank.train import RankerTrainConfig
+from funnel.recall.train import TwoTowerTrainConfig
+from funnel.server.engine import Engine
+from funnel.server.eventlog import EventStore, UserEvent
+from funnel.server.query import RecommendQuery
+from funnel.server.state import open_state
+from funnel.tools.train import train
 
 
 @pytest.mark.slow

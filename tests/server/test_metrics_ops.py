@@ -9,11 +9,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.app import ServerOptions, build_server
-from server.holder import EngineHolder
-from server.query import RecommendResult, Recommendation
-from server.rpc import recommender_pb2, recommender_pb2_grpc
-from server.service import MAX_RECENT_EVENTS
+from funnel.server.app import ServerOptions, build_server
+from funnel.server.holder import EngineHolder
+from funnel.server.query import RecommendResult, Recommendation
+from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
+from funnel.server.service import MAX_RECENT_EVENTS
 
 TOKEN = "ops-token"
 
@@ -68,7 +68,7 @@ def test_metrics_count_requests_by_status_and_expose_stages_batches_and_bundle(b
 
 
 def test_bundle_gauge_moves_to_the_new_version():
-    from server.metrics import Metrics
+    from funnel.server.metrics import Metrics
 
     metrics = Metrics()
     metrics.set_bundle("a", "a")
@@ -86,8 +86,8 @@ def test_oversize_request_is_invalid_argument_with_its_size(stub):
 
 
 def test_too_many_recent_events_is_invalid_argument():
-    from server.service import validate
-    from server.query import BadQuery
+    from funnel.server.service import validate
+    from funnel.server.query import BadQuery
 
     request = recommender_pb2.RecommendRequest(user_id="u", k=2, recent_events=[recommender_pb2.Event(item_id="i", behavior="pv")] * (MAX_RECENT_EVENTS + 1))
     with pytest.raises(BadQuery, match=f"at most {MAX_RECENT_EVENTS}"):
@@ -174,7 +174,7 @@ def test_tls_needs_both_files(tls_files):
 def test_json_log_lines_carry_the_structured_fields():
     import json
 
-    from server.logs import JsonFormatter
+    from funnel.server.logs import JsonFormatter
 
     record = logging.LogRecord("funnel.access", logging.WARNING, "f.py", 1, "rpc %s", ("Recommend",), None)
     record.request_id, record.code = "req-7", "INTERNAL"

@@ -10,12 +10,12 @@ import urllib.request
 import grpc
 import pytest
 
-from server.app import BindError, ServerOptions, build_server, create_server
-from server.engine import Engine
-from server.holder import EngineHolder
-from server.processes import ProcessesError, serve_processes
-from server.rpc import recommender_pb2, recommender_pb2_grpc
-from tools.recommend import wait_ready
+from funnel.server.app import BindError, ServerOptions, build_server, create_server
+from funnel.server.engine import Engine
+from funnel.server.holder import EngineHolder
+from funnel.server.processes import ProcessesError, serve_processes
+from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
+from funnel.tools.recommend import wait_ready
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 START_TIMEOUT_S = 120.0
@@ -68,7 +68,7 @@ def test_processes_share_the_port_and_the_users_state(tiny_bundle, shared_state,
     metrics_port = unused_port + 1 if unused_port < 65000 else unused_port - 10
     port = unused_port
     log_path = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "tools", "serve", "--bundle", tiny_bundle, "--host", "127.0.0.1", "--port", str(port), "--processes", "2",
+    cmd = [sys.executable, "-m", "funnel.tools", "serve", "--bundle", tiny_bundle, "--host", "127.0.0.1", "--port", str(port), "--processes", "2",
            *shared_state, "--watch-interval", "0", "--metrics-port", str(metrics_port)]  # fmt: skip
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -114,7 +114,7 @@ def test_processes_share_the_port_and_the_users_state(tiny_bundle, shared_state,
 @pytest.mark.slow
 def test_servers_stop_when_their_parent_is_killed(tiny_bundle, unused_port, tmp_path):
     # kill -9 of `funnel serve` must not leave orphan servers holding the port.
-    cmd = [sys.executable, "-m", "tools", "serve", "--bundle", tiny_bundle, "--host", "127.0.0.1", "--port", str(unused_port), "--processes", "2",
+    cmd = [sys.executable, "-m", "funnel.tools", "serve", "--bundle", tiny_bundle, "--host", "127.0.0.1", "--port", str(unused_port), "--processes", "2",
            "--event-log", str(tmp_path / "events.db"), "--watch-interval", "0"]  # fmt: skip
     with open(tmp_path / "serve.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)

@@ -8,10 +8,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from server.app import create_server
-from server.query import BadQuery, Event, RecommendQuery, RecommendResult, Recommendation
-from server.rpc import recommender_pb2, recommender_pb2_grpc
-from tools.recommend import add_arguments, format_result, recommend, run, wait_ready
+from funnel.server.app import create_server
+from funnel.server.query import BadQuery, Event, RecommendQuery, RecommendResult, Recommendation
+from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
+from funnel.tools.recommend import add_arguments, format_result, recommend, run, wait_ready
 
 T0 = 1_700_000_000  # a valid event time (unix seconds)
 
@@ -150,7 +150,7 @@ def test_bad_query_from_engine_is_invalid_argument(engine, stub):
 
 def test_engine_crash_is_internal_without_traceback(engine, stub, caplog):
     engine.fail = RuntimeError("index exploded")
-    with caplog.at_level(logging.ERROR, logger="server.service"):
+    with caplog.at_level(logging.ERROR, logger="funnel.server.service"):
         err = rpc_error(stub, user_id="u1", k=5, request_id="req-crash")
     assert err.code() == grpc.StatusCode.INTERNAL
     assert "Traceback" not in err.details() and "index exploded" not in err.details()

@@ -7,12 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from events.readers import EventLog, ReadReport
-from events.schema import BEHAVIOR_CODE, BEHAVIORS
-from server.engine import Engine
-from server.eventlog import EventStore, EventStoreError, UserEvent, _Pending, fold_events, read_event_store
-from server.query import Event, RecommendQuery
-from server.state import MemoryState, SharedLogState, StateUnavailable, open_state
+from funnel.events.readers import EventLog, ReadReport
+from funnel.events.schema import BEHAVIOR_CODE, BEHAVIORS
+from funnel.server.engine import Engine
+from funnel.server.eventlog import EventStore, EventStoreError, UserEvent, _Pending, fold_events, read_event_store
+from funnel.server.query import Event, RecommendQuery
+from funnel.server.state import MemoryState, SharedLogState, StateUnavailable, open_state
 
 
 def ev(user: str, item: str, ts: int, behavior: str = "pv", category: str = "c") -> UserEvent:

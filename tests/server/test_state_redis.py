@@ -6,11 +6,11 @@ import grpc
 import numpy as np
 import pytest
 
-from server.app import create_server
-from server.engine import Engine
-from server.eventlog import UserEvent
-from server.rpc import recommender_pb2, recommender_pb2_grpc
-from server.state import LoggedState, RedisState, StateUnavailable, open_state
+from funnel.server.app import create_server
+from funnel.server.engine import Engine
+from funnel.server.eventlog import UserEvent
+from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
+from funnel.server.state import LoggedState, RedisState, StateUnavailable, open_state
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from server.app import ServerOptions, build_server
-from server.bundle import CURRENT, load_bundle, resolve, write_version
-from server.engine import Engine
-from server.holder import BundleRefused, EngineHolder
-from server.rpc import recommender_pb2, recommender_pb2_grpc
-from tools.loadtest import loadtest
+from funnel.server.app import ServerOptions, build_server
+from funnel.server.bundle import CURRENT, load_bundle, resolve, write_version
+from funnel.server.engine import Engine
+from funnel.server.holder import BundleRefused, EngineHolder
+from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
+from funnel.tools.loadtest import loadtest
 
 TOKEN = "swap-test-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -138,7 +138,7 @@ def test_broken_bundle_is_refused_and_the_old_one_keeps_answering(root, serving,
     user = users_of(root)[0]
     broken = republish(root)
     break_it(broken)
-    with grpc.insecure_channel(addr) as ch, caplog.at_level(logging.ERROR, logger="server.holder"):
+    with grpc.insecure_channel(addr) as ch, caplog.at_level(logging.ERROR, logger="funnel.server.holder"):
         stub = recommender_pb2_grpc.RecommenderStub(ch)
         with pytest.raises(grpc.RpcError) as err:
             stub.Reload(recommender_pb2.ReloadRequest(), metadata=AUTH, timeout=60)
@@ -166,7 +166,7 @@ def test_watcher_refuses_a_broken_version_once_and_takes_the_next_good_one(root,
     good = republish(root)
     broken = republish(root)
     corrupt_header(broken, "rank/ranker.pt")
-    with caplog.at_level(logging.ERROR, logger="server.holder"):
+    with caplog.at_level(logging.ERROR, logger="funnel.server.holder"):
         built.holder.start_watching(0.05)
         deadline = time.monotonic() + 30
         while not any("bundle refused" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
@@ -195,7 +195,7 @@ class Versioned:
         self.seconds = seconds
 
     def recommend(self, query):
-        from server.query import RecommendResult, Recommendation
+        from funnel.server.query import RecommendResult, Recommendation
 
         time.sleep(self.seconds)
         return RecommendResult([Recommendation("i1", 1.0, 1.0, "popular")], self.model_version, self.index_version, {})

@@ -2,7 +2,7 @@
 
 import json
 
-from tools.bench_ddp import format_report, run_benchmark
+from funnel.tools.bench_ddp import format_report, run_benchmark
 
 
 def test_bench_ddp_reports_both_sides_and_their_ratio(tiny_log_path, tmp_path):

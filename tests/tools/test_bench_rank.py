@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tools.bench_rank import format_report, run_benchmark
+from funnel.tools.bench_rank import format_report, run_benchmark
 
 
 def test_bench_rank_reports_both_runtimes_and_breakdown(tiny_bundle, tmp_path):

@@ -4,20 +4,20 @@ import json
 
 import pytest
 
-from events.readers import read_events
-from events.split import make_split
-from server.bundle import load_bundle
-from tools.cli import main
-from tools.evaluate import format_report
+from funnel.events.readers import read_events
+from funnel.events.split import make_split
+from funnel.server.bundle import load_bundle
+from funnel.tools.cli import main
+from funnel.tools.evaluate import format_report
 
 KS = {"recall": (10, 20, 50, 200), "final": (10, 20, 50)}
 
 
 @pytest.fixture(scope="module")
 def comirec_bundle(tiny_log_path, tmp_path_factory) -> str:
-    from rank.train import RankerTrainConfig
-    from recall.train import TwoTowerTrainConfig
-    from tools.train import train
+    from funnel.rank.train import RankerTrainConfig
+    from funnel.recall.train import TwoTowerTrainConfig
+    from funnel.tools.train import train
 
     root = str(tmp_path_factory.mktemp("comirec_bundle"))
     train(

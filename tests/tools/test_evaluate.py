@@ -5,10 +5,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from events.schema import BEHAVIOR_CODE
-from events.sequences import Sequences
-from tools import evaluate as evaluate_module
-from tools.evaluate import _batch_pairs, _is_target, _lift, _Pairs, _ranker_report
+from funnel.events.schema import BEHAVIOR_CODE
+from funnel.events.sequences import Sequences
+from funnel.tools import evaluate as evaluate_module
+from funnel.tools.evaluate import _batch_pairs, _is_target, _lift, _Pairs, _ranker_report
 
 
 def test_is_target_matches_rows_and_never_padding():
@@ -75,7 +75,7 @@ def test_lift_ratio_and_zero_recall():
 
 
 def test_small_test_sets_get_a_sampling_warning():
-    from tools.evaluate import sample_warnings
+    from funnel.tools.evaluate import sample_warnings
 
     assert sample_warnings(5000, {"hr@10": 0.2}) == []
     (some,) = sample_warnings(100, {"hr@10": 0.2})

@@ -8,15 +8,15 @@ import pandas as pd
 import pytest
 from prometheus_client.exposition import generate_latest
 
-from events.schema import TAOBAO_COLUMNS
-from events.synth import SynthConfig, generate
-from rank.train import RankerTrainConfig
-from recall.retriever import TWO_TOWER
-from recall.train import TwoTowerTrainConfig
-from server.bundle import CURRENT, load_bundle, resolve
-from server.eventlog import EventStore, UserEvent
-from tools.learn import LEARNING_LOG, LearnConfig, LearnMetrics, learn_cycle
-from tools.train import train
+from funnel.events.schema import TAOBAO_COLUMNS
+from funnel.events.synth import SynthConfig, generate
+from funnel.rank.train import RankerTrainConfig
+from funnel.recall.retriever import TWO_TOWER
+from funnel.recall.train import TwoTowerTrainConfig
+from funnel.server.bundle import CURRENT, load_bundle, resolve
+from funnel.server.eventlog import EventStore, UserEvent
+from funnel.tools.learn import LEARNING_LOG, LearnConfig, LearnMetrics, learn_cycle
+from funnel.tools.train import train
 
 # The judging rules are tested apart (the flood test); here the gate only must not block learning.
 LENIENT = LearnConfig(tolerance=1.0, min_gate_users=1, min_events=10)

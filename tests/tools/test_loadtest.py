@@ -7,11 +7,11 @@ import time
 import numpy as np
 import pytest
 
-from server.app import ServerOptions, build_server
-from server.holder import EngineHolder
-from server.query import RecommendResult, Recommendation
-from tools.cli import build_parser
-from tools.loadtest import human_summary, loadtest, ramp, summarize, version_report
+from funnel.server.app import ServerOptions, build_server
+from funnel.server.holder import EngineHolder
+from funnel.server.query import RecommendResult, Recommendation
+from funnel.tools.cli import build_parser
+from funnel.tools.loadtest import human_summary, loadtest, ramp, summarize, version_report
 
 
 def test_summarize_on_hand_computed_latencies():
@@ -117,8 +117,8 @@ def test_cli_registers_loadtest_and_checks_its_inputs():
 
 
 def test_users_and_items_come_from_the_log(tiny_log_path):
-    from events.readers import read_events
-    from tools.loadtest import load_users
+    from funnel.events.readers import read_events
+    from funnel.tools.loadtest import load_users
 
     events = read_events(tiny_log_path).events
     users, items = load_users(tiny_log_path, limit=20)

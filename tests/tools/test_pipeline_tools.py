@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from rank.train import RankerTrainConfig
-from recall.train import TwoTowerTrainConfig
-from server.bundle import load_bundle, resolve
-from tools.cli import main
-from tools.evaluate import evaluate, format_report
-from tools.rebuild_index import IndexRejected, rebuild_index
-from tools.train import TWO_TOWER_SHARE, WRITE_SHARE, parse_duration, train
+from funnel.rank.train import RankerTrainConfig
+from funnel.recall.train import TwoTowerTrainConfig
+from funnel.server.bundle import load_bundle, resolve
+from funnel.tools.cli import main
+from funnel.tools.evaluate import evaluate, format_report
+from funnel.tools.rebuild_index import IndexRejected, rebuild_index
+from funnel.tools.train import TWO_TOWER_SHARE, WRITE_SHARE, parse_duration, train
 
 METRICS = {"recall": {"hr@10", "ndcg@10", "hr@50", "hr@200"}, "final": {"hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr@10"}}
 
@@ -116,7 +116,7 @@ def test_durations_parse_and_bad_ones_are_refused(capsys):
 
 
 def test_demo_ends_with_three_next_commands():
-    from tools.demo import next_steps
+    from funnel.tools.demo import next_steps
 
     lines = next_steps("qs", "qs/events.csv", "42").splitlines()
     commands = [line.split("#")[0].strip() for line in lines if line.startswith("  funnel ")]

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from tools.recommend import parse_head_weight
+from funnel.tools.recommend import parse_head_weight
 
 
 def test_parse_head_weight():

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from tools.report import line_chart, nice_ticks, reliability_chart, write_report
+from funnel.tools.report import line_chart, nice_ticks, reliability_chart, write_report
 
 
 def test_nice_ticks_hand_examples():

@@ -1,7 +1,7 @@
-from rank.train import RankerTrainConfig
-from recall.train import TwoTowerTrainConfig
-from tools import seeds
-from tools.seeds import run_seeds, summarize_runs
+from funnel.rank.train import RankerTrainConfig
+from funnel.recall.train import TwoTowerTrainConfig
+from funnel.tools import seeds
+from funnel.tools.seeds import run_seeds, summarize_runs
 
 
 def test_summarize_runs_hand_computed():

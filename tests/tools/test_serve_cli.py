@@ -1,7 +1,7 @@
 import pytest
 
-from server.app import ServerOptions, is_loopback, open_without_token
-from tools.cli import main
+from funnel.server.app import ServerOptions, is_loopback, open_without_token
+from funnel.tools.cli import main
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "localhost", "::1", "[::1]"])

@@ -2,31 +2,29 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
 
-from server.app import create_server
-from server.bundle import resolve
-from server.engine import Engine
-from tools.evaluate import evaluate
-from tools.recommend import recommend
-from tools.train import torchrun_command
+from funnel.server.app import create_server
+from funnel.server.bundle import resolve
+from funnel.server.engine import Engine
+from funnel.tools.evaluate import evaluate
+from funnel.tools.recommend import recommend
+from funnel.tools.train import torchrun_command
 
 TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module")
 def ddp_bundle(tiny_log_path, tmp_path_factory):
-    torchrun = shutil.which("torchrun")
-    if torchrun is None:
-        pytest.fail("torchrun (installed with torch) is not on PATH")
+    # torchrun's module under this interpreter, so a run in another venv (the wheel check) trains with that venv's funnel.
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
     root = str(tmp_path_factory.mktemp("ddp"))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [torchrun, "--nproc-per-node", "2", "--standalone", "-m", "tools", "train", "--events", tiny_log_path, "--out", root, "--epochs", "3", "--no-progress"]
+    cmd = [*torchrun, "--nproc-per-node", "2", "--standalone", "-m", "funnel.tools", "train", "--events", tiny_log_path, "--out", root, "--epochs", "3", "--no-progress"]
     # Its own session, so a hang is cleaned up with torchrun's workers, not only torchrun.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
@@ -71,4 +69,4 @@ def test_nproc_reruns_the_command_line_under_torchrun():
     argv = ["--verbose", "train", "--events", "log.csv", "--nproc", "2", "--out", "b", "--nproc=3", "--seed", "1"]
     cmd = torchrun_command(argv, 2)
     assert cmd[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
-    assert cmd[7:] == ["tools", "--verbose", "train", "--events", "log.csv", "--out", "b", "--seed", "1"]
+    assert cmd[7:] == ["funnel.tools", "--verbose", "train", "--events", "log.csv", "--out", "b", "--seed", "1"]

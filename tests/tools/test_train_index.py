@@ -1,9 +1,9 @@
 """``train --index auto``: exact search for small catalogues, a gated IVF index above the threshold."""
 
-import tools.train as train_tool
-from events.split import make_split
-from recall.index import IndexSpec
-from server.bundle import load_bundle
+import funnel.tools.train as train_tool
+from funnel.events.split import make_split
+from funnel.recall.index import IndexSpec
+from funnel.server.bundle import load_bundle
 
 
 def _choose(bundle, spec="auto"):
