@@ -103,7 +103,7 @@ class Dataset:
         where they give none), no title and no tags.
 
         Args:
-            log: the added events (raw ids, e.g. from :func:`server.eventlog.read_event_store`).
+            log: the added events (raw ids, e.g. from :func:`events.eventlog.read_event_store`).
             unknown_category: category of new items whose events name none.
 
         Returns:

@@ -18,7 +18,8 @@ from funnel.events.sequences import Window
 from funnel.events.timegap import gap_buckets
 from funnel.rank.business import ITEM_FEATURES, POPULARITY_WINDOWS_S, USER_FEATURES, BusinessTables, user_business_features
 from funnel.rank.schema import FeatureBatch, dense_names, groups, register_features
-from funnel.recall.channels import CoVisitation, recency_weights, sorted_lookup
+from funnel.recall.channels import CoVisitation, recency_weights
+from funnel.recall.lookup import sorted_lookup
 
 CANDIDATE_COLUMNS = (
     "recall_score",

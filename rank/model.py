@@ -22,6 +22,7 @@ from torch import nn
 from torch.export import Dim
 
 from funnel.events.schema import BEHAVIORS, NUM_BEHAVIOR_CODES
+from funnel.rank.contract import register_ranker
 from funnel.rank.features import dense_names
 from funnel.recall.model import frozen_for_inference, lookup, masked_softmax
 from funnel.recall.runtime import export_onnx
@@ -45,7 +46,7 @@ class RankerConfig:
 
     Attributes:
         num_items, num_categories: embedding table sizes.
-        num_channels: recall channel ids (0 = none).
+        num_channels: recall channel ids: 0 = none, then the retriever's channels (:attr:`recall.retriever.Retriever.channel_names`).
         num_dense: dense feature count (default: every registered feature, :func:`rank.schema.dense_names`).
         dim: embedding width.
         history: events in the long-term window (the model's input length).
@@ -128,7 +129,9 @@ class TargetAttention(nn.Module):
 
 
 class Ranker(nn.Module):
-    """Scores candidates for a user; see the module docstring for the architecture."""
+    """Scores candidates for a user; see the module docstring for the architecture and :mod:`rank.contract` for the call."""
+
+    kind = "din"
 
     def __init__(self, cfg: RankerConfig):
         super().__init__()
@@ -272,3 +275,6 @@ def ranking_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
     click = logits[..., 0].masked_fill(~mask, float("-inf"))  # [B, G]
     listwise = F.cross_entropy(click, labels[..., 0].float().argmax(1))
     return pointwise + listwise_weight * listwise
+
+
+register_ranker(Ranker, RankerConfig)

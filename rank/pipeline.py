@@ -70,7 +70,7 @@ class TwoStage:
         self.ranker = ranker.eval()
         self.device = next(ranker.parameters()).device
         self._score: Callable[[RankFeatures], tuple[np.ndarray, np.ndarray]] = self._torch_scorer(self.ranker)
-        self.tables = FeatureTables(retriever.item_category, item_counts, business, retriever.covisit)
+        self.tables = FeatureTables(retriever.item_category, item_counts, business, retriever.channel("covisit"))
 
     def freeze(self) -> None:
         """Score with a frozen TorchScript copy of the ranker from now on (:func:`rank.model.frozen_ranker`).

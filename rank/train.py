@@ -33,7 +33,6 @@ from funnel.rank.features import FeatureTables, RankFeatures, build_features, re
 from funnel.rank.model import HEAD_BEHAVIORS, HEADS, Ranker, RankerConfig, ranking_loss
 from funnel.rank.pipeline import TwoStage
 from funnel.recall import distributed
-from funnel.recall.channels import CoVisitation, Popularity
 from funnel.recall.retriever import Candidates, Retriever
 from funnel.recall.train import EarlyStopping, EpochClock, SparseTableOptimizer, brief_metrics, close_history, epoch_record, pick_device
 from funnel.recall.warm import grown
@@ -243,13 +242,11 @@ def held_out_view(data: Dataset, split: Split, retriever: Retriever, business: B
     seqs = data.seqs
     first = np.minimum(np.maximum(split.train_end - holdout, seqs.offsets[:-1] + 1), split.train_end)
     mask = dataclasses.replace(split, train_end=first).train_mask(seqs)
-    covisit = CoVisitation.fit(seqs, mask, data.items.size)
-    popularity = Popularity.fit(seqs, mask, data.items.size)
-    view = Retriever(
-        retriever.model, retriever.item_vecs, retriever.index, covisit, popularity, retriever.item_category, retriever.config, retriever.recommendable
-    )
+    # The same channels, refitted on the earlier part: what the held-out positions' candidates would have come from.
+    channels = [type(c).fit(data, mask) for c in retriever.channels]
+    view = Retriever(retriever.model, retriever.item_vecs, retriever.index, channels, retriever.item_category, retriever.config, retriever.recommendable)
     earlier = BusinessTables(item_table(seqs, mask, data.item_category), business.event_keys)
-    tables = FeatureTables(data.item_category, popularity.counts, earlier, covisit)
+    tables = FeatureTables(data.item_category, view.channel("popular").counts, earlier, view.channel("covisit"))
     users, positions = split.train_targets(seqs)
     keep = positions >= first[users]
     return HeldOutView(view, tables, users[keep], positions[keep])
@@ -367,7 +364,12 @@ def train_ranker(
     cfg = train_config or RankerTrainConfig()
     clock = EpochClock(cfg.max_seconds, cfg.budget_epochs)  # the preparation below counts against the budget
     seqs = data.seqs
-    mcfg = model_config or RankerConfig(num_items=data.items.size, num_categories=data.categories.size, heads=heads_for(seqs.behaviors[split.train_mask(seqs)]))
+    mcfg = model_config or RankerConfig(
+        num_items=data.items.size,
+        num_categories=data.categories.size,
+        num_channels=len(retriever.channel_names),
+        heads=heads_for(seqs.behaviors[split.train_mask(seqs)]),
+    )
     if init is not None:
         mcfg = dataclasses.replace(init.cfg, num_items=data.items.size, num_categories=data.categories.size)
     device = pick_device(cfg.device)

@@ -2,81 +2,42 @@
 
 They cover what an embedding misses: a user with one or two events (co-visitation
 of their latest items) and users or items the model knows nothing about (popularity).
+Both are registered recall channels (:mod:`recall.plugin`), in this order.
 """
 
+import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import scipy.sparse as sp
 
+from funnel.events.dataset import Dataset
 from funnel.events.sequences import Sequences
+from funnel.recall.lookup import sorted_lookup, top_entries
+from funnel.recall.plugin import ChannelQuery, register_channel
 
 
 SHARD_ENTRIES = 64_000_000
-"""Co-visitation pair entries counted at a time (:meth:`CoVisitation.fit`): about 1.3 GB while sorted."""
+"""Co-visitation pair entries counted at a time (:meth:`CoVisitation.count_pairs`): about 1.3 GB while sorted."""
 PAIR_CHUNK = 1 << 23
 """Positions whose pairs are gathered at a time."""
 
 
-def top_per_row(m: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Largest ``k`` entries of each sparse row, best first.
-
-    Returns:
-        (cols [R, k] int64 padded with 0, values [R, k] float32 padded with -inf).
-    """
-    m = m.tocoo()
-    return top_entries(m.row, m.col, m.data, m.shape[0], k)
-
-
-def sorted_lookup(keys: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Where each query would sit in the sorted, non-empty ``keys``, and whether it is there.
-
-    Returns:
-        (positions, clipped to ``len(keys) - 1``; bool found), both shaped like ``query``.
-    """
-    at = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
-    return at, keys[at] == query
-
-
-def descending_key(vals: np.ndarray) -> np.ndarray:
-    """int64 keys in [0, 2**32) that sort float32 ``vals`` largest first (NaN aside)."""
-    bits = np.asarray(vals, np.float32).view(np.int32).astype(np.int64)
-    ascending = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # float order as signed ints: negative floats' bits reversed
-    return (1 << 31) - 1 - ascending
-
-
-def top_entries(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, num_rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Largest ``k`` of the entries ``(rows[i], cols[i], vals[i])`` in each row, best first.
-
-    Args:
-        rows, cols, vals: [E] entries, at most one per (row, col); rows in [0, 2**31).
-        num_rows: R.
-        k: entries kept per row.
-
-    Returns:
-        (cols [R, k] int64 padded with 0, values [R, k] float32 padded with -inf).
-    """
-    rows, cols, vals = np.asarray(rows, np.int64), np.asarray(cols, np.int64), np.asarray(vals, np.float32)
-    order = np.argsort((rows << 32) | descending_key(vals), kind="stable")  # by row, then best first; one key sorts faster than lexsort's two
-    rows, cols, vals = rows[order], cols[order], vals[order]
-    starts = np.searchsorted(rows, np.arange(num_rows))
-    rank = np.arange(len(rows)) - starts[rows]
-    keep = rank < k
-    out_cols = np.zeros((num_rows, k), dtype=np.int64)
-    out_vals = np.full((num_rows, k), -np.inf, dtype=np.float32)
-    out_cols[rows[keep], rank[keep]] = cols[keep]
-    out_vals[rows[keep], rank[keep]] = vals[keep]
-    return out_cols, out_vals
-
-
+@register_channel
 @dataclass
 class CoVisitation:
     """Item → co-visited items with weights, truncated to the top ``neighbours`` per item.
+
+    As a channel: the items most co-visited with each user's ``recent`` latest events.
+    Its graph is also a ranking feature (:mod:`rank.features`).
 
     Attributes:
         graph: [M, M] sparse; row i holds the items most often visited near item i.
     """
 
+    name: ClassVar[str] = "covisit"
+    default_count: ClassVar[int] = 50
     graph: sp.csr_matrix
     _keys: np.ndarray = field(init=False, repr=False, compare=False)
 
@@ -88,7 +49,27 @@ class CoVisitation:
         self._keys = np.repeat(np.arange(g.shape[0], dtype=np.int64), np.diff(g.indptr)) * g.shape[1] + g.indices
 
     @classmethod
-    def fit(
+    def fit(cls, data: Dataset, mask: np.ndarray) -> "CoVisitation":
+        """The channel fitted on ``data.seqs`` where ``mask`` is set (:meth:`count_pairs` with the defaults)."""
+        return cls.count_pairs(data.seqs, mask, data.items.size)
+
+    def candidates(self, query: ChannelQuery, k: int) -> np.ndarray:
+        """The ``k`` items scoring highest in :meth:`scores` of each user's ``query.recent`` latest events (int64 [B, k], 0 = padding)."""
+        rows, items, scores = self.scores(query.window.items[:, -query.recent :])
+        keep = ~query.exclude.pairs(rows, items)
+        if query.category is not None:
+            keep &= query.item_category[items] == query.category
+        return top_entries(rows[keep], items[keep], scores[keep], len(query.user_vecs), k)[0]
+
+    def save(self, directory: str) -> None:
+        sp.save_npz(os.path.join(directory, f"{self.name}.npz"), self.graph)
+
+    @classmethod
+    def load(cls, directory: str) -> "CoVisitation":
+        return cls(sp.load_npz(os.path.join(directory, f"{cls.name}.npz")).tocsr())
+
+    @classmethod
+    def count_pairs(
         cls, seqs: Sequences, mask: np.ndarray, num_items: int, *, window: int = 3, neighbours: int = 50, shard_entries: int = SHARD_ENTRIES
     ) -> "CoVisitation":
         """Count item pairs that occur within ``window`` events of each other in a user's sequence.
@@ -246,21 +227,48 @@ def recency_weights(n: int) -> np.ndarray:
     return 0.5 ** np.arange(n)[::-1]
 
 
+@register_channel
 @dataclass
 class Popularity:
     """Items ranked by training interactions, most popular first.
+
+    As a channel: the most popular items each user may get. Its counts also say which
+    items training saw (the recommendable set) and are a ranking feature.
 
     Attributes:
         ranked: int64 item ids, most popular first.
         counts: int64 [M] interactions per item id.
     """
 
+    name: ClassVar[str] = "popular"
+    default_count: ClassVar[int] = 20
     ranked: np.ndarray
     counts: np.ndarray
 
     @classmethod
-    def fit(cls, seqs: Sequences, mask: np.ndarray, num_items: int) -> "Popularity":
+    def fit(cls, data: Dataset, mask: np.ndarray) -> "Popularity":
+        """The channel fitted on ``data.seqs`` where ``mask`` is set (:meth:`count_items`)."""
+        return cls.count_items(data.seqs, mask, data.items.size)
+
+    @classmethod
+    def count_items(cls, seqs: Sequences, mask: np.ndarray, num_items: int) -> "Popularity":
+        """Interactions per item id over the positions of ``seqs`` where ``mask`` is set."""
         return cls.from_counts(np.bincount(seqs.items[mask], minlength=num_items).astype(np.int64))
+
+    def candidates(self, query: ChannelQuery, k: int) -> np.ndarray:
+        """The ``k`` most popular items each user may get (int64 [B, k], 0 = padding)."""
+        ranked = self.ranked
+        if query.category is not None:
+            ranked = ranked[query.item_category[ranked] == query.category]
+        head = np.broadcast_to(ranked[: k + query.exclude.most_per_row], (len(query.user_vecs), min(len(ranked), k + query.exclude.most_per_row)))
+        return query.allowed(head, k)
+
+    def save(self, directory: str) -> None:
+        np.save(os.path.join(directory, "popularity.npy"), self.counts)
+
+    @classmethod
+    def load(cls, directory: str) -> "Popularity":
+        return cls.from_counts(np.load(os.path.join(directory, "popularity.npy")))
 
     @classmethod
     def from_counts(cls, counts: np.ndarray) -> "Popularity":

@@ -1,60 +1,79 @@
-"""The recall stage: two-tower ANN search plus co-visitation and popularity, merged.
+"""The recall stage: two-tower ANN search plus the registered channels (:mod:`recall.plugin`), merged.
 
-Every candidate carries the channel that surfaced it first (two-tower, then
-co-visitation, then popularity) and one comparable recall score: the two-tower inner
+Every candidate carries the channel that surfaced it first (the two-tower, then each
+channel in the retriever's order) and one comparable recall score: the two-tower inner
 product of the user and the item, whichever channel found it.
 """
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from funnel.events.sequences import Window
-from funnel.recall.channels import CoVisitation, Popularity, sorted_lookup, top_entries
 from funnel.recall.index import search
 from funnel.recall.model import USER_INPUTS, TwoTower, frozen_for_inference, user_arrays
+from funnel.recall.plugin import Channel, ChannelQuery, Excluded, compact, registered
 from funnel.recall.runtime import OnnxModel
 
-CHANNELS: tuple[str, ...] = ("none", "two_tower", "covisit", "popular")
-TWO_TOWER, COVISIT, POPULAR = 1, 2, 3
+TWO_TOWER = "two_tower"
+"""The two-tower channel's name; channel id 1 (0 = padding), the other channels follow it."""
 
 
 @dataclass
 class RecallConfig:
-    """How many candidates each channel contributes (before de-duplication).
+    """How many candidates each channel contributes (before de-duplication), by channel name.
 
     The defaults merge to about 200 candidates, what the ranker can score within a
-    millisecond. On MovieLens-100k (three seeds) they give the same final NDCG@10 as
-    200/100/50 (0.1290 against 0.1291) at two thirds of the ranking cost.
+    millisecond. On MovieLens-100k (three seeds) two-tower 150, co-visitation 50 and
+    popularity 20 give the same final NDCG@10 as 200/100/50 (0.1290 against 0.1291) at
+    two thirds of the ranking cost.
+
+    Attributes:
+        counts: channel name -> candidates; a channel not named here contributes its
+            ``default_count``, 0 turns a channel off.
+        recent: the latest events a history-based channel (co-visitation) looks at.
     """
 
-    two_tower: int = 150
-    covisit: int = 50
-    popular: int = 20
+    counts: dict[str, int] = field(default_factory=lambda: {TWO_TOWER: 150})
     recent: int = 5
 
+    def count(self, name: str) -> int:
+        """Candidates asked of channel ``name``."""
+        return self.counts[name] if name in self.counts else registered()[name].default_count
+
+    def resolved(self, names: Sequence[str]) -> "RecallConfig":
+        """The config with an explicit count for the two-tower and every channel in ``names`` (what a bundle records)."""
+        return RecallConfig({n: self.count(n) for n in (TWO_TOWER, *names)}, self.recent)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """``{channel: count, ..., "recent": n}``, the manifest's ``recall_config``."""
+        return {**self.counts, "recent": self.recent}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RecallConfig":
+        """Inverse of :meth:`to_dict` (a subset of channels is fine: the rest take their defaults)."""
+        counts = {k: int(v) for k, v in d.items() if k != "recent"}
+        return cls({TWO_TOWER: 150, **counts}, int(d.get("recent", 5)))
 
     @staticmethod
     def parse_counts(spec: str) -> dict[str, int]:
-        """Per-channel counts from ``"two_tower=150,covisit=50,popular=20"`` (any subset of the fields).
+        """Per-channel counts from ``"two_tower=150,covisit=50,popular=20"`` (any subset of the channels, and ``recent``).
 
         Args:
-            spec: comma-separated ``field=count`` pairs; counts are integers >= 0
-                (0 turns the co-visitation or popularity channel off); ``two_tower``
-                and ``recent`` at least 1.
+            spec: comma-separated ``name=count`` pairs, names among ``two_tower``, the
+                registered channels and ``recent``; counts are integers >= 0 (0 turns a
+                channel off); ``two_tower`` and ``recent`` at least 1.
 
         Returns:
-            field -> count, to apply with ``dataclasses.replace(config, **counts)``.
+            name -> count, to apply with :meth:`from_dict`.
 
         Raises:
             ValueError: naming the bad pair and what is allowed.
         """
-        allowed = tuple(f.name for f in fields(RecallConfig))
+        allowed = (TWO_TOWER, *registered(), "recent")
         counts: dict[str, int] = {}
         for pair in filter(None, (p.strip() for p in spec.split(","))):
             name, sep, value = (part.strip() for part in pair.partition("="))
@@ -65,7 +84,7 @@ class RecallConfig:
             counts[name] = int(value)
         if not counts:
             raise ValueError(f"no counts in {spec!r}; expected e.g. two_tower=150,covisit=50,popular=20")
-        for name in ("two_tower", "recent"):
+        for name in (TWO_TOWER, "recent"):
             if counts.get(name, 1) < 1:
                 raise ValueError(f"{name} must be at least 1, got {counts[name]}")
         return counts
@@ -78,7 +97,7 @@ class Candidates:
     Attributes:
         items: item ids, 0 = padding.
         scores: two-tower inner products, -inf for padding.
-        channels: index into :data:`CHANNELS`, 0 for padding.
+        channels: index into the retriever's :attr:`Retriever.channel_names`, 0 for padding.
         user_vecs: [B, d] the user vectors the scores came from.
     """
 
@@ -89,10 +108,17 @@ class Candidates:
 
 
 class Retriever:
-    """Runs the recall channels for a batch of users and merges their candidates.
+    """Runs the two-tower and the other recall channels for a batch of users and merges their candidates.
 
-    ``recommendable`` (bool [M], default every item but padding) names the items the
-    index holds; the exact per-category path keeps to the same set.
+    Args:
+        model: the two-tower model.
+        item_vecs: [M, d] item vectors (row 0 = padding).
+        index: the FAISS index over the recommendable rows of ``item_vecs``.
+        channels: the other channels, in merge order (:func:`recall.plugin.fit_channels`).
+        item_category: [M] category id per item id.
+        config: candidate counts per channel.
+        recommendable: bool [M], the items the index holds (default every item but
+            padding); the exact per-category path keeps to the same set.
     """
 
     def __init__(
@@ -100,8 +126,7 @@ class Retriever:
         model: TwoTower,
         item_vecs: np.ndarray,
         index,
-        covisit: CoVisitation,
-        popularity: Popularity,
+        channels: Sequence[Channel],
         item_category: np.ndarray,
         config: RecallConfig | None = None,
         recommendable: np.ndarray | None = None,
@@ -111,12 +136,24 @@ class Retriever:
         self._encode: Callable[..., np.ndarray] = self._torch_encoder(model.user_tower)
         self.item_vecs = item_vecs
         self.index = index
-        self.covisit = covisit
-        self.popularity = popularity
+        self.channels = list(channels)
         self.item_category = item_category
-        self.config = config or RecallConfig()
+        self.channel_names: tuple[str, ...] = ("none", TWO_TOWER, *(c.name for c in self.channels))
+        """Channel id -> name: 0 is padding, 1 the two-tower, then :attr:`channels` in order."""
+        self.config = (config or RecallConfig()).resolved(self.channel_names[2:])
         # The exact category path must return only what the index holds.
         self.recommendable = recommendable if recommendable is not None else np.arange(len(item_vecs)) > 0
+
+    def channel(self, name: str) -> Channel:
+        """The channel called ``name``.
+
+        Raises:
+            KeyError: this retriever has no such channel.
+        """
+        for c in self.channels:
+            if c.name == name:
+                return c
+        raise KeyError(f"no recall channel {name!r} here (channels: {', '.join(self.channel_names[1:])})")
 
     def freeze(self) -> None:
         """Encode users with a frozen TorchScript copy of the user tower from now on (:func:`recall.model.frozen_for_inference`).
@@ -149,7 +186,7 @@ class Retriever:
         now: np.ndarray,
         exclude: "sp.csr_matrix | Excluded",
         category: int | None = None,
-        channels: tuple[int, ...] = (TWO_TOWER, COVISIT, POPULAR),
+        channels: Sequence[str] | None = None,
         two_tower: int = 0,
     ) -> Candidates:
         """Candidates for each user in the batch.
@@ -160,7 +197,8 @@ class Retriever:
             exclude: [B, M] sparse, or :class:`Excluded`; these items are never returned
                 (seen or excluded by the caller).
             category: keep only items of this category id (all channels).
-            channels: which channels to run (evaluation runs them one at a time too).
+            channels: names of the channels to run (default all; evaluation runs them
+                one at a time too).
             two_tower: ask the two-tower channel for at least this many candidates
                 (a request for more items than the configured count).
 
@@ -168,23 +206,19 @@ class Retriever:
             Merged, de-duplicated candidates sorted by recall score.
         """
         cfg = self.config
+        run = set(self.channel_names[1:] if channels is None else channels)
         uv = self.user_vectors(window, now)
         exclude = exclude if isinstance(exclude, Excluded) else Excluded(exclude)
         parts: list[tuple[np.ndarray, int]] = []
-        if TWO_TOWER in channels:
-            parts.append((self._two_tower(uv, exclude, category, max(cfg.two_tower, two_tower)), TWO_TOWER))
-        if COVISIT in channels and cfg.covisit:
-            rows, items, scores = self.covisit.scores(window.items[:, -cfg.recent :])
-            keep = ~exclude.pairs(rows, items)
-            if category is not None:
-                keep &= self.item_category[items] == category
-            ids, _ = top_entries(rows[keep], items[keep], scores[keep], len(uv), cfg.covisit)
-            parts.append((ids, COVISIT))
-        if POPULAR in channels and cfg.popular:
-            parts.append((self._popular(len(uv), exclude, category), POPULAR))
+        if TWO_TOWER in run:
+            parts.append((self._two_tower(uv, exclude, category, max(cfg.count(TWO_TOWER), two_tower)), 1))
+        query = ChannelQuery(window, now, uv, exclude, category, self.item_category, cfg.recent)
+        for code, channel in enumerate(self.channels, 2):
+            if channel.name in run and cfg.count(channel.name):
+                parts.append((channel.candidates(query, cfg.count(channel.name)), code))
         return self._merge(uv, parts)
 
-    def _two_tower(self, uv: np.ndarray, exclude: "Excluded", category: int | None, k: int) -> np.ndarray:
+    def _two_tower(self, uv: np.ndarray, exclude: Excluded, category: int | None, k: int) -> np.ndarray:
         if category is not None:
             # A category is a small slice of the catalogue: score it exactly.
             pool = np.flatnonzero((self.item_category == category) & self.recommendable)
@@ -196,15 +230,7 @@ class Retriever:
         ids, _ = search(self.index, uv, min(k + exclude.most_per_row, self.index.ntotal))
         ids = np.where(ids < 0, 0, ids)
         ids = np.where(exclude.ids(ids), 0, ids)
-        return _compact(ids, k)
-
-    def _popular(self, b: int, exclude: "Excluded", category: int | None) -> np.ndarray:
-        ranked = self.popularity.ranked
-        if category is not None:
-            ranked = ranked[self.item_category[ranked] == category]
-        want = self.config.popular + exclude.most_per_row
-        head = np.broadcast_to(ranked[:want], (b, min(len(ranked), want)))
-        return _compact(np.where(exclude.ids(head), 0, head), self.config.popular)
+        return compact(ids, k)
 
     def _merge(self, uv: np.ndarray, parts: list[tuple[np.ndarray, int]]) -> Candidates:
         b = len(uv)
@@ -230,42 +256,3 @@ class Retriever:
         out_channels = np.zeros((b, width), np.int8)
         out_items[r, slot], out_scores[r, slot], out_channels[r, slot] = items, scores, channels
         return Candidates(out_items, out_scores, out_channels, uv)
-
-
-class Excluded:
-    """The items each user of a batch must not get, as sorted ``row * M + item`` keys (one sort per batch).
-
-    Args:
-        exclude: [B, M] sparse, whose non-zero entries are excluded; or, per user, an
-            array of distinct excluded item ids (what a server builds per request,
-            without a sparse matrix's set-up cost).
-        width: M, when ``exclude`` is a list of arrays.
-    """
-
-    def __init__(self, exclude: sp.csr_matrix | Sequence[np.ndarray], width: int | None = None):
-        if sp.issparse(exclude):
-            exclude = exclude.tocsr()
-            per_row, cols, self.width = np.diff(exclude.indptr), exclude.indices, exclude.shape[1]
-        else:
-            if width is None:
-                raise ValueError("Excluded needs the catalogue width with per-user id arrays")
-            per_row = np.array([len(ids) for ids in exclude], np.int64)
-            cols, self.width = (np.concatenate(exclude) if len(exclude) else np.zeros(0, np.int64)), width
-        self.most_per_row = int(per_row.max(initial=0))
-        self.keys = np.sort(np.repeat(np.arange(len(per_row), dtype=np.int64), per_row) * self.width + cols)
-
-    def pairs(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """bool: whether item ``cols[i]`` is excluded for user ``rows[i]``."""
-        if not len(self.keys):
-            return np.zeros(np.broadcast_shapes(np.shape(rows), np.shape(cols)), dtype=bool)
-        return sorted_lookup(self.keys, np.asarray(rows, np.int64) * self.width + cols)[1]
-
-    def ids(self, ids: np.ndarray) -> np.ndarray:
-        """bool [B, K]: whether each id in row b of ``ids`` is excluded for user b."""
-        return self.pairs(np.arange(ids.shape[0])[:, None], ids)
-
-
-def _compact(ids: np.ndarray, k: int) -> np.ndarray:
-    """Move the non-zero ids of each row to the front (order kept) and cut to ``k`` columns."""
-    order = np.argsort(ids == 0, axis=1, kind="stable")
-    return np.take_along_axis(ids, order, axis=1)[:, :k]

@@ -10,9 +10,9 @@ from funnel.events.schema import BEHAVIORS
 from funnel.events.sequences import Sequences
 from funnel.events.vocab import PAD
 from funnel.rank.pipeline import Ranked
-from funnel.recall.retriever import CHANNELS, Excluded
-from funnel.server.bundle import Bundle, load_bundle
-from funnel.server.eventlog import UserEvent
+from funnel.recall.retriever import Excluded
+from funnel.bundle import Bundle, load_bundle
+from funnel.events.eventlog import UserEvent
 from funnel.server.history import UserHistory, stack
 from funnel.server.query import Attended, BadQuery, RecommendQuery, RecommendResult, Recommendation
 from funnel.server.state import StateUnavailable, UserState
@@ -34,7 +34,7 @@ class Engine:
             engines of later bundles; ``None`` serves without live behaviour and
             refuses :meth:`log_events`.
         runtime: ``onnx`` (ONNX Runtime, no torch work per request) or ``torch``
-            (:meth:`server.bundle.Bundle.pipeline`).
+            (:meth:`bundle.Bundle.pipeline`).
     """
 
     def __init__(self, bundle: Bundle, state: UserState | None = None, runtime: str = "onnx"):
@@ -55,7 +55,7 @@ class Engine:
             path: bundle root or version directory.
             state: see the class docstring.
             candidates: per-channel candidate counts that replace the bundle's
-                (:func:`server.bundle.load_bundle`).
+                (:func:`bundle.load_bundle`).
             runtime: see the class docstring.
         """
         return cls(load_bundle(path, candidates=candidates), state, runtime)
@@ -124,7 +124,7 @@ class Engine:
         missing = [head for head, _ in query.head_weights if head not in heads]
         if missing:
             raise BadQuery(f"head_weights names {missing[0]!r}, which this bundle's ranker does not have (its heads: {', '.join(heads)})")
-        return category, max(self.pipeline.retriever.config.two_tower, query.k), query.head_weights, query.explain
+        return category, max(self.pipeline.retriever.config.count("two_tower"), query.k), query.head_weights, query.explain
 
     def _recommend_group(
         self, queries: list[RecommendQuery], category: int | None, two_tower: int, head_weights: tuple[tuple[str, float], ...], explain: bool
@@ -170,7 +170,7 @@ class Engine:
                 item_id=str(ids[j]),
                 score=scores[j],
                 recall_score=recall_scores[j],
-                channel=CHANNELS[channels[j]],
+                channel=self.pipeline.retriever.channel_names[channels[j]],
                 title=str(titles[j] or ""),
                 category=str(categories[j]),
                 because=because[j],

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from funnel.server.bundle import BundleError, resolve
+from funnel.bundle import BundleError, resolve
 from funnel.server.query import RecommendQuery
 
 log = logging.getLogger(__name__)

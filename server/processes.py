@@ -24,7 +24,7 @@ import signal
 from typing import Any
 
 from funnel.server.app import BindError, ServerOptions, serve
-from funnel.server.eventlog import EventStoreError
+from funnel.events.eventlog import EventStoreError
 from funnel.server.state import StateUnavailable
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import grpc
 
 from funnel.events.schema import BEHAVIORS
 from funnel.rank.model import HEADS
-from funnel.server.eventlog import UserEvent
+from funnel.events.eventlog import UserEvent
 from funnel.server.batching import DeadlineExpired, MicroBatcher, Overloaded
 from funnel.server.holder import BundleRefused, EngineHolder
 from funnel.server.metrics import Metrics

@@ -27,7 +27,7 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Sequence
 
-from funnel.server.eventlog import EventStore, UserEvent
+from funnel.events.eventlog import EventStore, UserEvent
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def open_state(spec: str = "memory", *, event_log: str | None = None, max_events
     Raises:
         ValueError: an unknown ``spec``.
         StateUnavailable: Redis cannot be reached.
-        server.eventlog.EventStoreError: the event log is unusable.
+        events.eventlog.EventStoreError: the event log is unusable.
     """
     if spec == "memory":
         if event_log is None:

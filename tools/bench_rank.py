@@ -33,7 +33,7 @@ import torch
 from funnel.rank.pipeline import TwoStage
 from funnel.recall.retriever import Candidates
 from funnel.recall.runtime import RUNTIMES
-from funnel.server.bundle import load_bundle
+from funnel.bundle import load_bundle
 from funnel.tools.output import write_json
 
 TARGET_MS = {"rank": 0.7, "recall": 0.5}

@@ -6,7 +6,8 @@ import sys
 
 from funnel.events.readers import EventFormatError
 from funnel.recall.retriever import RecallConfig
-from funnel.server.bundle import BundleError
+from funnel.bundle import BundleError
+from funnel.tools.plugins import PluginError, load_plugins
 
 COMMANDS = {
     "demo": ("funnel.tools.demo", "generate data, train, serve and query once: the quickstart"),
@@ -60,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``funnel`` console script."""
+    try:
+        load_plugins()  # before parsing: --candidates accepts the plugins' channel names
+    except PluginError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line as given (train --nproc re-runs it under torchrun)
     logging.basicConfig(

@@ -50,9 +50,9 @@ from funnel.events.split import SPLITS, Split, make_split, subsample
 from funnel.rank.model import HEAD_BEHAVIORS
 from funnel.rank.pipeline import TwoStage
 from funnel.recall.baselines import itemknn_topk, popularity_topk
-from funnel.recall.retriever import CHANNELS, COVISIT, POPULAR, TWO_TOWER
+from funnel.recall.retriever import TWO_TOWER
 from funnel.recall.runtime import RUNTIMES
-from funnel.server.bundle import load_bundle
+from funnel.bundle import load_bundle
 from funnel.tools.cli import add_candidates_argument
 from funnel.tools.output import write_json
 from funnel.tools.report import write_report
@@ -100,7 +100,7 @@ def evaluate(
             (:meth:`recall.retriever.RecallConfig.parse_counts`), to measure what
             serving with them (``funnel serve --candidates``) costs in quality.
         runtime: ``onnx`` scores with ONNX Runtime, as the server does; ``torch`` with
-            the frozen PyTorch models (:meth:`server.bundle.Bundle.pipeline`).
+            the frozen PyTorch models (:meth:`bundle.Bundle.pipeline`).
         max_users: score a fixed random sample of this many test users (0: all); the
             same ``seed`` draws the same users, so bundles compare on one sample.
         seed: the sample's seed.
@@ -145,7 +145,7 @@ def evaluate(
         "candidates": b.recall_config.to_dict(),
         "runtime": runtime,
         "recall": proto.score(lists.merged, proto.recall_ks),
-        "recall_channels": {CHANNELS[c]: proto.score(top, proto.recall_ks) for c, top in lists.per_channel.items()},
+        "recall_channels": {name: proto.score(top, proto.recall_ks) for name, top in lists.per_channel.items()},
         "final": proto.score(lists.final, proto.final_ks),
         "baselines": {name: proto.score(top, proto.recall_ks) for name, top in baselines.items()},
         "itemcf_history": knn_depth,
@@ -229,14 +229,14 @@ class _Lists:
 
     merged: np.ndarray
     final: np.ndarray
-    per_channel: dict[int, np.ndarray]
+    per_channel: dict[str, np.ndarray]
     pairs: _Pairs
 
 
 def _ranked_lists(pipe: TwoStage, seqs: Sequences, users: np.ndarray, pos: np.ndarray, ends: np.ndarray, num_items: int, k: int, batch: int, progress: bool) -> _Lists:
     """Top-``k`` merged recall, final list and each channel alone, from each user's history before ``pos``, plus the held-out pairs."""
     merged, final, pairs = [], [], []
-    per_channel: dict[int, list[np.ndarray]] = {TWO_TOWER: [], COVISIT: [], POPULAR: []}
+    per_channel: dict[str, list[np.ndarray]] = {name: [] for name in pipe.retriever.channel_names[1:]}
     for lo in tqdm(range(0, len(users), batch), desc="evaluating", disable=not progress, leave=False):
         u, p, e = users[lo : lo + batch], pos[lo : lo + batch], ends[lo : lo + batch]
         window = seqs.window(p, pipe.history, seqs.offsets[u])

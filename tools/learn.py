@@ -43,12 +43,11 @@ from funnel.events.split import Split, first_at_or_after, subsample
 from funnel.rank.business import BusinessTables
 from funnel.rank.pipeline import TwoStage
 from funnel.rank.train import RankerTrainConfig, train_ranker
-from funnel.recall.channels import CoVisitation, Popularity
 from funnel.recall.index import MIN_GATE_RECALL, add_items, build_index, can_remove, tune_nprobe
 from funnel.recall.retriever import Retriever
 from funnel.recall.train import TwoTowerTrainConfig, item_vectors, recommendable_items, train_two_tower, user_vectors
-from funnel.server.bundle import CURRENT, Bundle, BundleError, discard_staged, load_bundle, publish_staged, write_version
-from funnel.server.eventlog import read_event_store_since
+from funnel.bundle import CURRENT, Bundle, BundleError, discard_staged, load_bundle, publish_staged, write_version
+from funnel.events.eventlog import read_event_store_since
 from funnel.tools.train import AUTO_INDEX, GATE_K, Stages, choose_index, duration_arg
 
 log = logging.getLogger("funnel.learn")
@@ -214,9 +213,8 @@ def learn_cycle(*, bundle_root: str, event_log: str, config: LearnConfig | None 
         recommendable = recommendable_items(data, in_train)
         index, spec, index_report = _grown_index(bundle, model, data, split, vecs, recommendable, cfg.seed)
     with stage("channels"):
-        covisit = CoVisitation.fit(data.seqs, mask, data.items.size)
-        popularity = Popularity.fit(data.seqs, mask, data.items.size)
-        retriever = Retriever(model, vecs, index, covisit, popularity, data.item_category, bundle.recall_config, recommendable)
+        channels = [type(c).fit(data, mask) for c in bundle.channels]  # the bundle's channels, refitted on the grown log
+        retriever = Retriever(model, vecs, index, channels, data.item_category, bundle.recall_config, recommendable)
     with stage("business"):
         business = BusinessTables.fit(data.seqs, mask, data.item_category)
     with stage("ranker"):
@@ -224,7 +222,7 @@ def learn_cycle(*, bundle_root: str, event_log: str, config: LearnConfig | None 
             epochs=cfg.ranker_epochs, patience=1, seed=cfg.seed, max_seconds=cfg.train_seconds * (1 - TWO_TOWER_SHARE), budget_epochs=cfg.ranker_epochs,
             max_examples=cfg.ranker_examples,
         )
-        ranker, rk_history = train_ranker(data, split, retriever, popularity.counts, business, train_config=rk_cfg, init=bundle.ranker, examples=examples, progress=progress)
+        ranker, rk_history = train_ranker(data, split, retriever, retriever.channel("popular").counts, business, train_config=rk_cfg, init=bundle.ranker, examples=examples, progress=progress)
 
     window_end = int(window.events["ts"].max())
     info = {
@@ -236,7 +234,7 @@ def learn_cycle(*, bundle_root: str, event_log: str, config: LearnConfig | None 
     with stage("write"):
         staged = write_version(
             bundle_root, data=data, two_tower=model, ranker=ranker, item_vecs=vecs, index=index, index_spec=spec,
-            covisit=covisit, popularity=popularity, recall_config=bundle.recall_config, business=business, info=info, publish=False,
+            channels=channels, recall_config=bundle.recall_config, business=business, info=info, publish=False,
         )
     try:
         with stage("gate"):

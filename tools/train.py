@@ -20,13 +20,13 @@ from funnel.events.split import SPLITS, make_split
 from funnel.rank.business import BusinessTables
 from funnel.rank.train import RankerTrainConfig, train_ranker
 from funnel.recall import distributed
-from funnel.recall.channels import CoVisitation, Popularity
+from funnel.recall.plugin import fit_channels
 from funnel.recall.index import AUTO_IVF_MIN_ITEMS, MIN_GATE_RECALL, IndexSpec, build_index, resolve, tune_nprobe
 from funnel.recall.retriever import RecallConfig, Retriever
 from funnel.recall.train import TwoTowerTrainConfig, item_vectors, known_items, recommendable_items, train_two_tower, user_vectors
-from funnel.server.bundle import write_version
-from funnel.server.eventlog import fold_events as fold_events_into
-from funnel.server.eventlog import read_event_store_since
+from funnel.bundle import write_version
+from funnel.events.eventlog import fold_events as fold_events_into
+from funnel.events.eventlog import read_event_store_since
 
 log = logging.getLogger("funnel.train")
 
@@ -134,16 +134,15 @@ def train(
     # Channels and popularity see only the training part, like the models.
     mask = parts.train_mask(data.seqs)
     with stage("channels"):
-        covisit = CoVisitation.fit(data.seqs, mask, data.items.size)
-        popularity = Popularity.fit(data.seqs, mask, data.items.size)
-        retriever = Retriever(model, vecs, ann, covisit, popularity, data.item_category, recall_cfg, recommendable)
+        channels = fit_channels(data, mask)
+        retriever = Retriever(model, vecs, ann, channels, data.item_category, recall_cfg, recommendable)
     with stage("business"):
         business = BusinessTables.fit(data.seqs, mask, data.item_category)
     if budget:
         left = budget * (1 - WRITE_SHARE) - (time.time() - started)
         rk_cfg = dataclasses.replace(rk_cfg, max_seconds=max(left, budget * MIN_RANKER_SHARE))
     with stage("ranker"):
-        rank_model, rk_history = train_ranker(data, parts, retriever, popularity.counts, business, train_config=rk_cfg, progress=progress)
+        rank_model, rk_history = train_ranker(data, parts, retriever, retriever.channel("popular").counts, business, train_config=rk_cfg, progress=progress)
 
     if not world.main:
         log.info("rank %d of %d: training done; rank 0 writes the bundle", world.rank, world.size)
@@ -179,9 +178,8 @@ def train(
         item_vecs=vecs,
         index=ann,
         index_spec=spec,
-        covisit=covisit,
-        popularity=popularity,
-        recall_config=recall_cfg,
+        channels=channels,
+        recall_config=retriever.config,
         business=business,
         info=info,
     )

@@ -8,7 +8,7 @@ version is bad, naming each bad file.
 import argparse
 import os
 
-from funnel.server.bundle import CURRENT, BundleError, read_manifest
+from funnel.bundle import CURRENT, BundleError, read_manifest
 
 
 def verify(path: str) -> dict[str, str | None]:

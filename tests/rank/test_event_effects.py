@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from funnel.events.sequences import Window
-from funnel.server.bundle import load_bundle
+from funnel.bundle import load_bundle
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,9 @@ def test_served_features_equal_offline_features(tiny_bundle, tiny_log_path):
     mask = leave_last_out(data.seqs).train_mask(data.seqs)
     tables = FeatureTables(
         data.item_category,
-        Popularity.fit(data.seqs, mask, data.items.size).counts,
+        Popularity.count_items(data.seqs, mask, data.items.size).counts,
         BusinessTables.fit(data.seqs, mask, data.item_category),
-        CoVisitation.fit(data.seqs, mask, data.items.size),
+        CoVisitation.count_pairs(data.seqs, mask, data.items.size),
     )
     seqs = data.seqs
     users = np.random.default_rng(0).choice(np.arange(1, seqs.num_users), 12, replace=False)

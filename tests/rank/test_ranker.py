@@ -29,7 +29,7 @@ def test_gap_buckets_log_scale_and_padding():
 def _tables(item_category, item_counts, num_items) -> FeatureTables:
     seqs = Sequences.from_encoded(np.array([0, 0]), np.array([1, 3]), item_category[[1, 3]], np.array([1, 1]), np.array([1, 2]), 1)
     mask = np.ones(len(seqs), bool)
-    return FeatureTables(item_category, item_counts, BusinessTables.fit(seqs, mask, item_category), CoVisitation.fit(seqs, mask, num_items))
+    return FeatureTables(item_category, item_counts, BusinessTables.fit(seqs, mask, item_category), CoVisitation.count_pairs(seqs, mask, num_items))
 
 
 def test_features_category_share_seen_and_padding():
@@ -135,10 +135,9 @@ def tiny_stages(tiny_data):
     tt, _ = train_two_tower(tiny_data, split, train_config=TwoTowerTrainConfig(epochs=2, batch_size=128, uniform_negatives=64), progress=False)
     vecs = item_vectors(tt, tiny_data, known_items(tiny_data, split))
     mask = split.train_mask(tiny_data.seqs)
-    pop = Popularity.fit(tiny_data.seqs, mask, tiny_data.items.size)
-    retriever = Retriever(
-        tt, vecs, build_index(vecs[1:], np.arange(1, len(vecs)), IndexSpec()), CoVisitation.fit(tiny_data.seqs, mask, tiny_data.items.size), pop, tiny_data.item_category
-    )
+    pop = Popularity.count_items(tiny_data.seqs, mask, tiny_data.items.size)
+    covisit = CoVisitation.count_pairs(tiny_data.seqs, mask, tiny_data.items.size)
+    retriever = Retriever(tt, vecs, build_index(vecs[1:], np.arange(1, len(vecs)), IndexSpec()), [covisit, pop], tiny_data.item_category)
     return split, retriever, pop, BusinessTables.fit(tiny_data.seqs, mask, tiny_data.item_category)
 
 
@@ -170,14 +169,14 @@ def test_held_out_view_features_positions_out_of_sample(tiny_data, tiny_stages):
     before[view.positions] = False
     before &= split.train_mask(seqs)
     np.testing.assert_array_equal(view.tables.item_counts, np.bincount(seqs.items[before], minlength=tiny_data.items.size) * (np.arange(tiny_data.items.size) > 0))
-    assert (view.tables.covisit.graph != CoVisitation.fit(seqs, before, tiny_data.items.size).graph).nnz == 0
+    assert (view.tables.covisit.graph != CoVisitation.count_pairs(seqs, before, tiny_data.items.size).graph).nnz == 0
     # ...so the pair (previous item, held-out positive), always linked in the full graph, often is not.
     prev, pos = seqs.items[view.positions - 1], seqs.items[view.positions]
     differ = prev != pos
-    linked_full = np.asarray(retriever.covisit.graph[prev, pos]).ravel() > 0
+    linked_full = np.asarray(retriever.channel("covisit").graph[prev, pos]).ravel() > 0
     linked_view = np.asarray(view.tables.covisit.graph[prev, pos]).ravel() > 0
     assert linked_full[differ].mean() > 0.95 and linked_view[differ].mean() < 0.85
-    assert view.retriever.model is retriever.model and view.retriever.covisit is view.tables.covisit
+    assert view.retriever.model is retriever.model and view.retriever.channel("covisit") is view.tables.covisit
     assert view.tables.business.event_keys is business.event_keys  # time-aware popularity counts only the past anyway
 
 

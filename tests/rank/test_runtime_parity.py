@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from funnel.server.bundle import load_bundle
+from funnel.bundle import load_bundle
 from funnel.server.engine import Engine
 from funnel.server.query import RecommendQuery
 

@@ -38,7 +38,7 @@ def _build():
     item_category = np.array([0, 1, 2, 1, 3])
     seqs = Sequences.from_encoded(np.array([0, 0]), np.array([1, 3]), item_category[[1, 3]], np.array([1, 1]), np.array([1, 2]), 1)
     mask = np.ones(len(seqs), bool)
-    tables = FeatureTables(item_category, np.array([0, 1, 1, 3, 7]), BusinessTables.fit(seqs, mask, item_category), CoVisitation.fit(seqs, mask, 5))
+    tables = FeatureTables(item_category, np.array([0, 1, 1, 3, 7]), BusinessTables.fit(seqs, mask, item_category), CoVisitation.count_pairs(seqs, mask, 5))
     w = Window(items=np.array([[0, 1, 2]]), categories=np.array([[0, 1, 2]]), behaviors=np.array([[0, 1, 2]]), ts=np.array([[0, 5, 6]]), lengths=np.array([2]))
     return build_features(
         w, np.array([10]), np.array([[3, 2, 0]]), np.array([[0.5, 0.2, -np.inf]], np.float32), np.array([[1, 2, 0]]), np.array([[0, 1, 2]]),

@@ -2,7 +2,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from funnel.events.sequences import Sequences
-from funnel.recall.channels import CoVisitation, Popularity, recency_weights, sorted_lookup, top_per_row
+from funnel.recall.channels import CoVisitation, Popularity, recency_weights
+from funnel.recall.lookup import sorted_lookup, top_per_row
 
 
 def seqs(users, items):
@@ -26,7 +27,7 @@ def test_top_per_row_orders_and_pads():
 
 def test_covisitation_links_neighbours_within_window_and_user():
     s = seqs([1, 1, 1, 2, 2], [1, 2, 3, 4, 5])
-    cv = CoVisitation.fit(s, np.ones(5, bool), 6, window=1, neighbours=5)
+    cv = CoVisitation.count_pairs(s, np.ones(5, bool), 6, window=1, neighbours=5)
     g = cv.graph.toarray()
     assert g[1, 2] > 0 and g[2, 3] > 0 and g[4, 5] > 0
     assert g[1, 3] == 0  # two steps apart, window 1
@@ -38,7 +39,7 @@ def test_covisitation_links_neighbours_within_window_and_user():
 
 def test_scores_sum_each_recent_items_weighted_row():
     s = seqs([1, 1, 1, 1, 2, 2], [1, 2, 3, 4, 5, 2])
-    cv = CoVisitation.fit(s, np.ones(6, bool), 7, window=2, neighbours=5)
+    cv = CoVisitation.count_pairs(s, np.ones(6, bool), 7, window=2, neighbours=5)
     g = cv.graph.toarray()
     recent = np.array([[0, 2, 3], [1, 1, 9], [0, 0, 0]])  # 9 is beyond the graph (a new item)
     rows, items, scores = cv.scores(recent)
@@ -50,13 +51,13 @@ def test_scores_sum_each_recent_items_weighted_row():
 
 def test_covisitation_respects_mask():
     s = seqs([1, 1, 1], [1, 2, 3])
-    cv = CoVisitation.fit(s, np.array([True, True, False]), 4, window=2)
+    cv = CoVisitation.count_pairs(s, np.array([True, True, False]), 4, window=2)
     assert cv.graph[2, 3] == 0 and cv.graph[1, 2] > 0
 
 
 def test_popularity_ranks_by_count_and_skips_padding():
     s = seqs([1, 1, 2, 2, 2], [3, 3, 3, 2, 0])
-    pop = Popularity.fit(s, np.ones(5, bool), 4)
+    pop = Popularity.count_items(s, np.ones(5, bool), 4)
     assert pop.ranked.tolist() == [3, 2]
     assert pop.counts.tolist() == [0, 0, 1, 3]
 
@@ -65,7 +66,7 @@ def test_pair_scores_equal_the_channel_scores_at_the_given_items():
     rng = np.random.default_rng(0)
     n = 40
     seqs = Sequences.from_encoded(rng.integers(0, 6, 600), rng.integers(1, n, 600), np.zeros(600, np.int64), np.ones(600, np.int64), np.arange(600), 6)
-    cov = CoVisitation.fit(seqs, np.ones(600, bool), n, neighbours=8)
+    cov = CoVisitation.count_pairs(seqs, np.ones(600, bool), n, neighbours=8)
     recent = rng.integers(0, n, (5, 4))
     recent[0, :2] = recent[0, 2]  # the same item twice adds up
     recent[1] = 0  # no history at all
@@ -110,9 +111,9 @@ def test_sharded_counting_matches_the_pairwise_reference():
     mask = rng.random(n) < 0.9
     want = reference_graph(s, mask, items, window=3)
     for shard_entries in (10**9, 97):  # one shard, and about 25
-        full = CoVisitation.fit(s, mask, items, neighbours=items, shard_entries=shard_entries).graph.toarray()
+        full = CoVisitation.count_pairs(s, mask, items, neighbours=items, shard_entries=shard_entries).graph.toarray()
         np.testing.assert_allclose(full, want, rtol=1e-5)
-        top = CoVisitation.fit(s, mask, items, neighbours=4, shard_entries=shard_entries).graph.toarray()
+        top = CoVisitation.count_pairs(s, mask, items, neighbours=4, shard_entries=shard_entries).graph.toarray()
         # Each row keeps its 4 largest weights (which of tied items is kept may differ).
         np.testing.assert_allclose(-np.sort(-top, axis=1)[:, :4], -np.sort(-want, axis=1)[:, :4], rtol=1e-5)
         assert ((top > 0).sum(1) <= 4).all()
@@ -120,4 +121,4 @@ def test_sharded_counting_matches_the_pairwise_reference():
 
 def test_covisitation_of_a_log_without_pairs_is_empty():
     s = seqs([0, 1, 2], [1, 2, 3])
-    assert CoVisitation.fit(s, np.ones(3, bool), 4).graph.nnz == 0
+    assert CoVisitation.count_pairs(s, np.ones(3, bool), 4).graph.nnz == 0

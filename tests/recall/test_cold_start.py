@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from funnel.rank.train import RankerTrainConfig
 from funnel.recall.retriever import RecallConfig, Retriever, TWO_TOWER
 from funnel.recall.train import TwoTowerTrainConfig
-from funnel.server.bundle import load_bundle
+from funnel.bundle import load_bundle
 from funnel.tools.train import train
 
 
@@ -38,7 +38,7 @@ def test_cold_item_reaches_users_of_its_category(tiny_log_path, tiny_data, tmp_p
     window = data.seqs.user_window(np.array([u]), b.two_tower.cfg.history)
     now = data.seqs.ts[data.seqs.offsets[u + 1] - 1 : data.seqs.offsets[u + 1]]
     assert b.recommendable[cold]
-    retriever = Retriever(b.two_tower, b.item_vecs, b.index, b.covisit, b.popularity, data.item_category, RecallConfig(two_tower=50), b.recommendable)
+    retriever = Retriever(b.two_tower, b.item_vecs, b.index, b.channels, data.item_category, RecallConfig({TWO_TOWER: 50}), b.recommendable)
     seen = data.seqs.history_matrix(np.array([u]), data.seqs.offsets[u + 1 : u + 2], data.items.size)
     candidates = retriever.retrieve(window, now, seen, channels=(TWO_TOWER,))
     assert cold in candidates.items[0]

@@ -93,4 +93,4 @@ def test_candidate_counts_replace_the_bundles(tiny_bundle):
         server.stop(None)
     assert len(result.items) == 10 and {r.channel for r in result.items} == {"two_tower"}
     # The bundle on disk keeps its own counts; only this engine ranks fewer candidates.
-    assert Engine.load(tiny_bundle).pipeline.retriever.config.covisit > 0
+    assert Engine.load(tiny_bundle).pipeline.retriever.config.count("covisit") > 0

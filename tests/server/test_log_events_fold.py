@@ -7,7 +7,7 @@ from funnel.events.synth import SynthConfig, generate
 from funnel.rank.train import RankerTrainConfig
 from funnel.recall.train import TwoTowerTrainConfig
 from funnel.server.engine import Engine
-from funnel.server.eventlog import EventStore, UserEvent
+from funnel.events.eventlog import EventStore, UserEvent
 from funnel.server.query import RecommendQuery
 from funnel.server.state import open_state
 from funnel.tools.train import train

@@ -10,7 +10,7 @@ import pytest
 from funnel.events.readers import EventLog, ReadReport
 from funnel.events.schema import BEHAVIOR_CODE, BEHAVIORS
 from funnel.server.engine import Engine
-from funnel.server.eventlog import EventStore, EventStoreError, UserEvent, _Pending, fold_events, read_event_store
+from funnel.events.eventlog import EventStore, EventStoreError, UserEvent, _Pending, fold_events, read_event_store
 from funnel.server.query import Event, RecommendQuery
 from funnel.server.state import MemoryState, SharedLogState, StateUnavailable, open_state
 

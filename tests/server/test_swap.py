@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from funnel.server.app import ServerOptions, build_server
-from funnel.server.bundle import CURRENT, load_bundle, resolve, write_version
+from funnel.bundle import CURRENT, load_bundle, resolve, write_version
 from funnel.server.engine import Engine
 from funnel.server.holder import BundleRefused, EngineHolder
 from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc

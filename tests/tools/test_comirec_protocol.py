@@ -6,7 +6,7 @@ import pytest
 
 from funnel.events.readers import read_events
 from funnel.events.split import make_split
-from funnel.server.bundle import load_bundle
+from funnel.bundle import load_bundle
 from funnel.tools.cli import main
 from funnel.tools.evaluate import format_report
 

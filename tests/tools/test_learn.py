@@ -13,8 +13,8 @@ from funnel.events.synth import SynthConfig, generate
 from funnel.rank.train import RankerTrainConfig
 from funnel.recall.retriever import TWO_TOWER
 from funnel.recall.train import TwoTowerTrainConfig
-from funnel.server.bundle import CURRENT, load_bundle, resolve
-from funnel.server.eventlog import EventStore, UserEvent
+from funnel.bundle import CURRENT, load_bundle, resolve
+from funnel.events.eventlog import EventStore, UserEvent
 from funnel.tools.learn import LEARNING_LOG, LearnConfig, LearnMetrics, learn_cycle
 from funnel.tools.train import train
 
@@ -78,7 +78,7 @@ def test_a_cycle_learns_new_items_and_recalls_them_through_the_two_tower(stream)
     now = after.data.seqs.ts[after.data.seqs.offsets[users + 1] - 1]
     exclude = after.data.seqs.history_matrix(users, after.data.seqs.offsets[users + 1], after.data.items.size)
     cands = after.retriever(runtime="torch").retrieve(window, now, exclude, channels=(TWO_TOWER,))
-    recalled_new = np.unique(cands.items[(cands.items >= old) & (cands.channels == TWO_TOWER)])
+    recalled_new = np.unique(cands.items[(cands.items >= old) & (cands.channels == 1)])
     assert len(recalled_new) > 0
     # Nothing new: the next cycle is idle and publishes nothing.
     again = learn_cycle(bundle_root=root, event_log=store_path, config=LENIENT)

@@ -6,7 +6,7 @@ import pytest
 
 from funnel.rank.train import RankerTrainConfig
 from funnel.recall.train import TwoTowerTrainConfig
-from funnel.server.bundle import load_bundle, resolve
+from funnel.bundle import load_bundle, resolve
 from funnel.tools.cli import main
 from funnel.tools.evaluate import evaluate, format_report
 from funnel.tools.rebuild_index import IndexRejected, rebuild_index

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from funnel.server.app import create_server
-from funnel.server.bundle import resolve
+from funnel.bundle import resolve
 from funnel.server.engine import Engine
 from funnel.tools.evaluate import evaluate
 from funnel.tools.recommend import recommend

@@ -3,7 +3,7 @@
 import funnel.tools.train as train_tool
 from funnel.events.split import make_split
 from funnel.recall.index import IndexSpec
-from funnel.server.bundle import load_bundle
+from funnel.bundle import load_bundle
 
 
 def _choose(bundle, spec="auto"):

@@ -1,5 +1,9 @@
 """The versioned bundle: vocabularies, sequences, both models, the index and a manifest.
 
+The bundle is the contract between training and serving: ``funnel train`` and
+``funnel learn`` write it here, the server and ``funnel evaluate`` load it here, and
+neither side imports the other.
+
 A bundle root holds ``versions/<version>/`` directories and a ``CURRENT`` file naming
 the live one. A version is written completely under a temporary name, renamed into
 place, and only then does ``CURRENT`` flip (``os.replace``), so a reader never sees a
@@ -13,21 +17,23 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from funnel.events.dataset import Dataset, file_sha256
 from funnel.rank.business import BusinessTables
 from funnel.rank.features import dense_names
-from funnel.rank.schema import check_schema, feature_schema
-from funnel.rank.model import Ranker, RankerConfig, export_ranker
+from funnel.rank.contract import ranker_classes
+from funnel.rank.model import Ranker, export_ranker
 from funnel.rank.pipeline import TwoStage
+from funnel.rank.schema import check_schema, feature_schema
 from funnel.recall.channels import CoVisitation, Popularity
 from funnel.recall.index import IndexSpec, load_index, save_index
 from funnel.recall.model import TwoTower, TwoTowerConfig, export_user_tower
+from funnel.recall.plugin import Channel, channel_class
 from funnel.recall.retriever import RecallConfig, Retriever
 from funnel.recall.runtime import RUNTIMES
 from funnel.recall.train import recommendable_items
@@ -65,7 +71,7 @@ class Bundle:
         item_vecs: [M, d] item-tower vectors (row 0 = padding).
         index: the FAISS index over ``item_vecs``.
         index_spec: how the index was built.
-        covisit, popularity: the extra recall channels.
+        channels: the recall channels beside the two-tower, in merge order.
         recall_config: candidate counts per channel.
         business: the ranker's business-feature tables (training part of the log).
     """
@@ -78,8 +84,7 @@ class Bundle:
     item_vecs: np.ndarray
     index: object
     index_spec: IndexSpec
-    covisit: CoVisitation
-    popularity: Popularity
+    channels: list[Channel]
     recall_config: RecallConfig
     business: BusinessTables
 
@@ -90,6 +95,22 @@ class Bundle:
     @property
     def index_version(self) -> str:
         return self.manifest["index_version"]
+
+    @property
+    def popularity(self) -> Popularity:
+        """The popularity channel: its counts say which items training saw."""
+        return self._channel(Popularity)
+
+    @property
+    def covisit(self) -> CoVisitation:
+        """The co-visitation channel (also a ranking feature)."""
+        return self._channel(CoVisitation)
+
+    def _channel(self, cls: type):
+        found = [c for c in self.channels if isinstance(c, cls)]
+        if not found:
+            raise BundleError(f"{self.path}: has no {cls.name} recall channel, which this code needs")
+        return found[0]
 
     @property
     def recommendable(self) -> np.ndarray:
@@ -104,9 +125,7 @@ class Bundle:
                 ``torch`` with a frozen TorchScript copy of the user tower (a bundle's
                 weights never change).
         """
-        retriever = Retriever(
-            self.two_tower, self.item_vecs, self.index, self.covisit, self.popularity, self.data.item_category, self.recall_config, self.recommendable
-        )
+        retriever = Retriever(self.two_tower, self.item_vecs, self.index, self.channels, self.data.item_category, self.recall_config, self.recommendable)
         if _runtime(runtime) == "onnx":
             retriever.use_onnx(self._onnx_file(USER_TOWER_ONNX))
         else:
@@ -177,8 +196,7 @@ def write_version(
     item_vecs: np.ndarray,
     index,
     index_spec: IndexSpec,
-    covisit: CoVisitation,
-    popularity: Popularity,
+    channels: Sequence[Channel],
     recall_config: RecallConfig,
     business: BusinessTables,
     info: dict,
@@ -188,8 +206,8 @@ def write_version(
 
     Args:
         root: the bundle root (created if missing).
-        data, two_tower, ranker, item_vecs, index, index_spec, covisit, popularity,
-            recall_config, business: the pieces of the bundle.
+        data, two_tower, ranker, item_vecs, index, index_spec, channels, recall_config,
+            business: the pieces of the bundle (the channels in merge order).
         info: extra manifest fields (training data fingerprint, configs, metrics).
         publish: False leaves the complete version in a hidden staging directory, which
             :func:`load_bundle` can load and :func:`publish_staged` publishes (or
@@ -206,8 +224,8 @@ def write_version(
     save_model(two_tower, os.path.join(stage, "recall", "two_tower.pt"))
     np.save(os.path.join(stage, VECTORS_FILE), item_vecs)
     save_index(index, os.path.join(stage, INDEX_FILE))
-    sp.save_npz(os.path.join(stage, "recall", "covisit.npz"), covisit.graph)
-    np.save(os.path.join(stage, POPULARITY_FILE), popularity.counts)
+    for channel in channels:
+        channel.save(os.path.join(stage, "recall"))
     save_model(ranker, os.path.join(stage, "rank", "ranker.pt"))
     business.save(os.path.join(stage, BUSINESS_FILE))
     export_user_tower(two_tower, os.path.join(stage, USER_TOWER_ONNX))
@@ -218,8 +236,10 @@ def write_version(
         "index_version": version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "index_spec": str(index_spec),
-        "recall_config": recall_config.to_dict(),
+        "recall_config": recall_config.resolved([c.name for c in channels]).to_dict(),
+        "recall_channels": [c.name for c in channels],
         "two_tower_config": two_tower.cfg.to_dict(),
+        "ranker_kind": ranker.kind,
         "ranker_config": ranker.cfg.to_dict(),
         "rank_features": feature_schema(),
         "counts": {"users": len(data.users), "items": len(data.items), "categories": len(data.categories), "events": int(len(data.seqs))},
@@ -436,24 +456,28 @@ def load_bundle(path: str, device: str = "cpu", candidates: dict[str, int] | Non
     try:
         data = Dataset.load(join("data"))
         two_tower = _load_model(join("recall", "two_tower.pt"), TwoTower, TwoTowerConfig).to(device)
-        ranker = _load_model(join("rank", "ranker.pt"), Ranker, RankerConfig).to(device)
+        # Bundles written before the kind was recorded hold the DIN-style ranker.
+        ranker = _load_model(join("rank", "ranker.pt"), *ranker_classes(manifest.get("ranker_kind", Ranker.kind))).to(device)
         item_vecs = np.load(join(VECTORS_FILE), mmap_mode="r")  # shared by the server processes through the page cache
         spec = IndexSpec.parse(manifest["index_spec"])
         index = load_index(join(INDEX_FILE), spec)
-        covisit = CoVisitation(sp.load_npz(join("recall", "covisit.npz")).tocsr())
-        counts = np.load(join(POPULARITY_FILE))
+        # Bundles written before the channels were recorded hold the two built-in ones.
+        channels = [channel_class(name).load(join("recall")) for name in manifest.get("recall_channels", ("covisit", "popular"))]
         business = BusinessTables.load(join(BUSINESS_FILE))
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise BundleError(f"{version_dir}: cannot load bundle ({err})") from err
     # The catalogue may have grown after training (rebuild-index --items); the models'
     # tables may be smaller than it, never larger.
+    counts = next((c.counts for c in channels if isinstance(c, Popularity)), None)
+    if counts is None:
+        raise BundleError(f"{version_dir}: has no popular recall channel, whose counts say which items training saw")
     sizes = {"item vectors": len(item_vecs), "popularity": len(counts), "vocabulary": data.items.size}
     if len(set(sizes.values())) != 1 or max(two_tower.cfg.num_items, ranker.cfg.num_items, len(business.item)) > data.items.size:
         raise BundleError(f"{version_dir}: item id spaces disagree: {sizes}, model tables {two_tower.cfg.num_items}/{ranker.cfg.num_items}, business table {len(business.item)}")
     _check_features(version_dir, manifest, ranker)
     bundle = Bundle(
-        version_dir, manifest, data, two_tower, ranker, item_vecs, index, spec, covisit, Popularity.from_counts(counts),
-        RecallConfig(**{**manifest["recall_config"], **(candidates or {})}), business,
+        version_dir, manifest, data, two_tower, ranker, item_vecs, index, spec, channels,
+        RecallConfig.from_dict({**manifest["recall_config"], **(candidates or {})}), business,
     )
     recommendable = int(bundle.recommendable.sum())
     if index.ntotal != recommendable:

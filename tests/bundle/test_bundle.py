@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from funnel.server.bundle import FORMAT_VERSION, BundleError, load_bundle, read_manifest, resolve
+from funnel.bundle import FORMAT_VERSION, BundleError, load_bundle, read_manifest, resolve
 from funnel.server.engine import Engine
 from funnel.server.query import RecommendQuery
 from funnel.tools.rebuild_index import rebuild_index
@@ -120,7 +120,7 @@ def test_verify_names_the_bad_file_and_exits_1(tiny_bundle, tmp_path, capsys):
 
 
 def test_large_bundles_log_their_checksum_progress(tiny_bundle, monkeypatch, caplog):
-    import funnel.server.bundle as bundle_module
+    import funnel.bundle as bundle_module
 
     monkeypatch.setattr(bundle_module, "HASH_PROGRESS_BYTES", 1)  # every bundle counts as large
     with caplog.at_level("INFO", logger="funnel.bundle"):
@@ -150,3 +150,19 @@ def test_bundle_with_other_ranking_features_is_refused(tiny_bundle, tmp_path):
             load_bundle(tiny_bundle)
     finally:
         unregister(group)
+
+
+def test_ranker_kind_is_recorded_and_an_unknown_one_refused(tiny_bundle, tmp_path):
+    import shutil
+
+    from funnel.rank.contract import RankerModel
+
+    bundle = load_bundle(tiny_bundle)
+    assert bundle.manifest["ranker_kind"] == "din" and isinstance(bundle.ranker, RankerModel)
+    copy = tmp_path / "copy"
+    shutil.copytree(resolve(tiny_bundle), copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["ranker_kind"] = "transformer"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="ranker kind 'transformer' is not registered"):
+        load_bundle(str(copy))
