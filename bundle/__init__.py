@@ -25,8 +25,8 @@ import torch
 
 from funnel.events.dataset import Dataset, file_sha256
 from funnel.rank.business import BusinessTables
-from funnel.rank.features import dense_names
 from funnel.rank.contract import ranker_classes
+from funnel.rank.features import dense_names
 from funnel.rank.model import Ranker, export_ranker
 from funnel.rank.pipeline import TwoStage
 from funnel.rank.schema import check_schema, feature_schema

@@ -27,7 +27,6 @@ from funnel.rank.features import dense_names
 from funnel.recall.model import frozen_for_inference, lookup, masked_softmax
 from funnel.recall.runtime import export_onnx
 
-
 ArrayLike = TypeVar("ArrayLike", torch.Tensor, np.ndarray)
 
 HEADS: tuple[str, ...] = ("click", "cart_fav", "buy")

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from funnel.evaluation.metrics import summarize, target_ranks
 from funnel.events.dataset import Dataset
-from funnel.events.metrics import summarize, target_ranks
 from funnel.events.schema import BEHAVIOR_CODE
 from funnel.events.split import Split, subsample
 from funnel.rank.business import BusinessTables, item_table
@@ -33,8 +33,8 @@ from funnel.rank.features import FeatureTables, RankFeatures, build_features, re
 from funnel.rank.model import HEAD_BEHAVIORS, HEADS, Ranker, RankerConfig, ranking_loss
 from funnel.rank.pipeline import TwoStage
 from funnel.recall import distributed
+from funnel.recall.loop import EpochClock, LoopConfig, SparseTableOptimizer, Validation, pick_device, train_loop
 from funnel.recall.retriever import Candidates, Retriever
-from funnel.recall.train import EarlyStopping, EpochClock, SparseTableOptimizer, brief_metrics, close_history, epoch_record, pick_device
 from funnel.recall.warm import grown
 
 log = logging.getLogger("funnel.train")
@@ -395,7 +395,6 @@ def train_ranker(
 
     sparse = cfg.sparse_ids and distributed.sparse_gradients_supported()
     opt = SparseTableOptimizer(model, [model.item] if sparse else [], cfg.lr, cfg.weight_decay)
-    trainer = distributed.wrap(model, world)
     history: dict = {
         "epochs": [],
         "config": asdict(cfg),
@@ -404,38 +403,31 @@ def train_ranker(
         "candidates_recall_rate": round(len(groups.users) / max(len(users), 1), 4),
         "processes": world.size,
     }
-    stopper = EarlyStopping(cfg.patience)
-    for epoch in range(cfg.epochs):
-        if epoch and distributed.any_rank(clock.spent(), world):  # the first epoch always runs: early stopping needs one validated model
-            break
-        model.train()
-        order = distributed.shard(rng.permutation(len(groups.users)), world)
-        total, steps, seen = 0.0, 0, 0
-        clock.start_epoch()
-        for lo in tqdm(range(0, len(order), cfg.batch_size), desc=f"ranker epoch {epoch + 1}", disable=not progress, leave=False):
-            idx = order[lo : lo + cfg.batch_size]
-            batch = feats.take(idx).to_torch(device)
-            logits, _ = trainer(batch)  # [b, G, H]
-            loss = ranking_loss(logits, torch.from_numpy(labels[idx]).to(device), batch["cand_items"] > 0, mcfg.heads, cfg.listwise_weight)
-            opt.zero_grad()
-            loss.backward()
-            opt.clip_grad_norm(cfg.grad_clip)
-            opt.step()
-            total += loss.item()
-            steps += 1
-            seen += len(idx) * world.size
-            if distributed.any_rank(clock.epoch_over(), world):
-                break
-        train_seconds = clock.epoch_seconds()
-        model.eval()
-        metrics = valid.evaluate() if len(valid) else {}
-        score = distributed.from_main(metrics["final"]["ndcg@10"] if metrics else -total / steps, world)  # one early-stopping decision for all ranks
-        record = epoch_record(epoch + 1, total / steps, seen, train_seconds, metrics)
-        history["epochs"].append(record)
-        log.info("ranker epoch %d: loss %.4f, %s groups at %s/s%s; valid %s", epoch + 1, total / steps, f"{seen:,}", f"{record['samples_per_s']:,.0f}", clock.left(), brief_metrics(metrics.get("final", {})))
-        if stopper.step(score, model, epoch + 1):
-            break
-    log.info("ranker: kept epoch %d of %d (valid final ndcg@10 %.4f)", stopper.best_epoch, len(history["epochs"]), stopper.best)
-    close_history(history, stopper, clock)
-    opt.finish()
-    return stopper.restore(model), history
+    task = _GroupTask(distributed.wrap(model, world), feats, labels, mcfg.heads, cfg.listwise_weight, device, valid)
+    loop = LoopConfig("ranker", "groups", "final ndcg@10", cfg.epochs, cfg.patience, cfg.batch_size, cfg.grad_clip)
+    return train_loop(model, task, opt, loop, clock=clock, world=world, rng=rng, history=history, progress=progress), history
+
+
+@dataclass
+class _GroupTask:
+    """The ranker's part of the training loop: each group's positive against its negatives (:class:`recall.loop.Task`)."""
+
+    trainer: torch.nn.Module
+    feats: RankFeatures
+    labels: np.ndarray
+    heads: tuple[str, ...]
+    listwise_weight: float
+    device: torch.device
+    valid: "ValidationSet"
+
+    def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.permutation(len(self.labels))
+
+    def loss(self, idx: np.ndarray) -> torch.Tensor:
+        batch = self.feats.take(idx).to_torch(self.device)
+        logits, _ = self.trainer(batch)  # [b, G, H]
+        return ranking_loss(logits, torch.from_numpy(self.labels[idx]).to(self.device), batch["cand_items"] > 0, self.heads, self.listwise_weight)
+
+    def validate(self) -> Validation:
+        metrics = self.valid.evaluate() if len(self.valid) else {}
+        return Validation(metrics, metrics.get("final", {}), metrics["final"]["ndcg@10"] if metrics else None)

@@ -17,7 +17,6 @@ from funnel.events.sequences import Sequences
 from funnel.recall.lookup import sorted_lookup, top_entries
 from funnel.recall.plugin import ChannelQuery, register_channel
 
-
 SHARD_ENTRIES = 64_000_000
 """Co-visitation pair entries counted at a time (:meth:`CoVisitation.count_pairs`): about 1.3 GB while sorted."""
 PAIR_CHUNK = 1 << 23

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import faiss
 import numpy as np
 
-from funnel.events.metrics import overlap_recall
+from funnel.evaluation.metrics import overlap_recall
 from funnel.recall.scoring import exact_topk
 
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")

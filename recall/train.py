@@ -1,20 +1,19 @@
 """Train the two-tower model next-item style on every training position."""
 
-import copy
 import dataclasses
 import logging
 import math
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from funnel.evaluation.metrics import summarize, target_ranks
 from funnel.events.dataset import Dataset
-from funnel.events.metrics import summarize, target_ranks
 from funnel.events.split import Split, subsample
 from funnel.recall import distributed
+from funnel.recall.loop import EpochClock, LoopConfig, SparseTableOptimizer, Validation, pick_device, train_loop
 from funnel.recall.model import TwoTower, TwoTowerConfig, sampled_softmax_loss, user_tensors
 from funnel.recall.scoring import exact_topk
 from funnel.recall.warm import freeze_rows, grown
@@ -61,165 +60,11 @@ class TwoTowerTrainConfig:
     sparse_ids: bool = True
 
 
-class EarlyStopping:
-    """Keeps the best weights by a validation score and says when to stop.
-
-    Args:
-        patience: epochs without improvement before stopping.
-    """
-
-    def __init__(self, patience: int):
-        self.patience = patience
-        self.best = float("-inf")
-        self.best_epoch = 0
-        self.state: dict | None = None
-        self.bad_epochs = 0
-
-    def step(self, score: float, model: torch.nn.Module, epoch: int = 0) -> bool:
-        """Record epoch ``epoch``'s score; returns True when training should stop."""
-        if score > self.best:
-            self.best, self.best_epoch, self.state, self.bad_epochs = score, epoch, copy.deepcopy(model.state_dict()), 0
-            return False
-        self.bad_epochs += 1
-        return self.bad_epochs >= self.patience
-
-    def restore(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Load the best weights back into ``model`` (eval mode)."""
-        model.load_state_dict(self.state)
-        return model.eval()
-
-
-class SparseTableOptimizer:
-    """AdamW over a model, with given embedding tables on sparse gradients and a lazy Adam.
-
-    A dense Adam step rewrites every row of a table, however few a batch touched; at
-    hundreds of thousands of items that is most of a CPU training step. The tables get
-    sparse gradients and :class:`torch.optim.SparseAdam` (moments of untouched rows wait
-    until a batch touches them; no weight decay on them), the rest AdamW.
-
-    Args:
-        model: the module being trained.
-        tables: its embedding tables to make sparse (none: plain AdamW).
-        lr, weight_decay: as for AdamW.
-    """
-
-    def __init__(self, model: torch.nn.Module, tables: list[torch.nn.Embedding], lr: float, weight_decay: float):
-        self.tables = tables
-        sparse = {id(t.weight) for t in tables}
-        for table in tables:
-            table.sparse = True
-        self.params = list(model.parameters())
-        self.optimizers: list[torch.optim.Optimizer] = [
-            torch.optim.AdamW([p for p in self.params if id(p) not in sparse], lr=lr, weight_decay=weight_decay)
-        ]
-        if tables:
-            self.optimizers.append(torch.optim.SparseAdam([t.weight for t in tables], lr=lr))
-
-    def zero_grad(self) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-
-    def clip_grad_norm(self, max_norm: float) -> None:
-        """Scale every gradient, sparse ones included, so their joint L2 norm is at most ``max_norm``."""
-        grads = []
-        for p in self.params:
-            if p.grad is not None and p.grad.is_sparse:
-                p.grad = p.grad.coalesce()  # repeated rows summed, so the norm counts each row once
-                grads.append(p.grad._values())
-            elif p.grad is not None:
-                grads.append(p.grad)
-        total = torch.sqrt(sum(g.pow(2).sum() for g in grads)) if grads else torch.tensor(0.0)
-        scale = max_norm / (total + 1e-6)
-        if scale < 1:
-            for g in grads:
-                g.mul_(scale)
-
-    def step(self) -> None:
-        for opt in self.optimizers:
-            opt.step()
-
-    def finish(self) -> None:
-        """Dense gradients again, for whoever trains the model next."""
-        for table in self.tables:
-            table.sparse = False
-
-
-class EpochClock:
-    """A training loop's time budget, cut into epochs that each end in time for validation.
-
-    The budget counts from the clock's creation, so a loop that creates it before its
-    preparation (sampling, candidate groups, validation sets) spends its budget on that
-    too; the epochs share what is left when the first one starts (at least a quarter of
-    the budget, so an overrun preparation still leaves a trained model).
-
-    Args:
-        max_seconds: the loop's budget (0: no limit, and epochs run to their end).
-        epochs: the number of epochs the budget is cut into at least.
-    """
-
-    def __init__(self, max_seconds: float, epochs: int):
-        self.max_seconds = max_seconds
-        self.epochs = max(epochs, 1)
-        self.slice = 0.0
-        self.started = self.epoch_started = time.perf_counter()
-        self.deadline = self.started + max_seconds
-
-    def start_epoch(self) -> None:
-        self.epoch_started = time.perf_counter()
-        if self.max_seconds and not self.slice:
-            self.deadline = max(self.deadline, self.epoch_started + self.max_seconds / 4)
-            self.slice = (self.deadline - self.epoch_started) / self.epochs
-
-    def epoch_over(self) -> bool:
-        """Whether the running epoch has used its slice of the budget, or the budget is spent."""
-        now = time.perf_counter()
-        return bool(self.max_seconds) and (now - self.epoch_started >= self.slice or now >= self.deadline)
-
-    def spent(self) -> bool:
-        """Whether the budget is used up (no new epoch should start)."""
-        return bool(self.max_seconds) and time.perf_counter() >= self.deadline
-
-    def epoch_seconds(self) -> float:
-        return time.perf_counter() - self.epoch_started
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-    def left(self) -> str:
-        """``", budget 12.0 min left"`` under a budget, else ``""`` (for progress lines)."""
-        return f", budget {max(self.deadline - time.perf_counter(), 0) / 60:.1f} min left" if self.max_seconds else ""
-
-
 def epoch_sample(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     """The example order of one epoch: all ``n`` shuffled, or ``k`` of them drawn without replacement when 0 < k < n."""
     if 0 < k < n:
         return rng.choice(n, k, replace=False)
     return rng.permutation(n)
-
-
-def epoch_record(epoch: int, loss: float, samples: int, seconds: float, valid: dict) -> dict:
-    """One epoch's entry in a training history: mean loss, samples seen and their rate (per second of training, validation excluded), validation metrics."""
-    return {"epoch": epoch, "loss": round(loss, 5), "samples": samples, "samples_per_s": round(samples / max(seconds, 1e-9), 1), "valid": valid}
-
-
-def close_history(history: dict, stopper: EarlyStopping, clock: "EpochClock") -> None:
-    """Add a finished loop's totals to its history: the kept epoch and its score, samples seen, seconds."""
-    history["kept_epoch"] = stopper.best_epoch
-    history["samples"] = int(sum(e["samples"] for e in history["epochs"]))
-    history["seconds"] = round(clock.elapsed(), 1)
-    history["best_valid_ndcg@10"] = stopper.best
-
-
-def brief_metrics(metrics: dict) -> str:
-    """Validation metrics for a log line: ``ndcg@10 0.1234, hr@10 0.2345``."""
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)) or "none"
-
-
-def pick_device(name: str) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def user_vectors(model: TwoTower, data: Dataset, users: np.ndarray, targets: np.ndarray, batch: int = 4096) -> np.ndarray:
@@ -396,40 +241,39 @@ def train_two_tower(
     valid_users, valid_pos = subsample(rng, max_valid, valid_users, valid_pos)
 
     history: dict = {"epochs": [], "config": asdict(cfg), "positions": int(len(users)), "processes": world.size}
-    stopper = EarlyStopping(cfg.patience)
-    for epoch in range(cfg.epochs):
-        if epoch and distributed.any_rank(clock.spent(), world):  # the first epoch always runs: early stopping needs one validated model
-            break
-        model.train()
-        order = distributed.shard(epoch_sample(rng, len(users), cfg.samples_per_epoch), world)
-        total, steps, seen = 0.0, 0, 0
-        clock.start_epoch()
-        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"two-tower epoch {epoch + 1}", disable=not progress, leave=False)
-        for lo in bar:
-            idx = order[lo : lo + cfg.batch_size]
-            w = seqs.window(positions[idx], mcfg.history, seqs.offsets[users[idx]])
-            loss = trainer(user_tensors(w, seqs.ts[positions[idx]], device), torch.from_numpy(targets[idx]).to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item()
-            steps += 1
-            seen += len(idx) * world.size
-            if distributed.any_rank(clock.epoch_over(), world):
-                break
-        train_seconds = clock.epoch_seconds()
-        metrics = evaluate_targets(model, data, valid_users, valid_pos, known) if len(valid_users) else {}
-        score = distributed.from_main(metrics.get("ndcg@10", -total / steps), world)  # one early-stopping decision for all ranks
-        record = epoch_record(epoch + 1, total / steps, seen, train_seconds, metrics)
-        history["epochs"].append(record)
-        log.info("two-tower epoch %d: loss %.4f, %s samples at %s/s%s; valid %s", epoch + 1, total / steps, f"{seen:,}", f"{record['samples_per_s']:,.0f}", clock.left(), brief_metrics(metrics))
-        if stopper.step(score, model, epoch + 1):
-            break
-    log.info("two-tower: kept epoch %d of %d (valid ndcg@10 %.4f)", stopper.best_epoch, len(history["epochs"]), stopper.best)
-    close_history(history, stopper, clock)
-    opt.finish()
+    task = _NextItemTask(trainer, data, users, positions, targets, mcfg.history, device, cfg.samples_per_epoch, lambda: _validate(model, data, valid_users, valid_pos, known))
+    loop = LoopConfig("two-tower", "samples", "ndcg@10", cfg.epochs, cfg.patience, cfg.batch_size)
+    model = train_loop(model, task, opt, loop, clock=clock, world=world, rng=rng, history=history, progress=progress)
     release()
-    return stopper.restore(model), history
+    return model, history
+
+
+@dataclass
+class _NextItemTask:
+    """The two-tower's part of the training loop: next-item targets at sampled training positions (:class:`recall.loop.Task`)."""
+
+    trainer: torch.nn.Module
+    data: Dataset
+    users: np.ndarray
+    positions: np.ndarray
+    targets: np.ndarray
+    history: int
+    device: torch.device
+    samples_per_epoch: int
+    validate: Callable[[], Validation]
+
+    def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
+        return epoch_sample(rng, len(self.users), self.samples_per_epoch)
+
+    def loss(self, idx: np.ndarray) -> torch.Tensor:
+        seqs = self.data.seqs
+        w = seqs.window(self.positions[idx], self.history, seqs.offsets[self.users[idx]])
+        return self.trainer(user_tensors(w, seqs.ts[self.positions[idx]], self.device), torch.from_numpy(self.targets[idx]).to(self.device))
+
+
+def _validate(model: TwoTower, data: Dataset, users: np.ndarray, positions: np.ndarray, known: np.ndarray) -> Validation:
+    metrics = evaluate_targets(model, data, users, positions, known) if len(users) else {}
+    return Validation(metrics, metrics, metrics.get("ndcg@10"))
 
 
 def _fix_item_space(model: TwoTower, old: TwoTowerConfig):

@@ -6,15 +6,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from funnel.bundle import Bundle, load_bundle
+from funnel.events.eventlog import UserEvent
 from funnel.events.schema import BEHAVIORS
 from funnel.events.sequences import Sequences
 from funnel.events.vocab import PAD
 from funnel.rank.pipeline import Ranked
 from funnel.recall.retriever import Excluded
-from funnel.bundle import Bundle, load_bundle
-from funnel.events.eventlog import UserEvent
 from funnel.server.history import UserHistory, stack
-from funnel.server.query import Attended, BadQuery, RecommendQuery, RecommendResult, Recommendation
+from funnel.server.query import Attended, BadQuery, Recommendation, RecommendQuery, RecommendResult
 from funnel.server.state import StateUnavailable, UserState
 
 EXPLAIN_TOP = 3
@@ -46,6 +46,7 @@ class Engine:
         self._data_end = bundle.data_end
         self._titles = data.item_title
         self._category_names = data.categories.decode(data.item_category)
+        self._channel_names = np.array(self.pipeline.retriever.channel_names, dtype=object)  # channel id -> name, gathered per answer
 
     @classmethod
     def load(cls, path: str, state: UserState | None = None, candidates: dict[str, int] | None = None, runtime: str = "onnx") -> "Engine":
@@ -161,7 +162,7 @@ class Engine:
         # Python lists up front: per-element numpy scalar access costs more than the conversion.
         ids = self.bundle.data.items.decode(items).tolist()
         scores, recall_scores = ranked.scores[row, keep].tolist(), ranked.recall_scores[row, keep].tolist()
-        channels = ranked.channels[row, keep].tolist()
+        channels = self._channel_names[ranked.channels[row, keep]].tolist()
         titles, categories = self._titles[items].tolist(), self._category_names[items].tolist()
         heads = {head: p[row, keep].tolist() for head, p in ranked.head_scores.items()}
         because = self._because(ranked, row, keep, effects) if effects is not None else [()] * len(keep)
@@ -170,7 +171,7 @@ class Engine:
                 item_id=str(ids[j]),
                 score=scores[j],
                 recall_score=recall_scores[j],
-                channel=self.pipeline.retriever.channel_names[channels[j]],
+                channel=channels[j],
                 title=str(titles[j] or ""),
                 category=str(categories[j]),
                 because=because[j],

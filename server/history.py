@@ -10,10 +10,10 @@ import logging
 import numpy as np
 
 from funnel.events.dataset import Dataset
+from funnel.events.eventlog import UserEvent
 from funnel.events.schema import BEHAVIOR_CODE
 from funnel.events.sequences import Sequences
 from funnel.events.vocab import PAD
-from funnel.events.eventlog import UserEvent
 from funnel.server.query import RecommendQuery
 from funnel.server.state import StateUnavailable, UserState
 

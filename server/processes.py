@@ -23,8 +23,8 @@ import os
 import signal
 from typing import Any
 
-from funnel.server.app import BindError, ServerOptions, serve
 from funnel.events.eventlog import EventStoreError
+from funnel.server.app import BindError, ServerOptions, serve
 from funnel.server.state import StateUnavailable
 
 log = logging.getLogger(__name__)

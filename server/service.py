@@ -12,9 +12,9 @@ from concurrent.futures import Executor
 
 import grpc
 
+from funnel.events.eventlog import UserEvent
 from funnel.events.schema import BEHAVIORS
 from funnel.rank.model import HEADS
-from funnel.events.eventlog import UserEvent
 from funnel.server.batching import DeadlineExpired, MicroBatcher, Overloaded
 from funnel.server.holder import BundleRefused, EngineHolder
 from funnel.server.metrics import Metrics

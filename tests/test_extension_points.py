@@ -10,11 +10,11 @@ import os
 import numpy as np
 import pytest
 
+from funnel.bundle import load_bundle
 from funnel.rank.features import dense_names
 from funnel.rank.schema import FeatureBatch, register_feature, unregister
 from funnel.recall.plugin import ChannelQuery, register_channel, unregister_channel
 from funnel.server.app import create_server
-from funnel.bundle import load_bundle
 from funnel.server.engine import Engine
 from funnel.tools.recommend import recommend
 

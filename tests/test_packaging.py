@@ -8,7 +8,7 @@ import sys
 import zipfile
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FOLDERS = ("events", "recall", "rank", "bundle", "server", "tools")
+FOLDERS = ("events", "recall", "rank", "bundle", "evaluation", "server", "tools")
 
 
 def _python_files():

@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 import torch
 
-from funnel.events.metrics import overlap_recall
+from funnel.evaluation.metrics import overlap_recall
 from funnel.recall.index import IndexSpec, build_index, resolve, search
 from funnel.recall.scoring import exact_topk
 from funnel.tools.output import write_json

@@ -29,11 +29,11 @@ import grpc
 import numpy as np
 import pandas as pd
 
-from funnel.events.schema import TAOBAO_COLUMNS
 from funnel.bundle import load_bundle, resolve
 from funnel.events.eventlog import read_event_store_since
+from funnel.events.schema import TAOBAO_COLUMNS
 from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
-from funnel.tools.learn import LEARNING_LOG, known_only, holdout_scores
+from funnel.tools.learn import LEARNING_LOG, holdout_scores, known_only
 from funnel.tools.output import write_json
 from funnel.tools.recommend import wait_ready
 

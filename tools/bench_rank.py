@@ -30,10 +30,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from funnel.bundle import load_bundle
 from funnel.rank.pipeline import TwoStage
 from funnel.recall.retriever import Candidates
 from funnel.recall.runtime import RUNTIMES
-from funnel.bundle import load_bundle
 from funnel.tools.output import write_json
 
 TARGET_MS = {"rank": 0.7, "recall": 0.5}

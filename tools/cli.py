@@ -4,9 +4,9 @@ import argparse
 import logging
 import sys
 
+from funnel.bundle import BundleError
 from funnel.events.readers import EventFormatError
 from funnel.recall.retriever import RecallConfig
-from funnel.bundle import BundleError
 from funnel.tools.plugins import PluginError, load_plugins
 
 COMMANDS = {

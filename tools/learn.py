@@ -37,7 +37,9 @@ import faiss
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from funnel.events.metrics import summarize, target_ranks
+from funnel.bundle import CURRENT, Bundle, BundleError, discard_staged, load_bundle, publish_staged, write_version
+from funnel.evaluation.metrics import summarize, target_ranks
+from funnel.events.eventlog import read_event_store_since
 from funnel.events.sequences import Sequences
 from funnel.events.split import Split, first_at_or_after, subsample
 from funnel.rank.business import BusinessTables
@@ -46,8 +48,6 @@ from funnel.rank.train import RankerTrainConfig, train_ranker
 from funnel.recall.index import MIN_GATE_RECALL, add_items, build_index, can_remove, tune_nprobe
 from funnel.recall.retriever import Retriever
 from funnel.recall.train import TwoTowerTrainConfig, item_vectors, recommendable_items, train_two_tower, user_vectors
-from funnel.bundle import CURRENT, Bundle, BundleError, discard_staged, load_bundle, publish_staged, write_version
-from funnel.events.eventlog import read_event_store_since
 from funnel.tools.train import AUTO_INDEX, GATE_K, Stages, choose_index, duration_arg
 
 log = logging.getLogger("funnel.learn")

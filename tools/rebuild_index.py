@@ -13,11 +13,11 @@ import time
 import faiss
 import numpy as np
 
-from funnel.events.metrics import overlap_recall
+from funnel.bundle import Bundle, load_bundle, replace_index
+from funnel.evaluation.metrics import overlap_recall
 from funnel.recall.index import AUTO_IVF_MIN_ITEMS, MIN_GATE_RECALL, IndexSpec, build_index, resolve, search, tune_nprobe
 from funnel.recall.scoring import exact_topk, subset_rows
 from funnel.recall.train import item_vectors
-from funnel.bundle import Bundle, load_bundle, replace_index
 from funnel.tools.bench_index import queries_per_second
 
 log = logging.getLogger("funnel.rebuild_index")

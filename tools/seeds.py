@@ -12,19 +12,14 @@ import logging
 import os
 import time
 
-import numpy as np
-
+from funnel.evaluation.protocol import evaluate_bundle
+from funnel.evaluation.summary import SECTIONS, SHOWN, flatten_report, format_summary, summarize_runs
 from funnel.events.readers import FORMATS
 from funnel.events.split import SPLITS
-from funnel.tools.evaluate import evaluate
 from funnel.tools.output import write_json
 from funnel.tools.train import train
 
 log = logging.getLogger("funnel.seeds")
-
-SECTIONS = ("recall", "recall_channels", "final", "lift")
-SHOWN = ("recall_channels.two_tower.hr@10", "recall_channels.two_tower.ndcg@10", "recall_channels.two_tower.hr@200", "final.hr@10", "final.ndcg@10", "lift.ndcg@10_ratio", "train_seconds", "evaluate_seconds")
-
 
 def run_seeds(
     *,
@@ -56,47 +51,15 @@ def run_seeds(
         t0 = time.perf_counter()
         version = train(events=events, out=os.path.join(out, f"seed{seed}"), fmt=fmt, items=items, split=split, seed=seed, progress=progress)
         t1 = time.perf_counter()
-        report = evaluate(bundle=version, events=events, fmt=fmt, split=split, progress=progress)
+        report, _ = evaluate_bundle(bundle=version, events=events, fmt=fmt, split=split, progress=progress)
         t2 = time.perf_counter()
-        metrics = {**_flatten({s: report[s] for s in SECTIONS if s in report}), "train_seconds": round(t1 - t0, 1), "evaluate_seconds": round(t2 - t1, 1)}
+        metrics = {**flatten_report({s: report[s] for s in SECTIONS if s in report}), "train_seconds": round(t1 - t0, 1), "evaluate_seconds": round(t2 - t1, 1)}
         runs.append({"seed": seed, "bundle": version, "metrics": metrics})
         log.info("seed %d: %s", seed, ", ".join(f"{k} {metrics[k]}" for k in SHOWN if k in metrics))
     result = {"events": events, "split": split, "seeds": list(seeds), "runs": runs, "summary": summarize_runs([r["metrics"] for r in runs])}
     if json_out:
         write_json(json_out, result)
     return result
-
-
-def summarize_runs(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Mean, population std, min and max of each metric present in every run."""
-    keys = [k for k in runs[0] if all(isinstance(r.get(k), (int, float)) for r in runs)] if runs else []
-    out = {}
-    for key in keys:
-        values = np.array([r[key] for r in runs], dtype=np.float64)
-        out[key] = {"mean": round(float(values.mean()), 4), "std": round(float(values.std()), 4), "min": round(float(values.min()), 4), "max": round(float(values.max()), 4)}
-    return out
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[name] = value
-    return flat
-
-
-def format_summary(result: dict) -> str:
-    """The headline metrics as a table: one row each, mean ± std and the range over seeds."""
-    summary = result["summary"]
-    lines = [f"{len(result['runs'])} seeds on {result['events']} ({result['split']})"]
-    for key in SHOWN:
-        if key in summary:
-            s = summary[key]
-            lines.append(f"{key:36} {s['mean']:>9.4f} ± {s['std']:.4f}   [{s['min']:.4f} .. {s['max']:.4f}]")
-    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,9 +4,9 @@ import argparse
 import os
 import sys
 
+from funnel.events.eventlog import EventStoreError
 from funnel.recall.runtime import RUNTIMES
 from funnel.server.app import TOKEN_ENV, BindError, ServerOptions, open_without_token
-from funnel.events.eventlog import EventStoreError
 from funnel.server.state import MAX_EVENTS_PER_USER, StateUnavailable
 from funnel.tools.cli import add_candidates_argument
 

@@ -14,19 +14,19 @@ import time
 import faiss
 import numpy as np
 
+from funnel.bundle import write_version
 from funnel.events.dataset import Dataset, file_fingerprint
+from funnel.events.eventlog import fold_events as fold_events_into
+from funnel.events.eventlog import read_event_store_since
 from funnel.events.readers import FORMATS, read_events, read_items, release_read_memory
 from funnel.events.split import SPLITS, make_split
 from funnel.rank.business import BusinessTables
 from funnel.rank.train import RankerTrainConfig, train_ranker
 from funnel.recall import distributed
-from funnel.recall.plugin import fit_channels
 from funnel.recall.index import AUTO_IVF_MIN_ITEMS, MIN_GATE_RECALL, IndexSpec, build_index, resolve, tune_nprobe
+from funnel.recall.plugin import fit_channels
 from funnel.recall.retriever import RecallConfig, Retriever
 from funnel.recall.train import TwoTowerTrainConfig, item_vectors, known_items, recommendable_items, train_two_tower, user_vectors
-from funnel.bundle import write_version
-from funnel.events.eventlog import fold_events as fold_events_into
-from funnel.events.eventlog import read_event_store_since
 
 log = logging.getLogger("funnel.train")
 

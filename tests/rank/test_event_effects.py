@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from funnel.events.sequences import Window
 from funnel.bundle import load_bundle
+from funnel.events.sequences import Window
 
 
 @pytest.fixture(scope="module")

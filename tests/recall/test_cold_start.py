@@ -5,10 +5,10 @@ import faiss
 import numpy as np
 import scipy.sparse as sp
 
-from funnel.rank.train import RankerTrainConfig
-from funnel.recall.retriever import RecallConfig, Retriever, TWO_TOWER
-from funnel.recall.train import TwoTowerTrainConfig
 from funnel.bundle import load_bundle
+from funnel.rank.train import RankerTrainConfig
+from funnel.recall.retriever import TWO_TOWER, RecallConfig, Retriever
+from funnel.recall.train import TwoTowerTrainConfig
 from funnel.tools.train import train
 
 

@@ -3,8 +3,9 @@ import time
 import torch
 
 from funnel.events.split import leave_last_out
+from funnel.recall.loop import EpochClock, SparseTableOptimizer
 from funnel.recall.model import TwoTower, TwoTowerConfig, frozen_for_inference, masked_softmax, sampled_softmax_loss
-from funnel.recall.train import EpochClock, SparseTableOptimizer, TwoTowerTrainConfig, evaluate_targets, known_items, train_two_tower
+from funnel.recall.train import TwoTowerTrainConfig, evaluate_targets, known_items, train_two_tower
 
 
 def test_sampled_softmax_masks_duplicate_targets():

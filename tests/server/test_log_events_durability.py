@@ -11,8 +11,8 @@ import grpc
 import numpy as np
 import pytest
 
-from funnel.server.engine import Engine
 from funnel.events.eventlog import UserEvent
+from funnel.server.engine import Engine
 from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
 from funnel.server.state import open_state
 from funnel.tools.recommend import wait_ready

@@ -2,12 +2,12 @@
 
 import pytest
 
+from funnel.events.eventlog import EventStore, UserEvent
 from funnel.events.readers import read_events
 from funnel.events.synth import SynthConfig, generate
 from funnel.rank.train import RankerTrainConfig
 from funnel.recall.train import TwoTowerTrainConfig
 from funnel.server.engine import Engine
-from funnel.events.eventlog import EventStore, UserEvent
 from funnel.server.query import RecommendQuery
 from funnel.server.state import open_state
 from funnel.tools.train import train

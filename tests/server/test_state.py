@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from funnel.events.eventlog import EventStore, EventStoreError, UserEvent, _Pending, fold_events, read_event_store
 from funnel.events.readers import EventLog, ReadReport
 from funnel.events.schema import BEHAVIOR_CODE, BEHAVIORS
 from funnel.server.engine import Engine
-from funnel.events.eventlog import EventStore, EventStoreError, UserEvent, _Pending, fold_events, read_event_store
 from funnel.server.query import Event, RecommendQuery
 from funnel.server.state import MemoryState, SharedLogState, StateUnavailable, open_state
 

@@ -6,9 +6,9 @@ import grpc
 import numpy as np
 import pytest
 
+from funnel.events.eventlog import UserEvent
 from funnel.server.app import create_server
 from funnel.server.engine import Engine
-from funnel.events.eventlog import UserEvent
 from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
 from funnel.server.state import LoggedState, RedisState, StateUnavailable, open_state
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from funnel.server.app import ServerOptions, build_server
 from funnel.bundle import CURRENT, load_bundle, resolve, write_version
+from funnel.server.app import ServerOptions, build_server
 from funnel.server.engine import Engine
 from funnel.server.holder import BundleRefused, EngineHolder
 from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
@@ -195,7 +195,7 @@ class Versioned:
         self.seconds = seconds
 
     def recommend(self, query):
-        from funnel.server.query import RecommendResult, Recommendation
+        from funnel.server.query import Recommendation, RecommendResult
 
         time.sleep(self.seconds)
         return RecommendResult([Recommendation("i1", 1.0, 1.0, "popular")], self.model_version, self.index_version, {})

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
+from funnel.bundle import load_bundle
+from funnel.evaluation.protocol import format_report
 from funnel.events.readers import read_events
 from funnel.events.split import make_split
-from funnel.bundle import load_bundle
 from funnel.tools.cli import main
-from funnel.tools.evaluate import format_report
 
 KS = {"recall": (10, 20, 50, 200), "final": (10, 20, 50)}
 

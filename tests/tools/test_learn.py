@@ -8,13 +8,13 @@ import pandas as pd
 import pytest
 from prometheus_client.exposition import generate_latest
 
+from funnel.bundle import CURRENT, load_bundle, resolve
+from funnel.events.eventlog import EventStore, UserEvent
 from funnel.events.schema import TAOBAO_COLUMNS
 from funnel.events.synth import SynthConfig, generate
 from funnel.rank.train import RankerTrainConfig
 from funnel.recall.retriever import TWO_TOWER
 from funnel.recall.train import TwoTowerTrainConfig
-from funnel.bundle import CURRENT, load_bundle, resolve
-from funnel.events.eventlog import EventStore, UserEvent
 from funnel.tools.learn import LEARNING_LOG, LearnConfig, LearnMetrics, learn_cycle
 from funnel.tools.train import train
 

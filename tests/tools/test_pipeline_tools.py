@@ -4,11 +4,12 @@ import json
 
 import pytest
 
+from funnel.bundle import load_bundle, resolve
+from funnel.evaluation.protocol import format_report
 from funnel.rank.train import RankerTrainConfig
 from funnel.recall.train import TwoTowerTrainConfig
-from funnel.bundle import load_bundle, resolve
 from funnel.tools.cli import main
-from funnel.tools.evaluate import evaluate, format_report
+from funnel.tools.evaluate import evaluate
 from funnel.tools.rebuild_index import IndexRejected, rebuild_index
 from funnel.tools.train import TWO_TOWER_SHARE, WRITE_SHARE, parse_duration, train
 

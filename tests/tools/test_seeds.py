@@ -1,7 +1,8 @@
+from funnel.evaluation.summary import summarize_runs
 from funnel.rank.train import RankerTrainConfig
 from funnel.recall.train import TwoTowerTrainConfig
 from funnel.tools import seeds
-from funnel.tools.seeds import run_seeds, summarize_runs
+from funnel.tools.seeds import run_seeds
 
 
 def test_summarize_runs_hand_computed():

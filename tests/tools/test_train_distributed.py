@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from funnel.server.app import create_server
 from funnel.bundle import resolve
+from funnel.server.app import create_server
 from funnel.server.engine import Engine
 from funnel.tools.evaluate import evaluate
 from funnel.tools.recommend import recommend

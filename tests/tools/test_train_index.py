@@ -1,9 +1,9 @@
 """``train --index auto``: exact search for small catalogues, a gated IVF index above the threshold."""
 
 import funnel.tools.train as train_tool
+from funnel.bundle import load_bundle
 from funnel.events.split import make_split
 from funnel.recall.index import IndexSpec
-from funnel.bundle import load_bundle
 
 
 def _choose(bundle, spec="auto"):

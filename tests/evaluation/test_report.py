@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 
-from funnel.tools.report import line_chart, nice_ticks, reliability_chart, write_report
+from funnel.evaluation.report import line_chart, nice_ticks, reliability_chart
+from funnel.tools.evaluate import write_report
 
 
 def test_nice_ticks_hand_examples():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from funnel.recall.baselines import itemknn_similarity, itemknn_topk, popularity_topk, topk_excluding
+from funnel.evaluation.baselines import itemknn_similarity, itemknn_topk, popularity_topk, topk_excluding
 
 # 4 users × 5 items, interaction counts. Column sums: [3, 6, 1, 4, 0].
 TRAIN = np.array(

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from funnel.events.metrics import (
+from funnel.evaluation.metrics import (
     auc,
     calibration_bins,
     expected_calibration_error,

@@ -7,12 +7,9 @@ do not justify a dependency, and the file opens anywhere without images beside i
 import html
 import json
 import math
-import os
 from collections.abc import Sequence
 
 import numpy as np
-
-from funnel.tools.output import write_text
 
 WIDTH, HEIGHT = 560, 340
 MARGIN = {"left": 62, "right": 16, "top": 34, "bottom": 48}
@@ -20,19 +17,17 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 LOG_TICKS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 
-def write_report(out_dir: str, report: dict, curves: dict[str, dict[str, np.ndarray]], summary: str) -> str:
-    """Write ``out_dir/report.html`` and ``out_dir/curves.json`` (both atomically).
+def render_report(report: dict, curves: dict[str, dict[str, np.ndarray]], summary: str) -> str:
+    """The HTML page of an evaluation report.
 
     Args:
-        out_dir: created if missing.
         report: the evaluation report (uses ``users``, ``split``, ``bundle``, ``lift`` and ``ranker``).
         curves: {method: {"hr": [K], "ndcg": [K]}}, element ``K - 1`` being the metric at cut-off K.
         summary: the plain-text metric tables, shown as they are.
 
     Returns:
-        The path of the HTML file.
+        A self-contained HTML document.
     """
-    os.makedirs(out_dir, exist_ok=True)
     charts = [
         _metric_chart(curves, "hr", "HR@K"),
         _metric_chart(curves, "ndcg", "NDCG@K"),
@@ -55,12 +50,12 @@ def write_report(out_dir: str, report: dict, curves: dict[str, dict[str, np.ndar
             *charts[2:],
         ]
     )
-    page = f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>\n<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
-    path = os.path.join(out_dir, "report.html")
-    write_text(path, page)
-    data = {name: {metric: [round(float(v), 6) for v in values] for metric, values in c.items()} for name, c in curves.items()}
-    write_text(os.path.join(out_dir, "curves.json"), json.dumps(data))
-    return path
+    return f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>\n<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
+
+
+def curves_json(curves: dict[str, dict[str, np.ndarray]]) -> str:
+    """The curves as JSON text: ``{method: {metric: [value at K = 1, 2, ...]}}``, rounded to 6 decimals."""
+    return json.dumps({name: {metric: [round(float(v), 6) for v in values] for metric, values in c.items()} for name, c in curves.items()})
 
 
 _CSS = "body{font-family:sans-serif;max-width:1180px;margin:1em auto;color:#222}pre{background:#f6f6f6;padding:.6em;overflow-x:auto}svg{margin:.4em;border:1px solid #ddd}"

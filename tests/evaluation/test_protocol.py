@@ -5,10 +5,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from funnel.evaluation import protocol
+from funnel.evaluation.protocol import _batch_pairs, _is_target, _lift, _Pairs, _ranker_report
 from funnel.events.schema import BEHAVIOR_CODE
 from funnel.events.sequences import Sequences
-from funnel.tools import evaluate as evaluate_module
-from funnel.tools.evaluate import _batch_pairs, _is_target, _lift, _Pairs, _ranker_report
 
 
 def test_is_target_matches_rows_and_never_padding():
@@ -75,7 +75,7 @@ def test_lift_ratio_and_zero_recall():
 
 
 def test_small_test_sets_get_a_sampling_warning():
-    from funnel.tools.evaluate import sample_warnings
+    from funnel.evaluation.protocol import sample_warnings
 
     assert sample_warnings(5000, {"hr@10": 0.2}) == []
     (some,) = sample_warnings(100, {"hr@10": 0.2})
@@ -90,12 +90,12 @@ def test_itemknn_history_is_cut_to_the_deepest_depth_within_the_pair_budget(monk
     users = np.repeat(np.arange(3), lengths)
     seqs = Sequences.from_encoded(users, np.arange(1, 16), np.zeros(15, np.int64), np.ones(15, np.int64), np.arange(15), 3)
     no_target = np.full(3, -1)
-    full, depth = evaluate_module._itemknn_matrix(seqs, no_target, 16)
+    full, depth = protocol._itemknn_matrix(seqs, no_target, 16)
     assert depth is None and full.nnz == 15
-    monkeypatch.setattr(evaluate_module, "ITEMKNN_PAIRS", 60)  # depth 5: 25 + 16 + 1 = 42 pairs; depth 6: 36 + 16 + 1 = 53; 7: 66
-    cut, depth = evaluate_module._itemknn_matrix(seqs, no_target, 16)
+    monkeypatch.setattr(protocol, "ITEMKNN_PAIRS", 60)  # depth 5: 25 + 16 + 1 = 42 pairs; depth 6: 36 + 16 + 1 = 53; 7: 66
+    cut, depth = protocol._itemknn_matrix(seqs, no_target, 16)
     assert depth == 6 and cut.getnnz(axis=1).tolist() == [6, 4, 1]
     assert cut[0].indices.tolist() == list(range(5, 11))  # the most recent six of user 0's items 1..10
     # A held-out target ends the history first.
-    cut, depth = evaluate_module._itemknn_matrix(seqs, np.array([3, -1, -1]), 16)
+    cut, depth = protocol._itemknn_matrix(seqs, np.array([3, -1, -1]), 16)
     assert depth is None and cut.getnnz(axis=1).tolist() == [3, 4, 1]
