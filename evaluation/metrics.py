@@ -38,47 +38,35 @@ def target_ranks(topk: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def hit_rate(ranks: np.ndarray, k: int) -> float:
-    """Share of users whose target is ranked in the top ``k``.
-
-    Args:
-        ranks: int [U] from :func:`target_ranks`.
-        k: cut-off, at most the K the ranks were computed with.
-
-    Returns:
-        HR@k averaged over users (nan when there are none).
-    """
-    _check_k(k)
-    return _mean(np.asarray(ranks) < k)
+    """HR@k: the share of users whose target is ranked in the top ``k`` (see :func:`rank_metric`)."""
+    return rank_metric(ranks, k, lambda r: np.ones(r.shape))
 
 
 def ndcg(ranks: np.ndarray, k: int) -> float:
-    """NDCG@k with one relevant item per user: 1/log2(rank + 2) inside the top ``k``, else 0.
-
-    Args:
-        ranks: int [U] from :func:`target_ranks`.
-        k: cut-off, at most the K the ranks were computed with.
-
-    Returns:
-        NDCG@k averaged over users (nan when there are none).
-    """
-    _check_k(k)
-    ranks = np.asarray(ranks)
-    return _mean(np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0))
+    """NDCG@k with one relevant item per user: 1/log2(rank + 2) inside the top ``k``, else 0 (see :func:`rank_metric`)."""
+    return rank_metric(ranks, k, lambda r: 1.0 / np.log2(r + 2.0))
 
 
 def mrr(ranks: np.ndarray, k: int) -> float:
-    """Mean reciprocal rank truncated at ``k``: 1/(rank + 1) inside the top ``k``, else 0.
+    """MRR@k: 1/(rank + 1) inside the top ``k``, else 0 (see :func:`rank_metric`)."""
+    return rank_metric(ranks, k, lambda r: 1.0 / (r + 1.0))
+
+
+def rank_metric(ranks: np.ndarray, k: int, gain) -> float:
+    """A single-target metric truncated at ``k``, averaged over users.
 
     Args:
         ranks: int [U] from :func:`target_ranks`.
         k: cut-off, at most the K the ranks were computed with.
+        gain: ranks -> each user's gain where the target is inside the top ``k``
+            (0 outside).
 
     Returns:
-        MRR@k averaged over users (nan when there are none).
+        The mean gain (nan when there are no users).
     """
     _check_k(k)
     ranks = np.asarray(ranks)
-    return _mean(np.where(ranks < k, 1.0 / (ranks + 1.0), 0.0))
+    return _mean(np.where(ranks < k, gain(ranks), 0.0))
 
 
 def _multi_target_ranks(topk: np.ndarray, targets: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
