@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from funnel.bundle import load_bundle
+from funnel.evaluation.protocol import evaluate_bundle, format_report
 from funnel.rank.features import dense_names
 from funnel.rank.schema import FeatureBatch, register_feature, unregister
 from funnel.recall.plugin import ChannelQuery, register_channel, unregister_channel
@@ -88,6 +89,11 @@ def test_a_toy_channel_and_feature_train_serve_and_answer(extended, tiny_log_pat
         server.stop(None)
     channels = {r.channel for r in result.items}
     assert "toy_newest" in channels and channels <= {"two_tower", "covisit", "popular", "toy_newest"}
+
+    # Evaluation reports the channel beside the built-in ones.
+    report, _ = evaluate_bundle(bundle=root, events=tiny_log_path, progress=False)
+    assert list(report["recall_channels"]) == ["two_tower", "covisit", "popular", "toy_newest"]
+    assert "toy_newest 10" in format_report(report)
 
 
 def test_a_bundle_needing_an_unregistered_channel_is_refused(tiny_bundle, tmp_path):
