@@ -431,7 +431,7 @@ def format_report(report: dict) -> str:
     depth = report.get("itemcf_history")
     rows += [(f"baseline {name}" + (f" (last {depth})" if name == "itemcf" and depth else ""), m) for name, m in report["baselines"].items()]
     cols = COMIREC_COLUMNS if report.get("protocol") == "comirec" else COLUMNS
-    counts = ", ".join(f"{name} {n}" for name, n in report["candidates"].items() if name != "recent")
+    counts = ", ".join(f"{name} {report['candidates'][name]}" for name in report["recall_channels"] if name in report["candidates"])  # merge order
     sampled = f" (a sample of {report['test_users']:,})" if report.get("test_users", report["users"]) > report["users"] else ""
     width = max(18, max(len(name) + 1 for name, _ in rows))
     lines = [f"{report['users']:,} users{sampled}, {report['items']:,} items, split {report['split']}; candidates: {counts}", " " * width + "".join(f"{c:>10}" for c in cols)]
