@@ -29,7 +29,7 @@ from funnel.rank.contract import ranker_classes
 from funnel.rank.features import dense_names
 from funnel.rank.model import Ranker, export_ranker
 from funnel.rank.pipeline import TwoStage
-from funnel.rank.schema import check_schema, feature_schema
+from funnel.rank.schema import check_schema, feature_schema, groups as feature_groups
 from funnel.recall.channels import CoVisitation, Popularity
 from funnel.recall.index import IndexSpec, load_index, save_index
 from funnel.recall.model import TwoTower, TwoTowerConfig, export_user_tower
@@ -51,6 +51,7 @@ INDEX_FILE = "recall/index.faiss"
 VECTORS_FILE = "recall/item_vectors.npy"
 POPULARITY_FILE = "recall/popularity.npy"
 BUSINESS_FILE = "rank/business.npz"
+FEATURES_DIR = "rank/features"
 USER_TOWER_ONNX = "recall/user_tower.onnx"
 RANKER_ONNX = "rank/ranker.onnx"
 
@@ -74,6 +75,7 @@ class Bundle:
         channels: the recall channels beside the two-tower, in merge order.
         recall_config: candidate counts per channel.
         business: the ranker's business-feature tables (training part of the log).
+        fitted: the registered feature groups' own statistics (:func:`rank.schema.fit_feature_tables`).
     """
 
     path: str
@@ -87,6 +89,7 @@ class Bundle:
     channels: list[Channel]
     recall_config: RecallConfig
     business: BusinessTables
+    fitted: dict[str, dict[str, np.ndarray]]
 
     @property
     def model_version(self) -> str:
@@ -142,7 +145,7 @@ class Bundle:
             runtime: ``onnx`` runs both models with ONNX Runtime over the bundle's exports
                 (no torch work per request), ``torch`` runs frozen TorchScript copies.
         """
-        pipeline = TwoStage(self.retriever(runtime), self.ranker, self.popularity.counts, self.business)
+        pipeline = TwoStage(self.retriever(runtime), self.ranker, self.popularity.counts, self.business, self.fitted)
         pipeline.tables.business.fix_time(self.data_end)
         if runtime == "onnx":
             pipeline.use_onnx(self._onnx_file(RANKER_ONNX))
@@ -200,6 +203,7 @@ def write_version(
     recall_config: RecallConfig,
     business: BusinessTables,
     info: dict,
+    fitted: dict[str, dict[str, np.ndarray]] | None = None,
     publish: bool = True,
 ) -> str:
     """Write a complete new version under ``root`` and make it current.
@@ -209,6 +213,7 @@ def write_version(
         data, two_tower, ranker, item_vecs, index, index_spec, channels, recall_config,
             business: the pieces of the bundle (the channels in merge order).
         info: extra manifest fields (training data fingerprint, configs, metrics).
+        fitted: the registered feature groups' own statistics, one ``rank/features/<name>.npz`` each.
         publish: False leaves the complete version in a hidden staging directory, which
             :func:`load_bundle` can load and :func:`publish_staged` publishes (or
             :func:`discard_staged` removes): for a version that must pass a check first.
@@ -228,6 +233,9 @@ def write_version(
         channel.save(os.path.join(stage, "recall"))
     save_model(ranker, os.path.join(stage, "rank", "ranker.pt"))
     business.save(os.path.join(stage, BUSINESS_FILE))
+    for name, arrays in (fitted or {}).items():
+        os.makedirs(os.path.join(stage, FEATURES_DIR), exist_ok=True)
+        np.savez(os.path.join(stage, FEATURES_DIR, f"{name}.npz"), **arrays)
     export_user_tower(two_tower, os.path.join(stage, USER_TOWER_ONNX))
     export_ranker(ranker, os.path.join(stage, RANKER_ONNX))
     manifest = {
@@ -242,6 +250,7 @@ def write_version(
         "ranker_kind": ranker.kind,
         "ranker_config": ranker.cfg.to_dict(),
         "rank_features": feature_schema(),
+        "rank_feature_tables": sorted(fitted or {}),
         "counts": {"users": len(data.users), "items": len(data.items), "categories": len(data.categories), "events": int(len(data.seqs))},
         **info,
     }
@@ -464,6 +473,7 @@ def load_bundle(path: str, device: str = "cpu", candidates: dict[str, int] | Non
         # Bundles written before the channels were recorded hold the two built-in ones.
         channels = [channel_class(name).load(join("recall")) for name in manifest.get("recall_channels", ("covisit", "popular"))]
         business = BusinessTables.load(join(BUSINESS_FILE))
+        fitted = {name: _load_arrays(join(FEATURES_DIR, f"{name}.npz")) for name in manifest.get("rank_feature_tables", ())}
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise BundleError(f"{version_dir}: cannot load bundle ({err})") from err
     # The catalogue may have grown after training (rebuild-index --items); the models'
@@ -474,10 +484,10 @@ def load_bundle(path: str, device: str = "cpu", candidates: dict[str, int] | Non
     sizes = {"item vectors": len(item_vecs), "popularity": len(counts), "vocabulary": data.items.size}
     if len(set(sizes.values())) != 1 or max(two_tower.cfg.num_items, ranker.cfg.num_items, len(business.item)) > data.items.size:
         raise BundleError(f"{version_dir}: item id spaces disagree: {sizes}, model tables {two_tower.cfg.num_items}/{ranker.cfg.num_items}, business table {len(business.item)}")
-    _check_features(version_dir, manifest, ranker)
+    _check_features(version_dir, manifest, ranker, fitted)
     bundle = Bundle(
         version_dir, manifest, data, two_tower, ranker, item_vecs, index, spec, channels,
-        RecallConfig.from_dict({**manifest["recall_config"], **(candidates or {})}), business,
+        RecallConfig.from_dict({**manifest["recall_config"], **(candidates or {})}), business, fitted,
     )
     recommendable = int(bundle.recommendable.sum())
     if index.ntotal != recommendable:
@@ -485,13 +495,20 @@ def load_bundle(path: str, device: str = "cpu", candidates: dict[str, int] | Non
     return bundle
 
 
-def _check_features(version_dir: str, manifest: dict, ranker: Ranker) -> None:
-    """Refuse a bundle whose ranker reads other dense features than this code builds (it would score garbage)."""
+def _load_arrays(path: str) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _check_features(version_dir: str, manifest: dict, ranker: Ranker, fitted: dict) -> None:
+    """Refuse a bundle whose ranker reads other dense features than this code builds (it would score garbage), or lacks a feature's fitted statistics."""
     try:
         if "rank_features" in manifest:  # bundles written before the schema was recorded hold the built-in list
             check_schema(manifest["rank_features"])
         if ranker.cfg.num_dense != len(dense_names()):
             raise ValueError(f"the ranker reads {ranker.cfg.num_dense} dense features, this code builds {len(dense_names())} ({', '.join(dense_names())})")
+        if unfitted := [g.names[0] for g in feature_groups() if g.fit is not None and g.names[0] not in fitted]:
+            raise ValueError(f"no fitted statistics for the features {', '.join(unfitted)} (trained before they had fit); retrain the bundle")
     except ValueError as err:
         raise BundleError(f"{version_dir}: {err}") from err
 

@@ -8,7 +8,7 @@ built-in features (:mod:`rank.schema`), so the ranker's width is read from here.
 
 __all__ = ["FeatureTables", "RankFeatures", "build_features", "dense_names", "recall_ranks"]
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -53,12 +53,14 @@ class FeatureTables:
         item_counts: [M] training interactions per item id.
         business: item/category funnel statistics and time-aware popularity.
         covisit: the co-visitation graph of the recall channel.
+        fitted: the registered feature groups' own statistics (:func:`rank.schema.fit_feature_tables`).
     """
 
     item_category: np.ndarray
     item_counts: np.ndarray
     business: BusinessTables
     covisit: CoVisitation
+    fitted: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass

@@ -63,14 +63,15 @@ class TwoStage:
         ranker: the ranking model.
         item_counts: [M] training interactions per item id.
         business: the bundle's business tables.
+        fitted: the registered feature groups' own statistics (:func:`rank.schema.fit_feature_tables`).
     """
 
-    def __init__(self, retriever: Retriever, ranker: Ranker, item_counts: np.ndarray, business: BusinessTables):
+    def __init__(self, retriever: Retriever, ranker: Ranker, item_counts: np.ndarray, business: BusinessTables, fitted: dict[str, dict[str, np.ndarray]] | None = None):
         self.retriever = retriever
         self.ranker = ranker.eval()
         self.device = next(ranker.parameters()).device
         self._score: Callable[[RankFeatures], tuple[np.ndarray, np.ndarray]] = self._torch_scorer(self.ranker)
-        self.tables = FeatureTables(retriever.item_category, item_counts, business, retriever.channel("covisit"))
+        self.tables = FeatureTables(retriever.item_category, item_counts, business, retriever.channel("covisit"), fitted or {})
 
     def freeze(self) -> None:
         """Score with a frozen TorchScript copy of the ranker from now on (:func:`rank.model.frozen_ranker`).

@@ -10,6 +10,12 @@ difference as another feature.
 Adding a feature is one call, for example in the module that computes it::
 
     register_feature("item_id_parity", lambda batch: batch.cand_items % 2)
+
+A feature that needs statistics of the log (a business feature: a rate per item, say)
+also gives ``fit``: it gets the encoded log and the training positions and returns named
+arrays. Training fits them (on the events before each ranker training example, as for
+the built-in business tables), the bundle stores them, and ``compute`` finds them in
+``batch.tables.fitted[name]``, ``name`` being the group's first column.
 """
 
 from collections.abc import Callable, Sequence
@@ -18,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from funnel.events.dataset import Dataset
 from funnel.events.sequences import Window
 
 DTYPE = "float32"
@@ -59,23 +66,28 @@ class FeatureGroup:
         names: the columns, in order.
         compute: batch -> float array [B, C, len(names)], or [B, len(names)] when ``per_user``.
         per_user: the columns describe the user alone and are repeated for every candidate.
+        fit: (encoded log, bool [N] training positions) -> named arrays the group reads
+            as ``batch.tables.fitted[names[0]]``; None for a group that needs none.
     """
 
     names: tuple[str, ...]
     compute: Callable[[FeatureBatch], np.ndarray]
     per_user: bool = False
+    fit: Callable[[Dataset, np.ndarray], dict[str, np.ndarray]] | None = None
 
 
 _GROUPS: list[FeatureGroup] = []
 
 
-def register_features(names: Sequence[str], compute: Callable[[FeatureBatch], np.ndarray], *, per_user: bool = False) -> FeatureGroup:
+def register_features(
+    names: Sequence[str], compute: Callable[[FeatureBatch], np.ndarray], *, per_user: bool = False, fit: Callable[[Dataset, np.ndarray], dict[str, np.ndarray]] | None = None
+) -> FeatureGroup:
     """Add a group of dense columns after the registered ones.
 
     Args:
         names: the new columns' names, distinct from every registered name.
         compute: batch -> [B, C, len(names)] (or [B, len(names)] with ``per_user``).
-        per_user: see :class:`FeatureGroup`.
+        per_user, fit: see :class:`FeatureGroup`.
 
     Returns:
         The group, for :func:`unregister`.
@@ -88,14 +100,25 @@ def register_features(names: Sequence[str], compute: Callable[[FeatureBatch], np
     clash = [n for n in names if n in taken or not n]
     if clash or len(set(names)) != len(names):
         raise ValueError(f"feature names must be new, distinct and non-empty; {clash or names} are not")
-    group = FeatureGroup(names, compute, per_user)
+    group = FeatureGroup(names, compute, per_user, fit)
     _GROUPS.append(group)
     return group
 
 
-def register_feature(name: str, compute: Callable[[FeatureBatch], np.ndarray], *, per_user: bool = False) -> FeatureGroup:
+def register_feature(
+    name: str, compute: Callable[[FeatureBatch], np.ndarray], *, per_user: bool = False, fit: Callable[[Dataset, np.ndarray], dict[str, np.ndarray]] | None = None
+) -> FeatureGroup:
     """Add one dense column: ``compute`` returns [B, C] (or [B] with ``per_user``). See :func:`register_features`."""
-    return register_features((name,), lambda batch: np.asarray(compute(batch))[..., None], per_user=per_user)
+    return register_features((name,), lambda batch: np.asarray(compute(batch))[..., None], per_user=per_user, fit=fit)
+
+
+def fit_feature_tables(data: Dataset, mask: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """Every registered group's own statistics, fitted on the positions of ``data.seqs`` where ``mask`` is set.
+
+    Returns:
+        first column name -> the group's named arrays, for the groups that have ``fit``.
+    """
+    return {group.names[0]: {k: np.asarray(v) for k, v in group.fit(data, mask).items()} for group in _GROUPS if group.fit is not None}
 
 
 def unregister(group: FeatureGroup) -> None:

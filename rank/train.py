@@ -32,6 +32,7 @@ from funnel.rank.business import BusinessTables, item_table
 from funnel.rank.features import FeatureTables, RankFeatures, build_features, recall_ranks
 from funnel.rank.model import HEAD_BEHAVIORS, HEADS, Ranker, RankerConfig, ranking_loss
 from funnel.rank.pipeline import TwoStage
+from funnel.rank.schema import fit_feature_tables
 from funnel.recall import distributed
 from funnel.recall.loop import EpochClock, LoopConfig, SparseTableOptimizer, Validation, pick_device, train_loop
 from funnel.recall.retriever import Candidates, Retriever
@@ -246,7 +247,7 @@ def held_out_view(data: Dataset, split: Split, retriever: Retriever, business: B
     channels = [type(c).fit(data, mask) for c in retriever.channels]
     view = Retriever(retriever.model, retriever.item_vecs, retriever.index, channels, retriever.item_category, retriever.config, retriever.recommendable)
     earlier = BusinessTables(item_table(seqs, mask, data.item_category), business.event_keys)
-    tables = FeatureTables(data.item_category, view.channel("popular").counts, earlier, view.channel("covisit"))
+    tables = FeatureTables(data.item_category, view.channel("popular").counts, earlier, view.channel("covisit"), fit_feature_tables(data, mask))
     users, positions = split.train_targets(seqs)
     keep = positions >= first[users]
     return HeldOutView(view, tables, users[keep], positions[keep])
@@ -335,6 +336,7 @@ def train_ranker(
     item_counts: np.ndarray,
     business: BusinessTables,
     *,
+    fitted: dict[str, dict[str, np.ndarray]] | None = None,
     model_config: RankerConfig | None = None,
     train_config: RankerTrainConfig | None = None,
     init: Ranker | None = None,
@@ -349,6 +351,8 @@ def train_ranker(
         retriever: the trained recall stage (its candidates are the hard negatives).
         item_counts: [M] training interactions per item (a ranking feature).
         business: business tables of the training part (ranking features).
+        fitted: the registered feature groups' own statistics over the training part
+            (:func:`rank.schema.fit_feature_tables`; fitted here when omitted).
         model_config: architecture; sized to the vocabularies, with heads for the
             behaviours the training part holds, when omitted.
         train_config: optimisation and sampling settings.
@@ -388,7 +392,9 @@ def train_ranker(
     labels = head_labels(groups.behaviors, groups.items.shape[1], mcfg.heads)
 
     model = Ranker(mcfg).to(device) if init is None else grown(init.to(device), mcfg)
-    pipeline = TwoStage(retriever, model, item_counts, business)
+    if fitted is None:
+        fitted = fit_feature_tables(data, split.train_mask(seqs))
+    pipeline = TwoStage(retriever, model, item_counts, business, fitted)
     valid_users, valid_pos = split.targets("valid")
     valid_users, valid_pos = subsample(rng, cfg.max_valid_users, valid_users, valid_pos)
     valid = ValidationSet(pipeline, data, valid_users, valid_pos)

@@ -1,8 +1,9 @@
-"""A toy recall channel and a toy ranking feature, added through the public extension points alone.
+"""A toy recall channel and a toy business feature, added through the public extension points alone.
 
 Nothing here edits a Funnel module: the channel is a class that follows
 ``funnel.recall.plugin.Channel`` plus one ``register_channel`` call, the feature one
-``register_feature`` call. Training, the bundle, evaluation and the server pick both up.
+``register_feature`` call with its own statistics fitted from the log. Training, the
+bundle, evaluation and the server pick both up.
 """
 
 import os
@@ -12,6 +13,7 @@ import pytest
 
 from funnel.bundle import load_bundle
 from funnel.evaluation.protocol import evaluate_bundle, format_report
+from funnel.events.schema import BEHAVIOR_CODE
 from funnel.rank.features import dense_names
 from funnel.rank.schema import FeatureBatch, register_feature, unregister
 from funnel.recall.plugin import ChannelQuery, register_channel, unregister_channel
@@ -48,15 +50,23 @@ class Newest:
         return cls(np.load(os.path.join(directory, f"{cls.name}.npy")))
 
 
-def same_category_as_last(batch: FeatureBatch) -> np.ndarray:
-    """Ranking feature: the candidate is in the category of the user's latest event ([B, C])."""
-    return (batch.cand_categories == batch.window.categories[:, -1:]).astype(np.float32)
+def fit_buy_share(data, mask) -> dict[str, np.ndarray]:
+    """Business statistics of the training part: each item's share of buys among its events."""
+    items, buys = data.seqs.items[mask], data.seqs.behaviors[mask] == BEHAVIOR_CODE["buy"]
+    events = np.bincount(items, minlength=data.items.size)
+    return {"share": np.bincount(items, weights=buys, minlength=data.items.size) / np.maximum(events, 1)}
+
+
+def buy_share(batch: FeatureBatch) -> np.ndarray:
+    """Ranking feature: the candidate's buy share, read from the fitted table ([B, C]; unknown ids 0)."""
+    share = batch.tables.fitted["toy_buy_share"]["share"]
+    return np.where(batch.cand_items < len(share), share[np.minimum(batch.cand_items, len(share) - 1)], 0.0)
 
 
 @pytest.fixture
 def extended():
     register_channel(Newest)
-    feature = register_feature("toy_same_category_as_last", same_category_as_last)
+    feature = register_feature("toy_buy_share", buy_share, fit=fit_buy_share)
     yield
     unregister(feature)
     unregister_channel(Newest.name)
@@ -75,7 +85,9 @@ def test_a_toy_channel_and_feature_train_serve_and_answer(extended, tiny_log_pat
     bundle = load_bundle(root)
     assert bundle.manifest["recall_channels"] == ["covisit", "popular", "toy_newest"]
     assert bundle.manifest["recall_config"]["toy_newest"] == Newest.default_count
-    assert bundle.manifest["rank_features"][-1] == {"name": "toy_same_category_as_last", "dtype": "float32"}
+    assert bundle.manifest["rank_features"][-1] == {"name": "toy_buy_share", "dtype": "float32"}
+    share = bundle.fitted["toy_buy_share"]["share"]  # fitted on the training part, stored in the bundle
+    assert share.shape == (bundle.data.items.size,) and 0 < share.max() <= 1
     assert bundle.ranker.cfg.num_dense == len(dense_names()) and bundle.ranker.cfg.num_channels == 5
 
     # Served with the toy channel asked for most candidates, so some of its items reach the answer.

@@ -44,6 +44,7 @@ from funnel.events.sequences import Sequences
 from funnel.events.split import Split, first_at_or_after, subsample
 from funnel.rank.business import BusinessTables
 from funnel.rank.pipeline import TwoStage
+from funnel.rank.schema import fit_feature_tables
 from funnel.rank.train import RankerTrainConfig, train_ranker
 from funnel.recall.index import MIN_GATE_RECALL, add_items, build_index, can_remove, tune_nprobe
 from funnel.recall.retriever import Retriever
@@ -217,12 +218,13 @@ def learn_cycle(*, bundle_root: str, event_log: str, config: LearnConfig | None 
         retriever = Retriever(model, vecs, index, channels, data.item_category, bundle.recall_config, recommendable)
     with stage("business"):
         business = BusinessTables.fit(data.seqs, mask, data.item_category)
+        fitted = fit_feature_tables(data, mask)
     with stage("ranker"):
         rk_cfg = RankerTrainConfig(
             epochs=cfg.ranker_epochs, patience=1, seed=cfg.seed, max_seconds=cfg.train_seconds * (1 - TWO_TOWER_SHARE), budget_epochs=cfg.ranker_epochs,
             max_examples=cfg.ranker_examples,
         )
-        ranker, rk_history = train_ranker(data, split, retriever, retriever.channel("popular").counts, business, train_config=rk_cfg, init=bundle.ranker, examples=examples, progress=progress)
+        ranker, rk_history = train_ranker(data, split, retriever, retriever.channel("popular").counts, business, fitted=fitted, train_config=rk_cfg, init=bundle.ranker, examples=examples, progress=progress)
 
     window_end = int(window.events["ts"].max())
     info = {
@@ -234,7 +236,7 @@ def learn_cycle(*, bundle_root: str, event_log: str, config: LearnConfig | None 
     with stage("write"):
         staged = write_version(
             bundle_root, data=data, two_tower=model, ranker=ranker, item_vecs=vecs, index=index, index_spec=spec,
-            channels=channels, recall_config=bundle.recall_config, business=business, info=info, publish=False,
+            channels=channels, recall_config=bundle.recall_config, business=business, fitted=fitted, info=info, publish=False,
         )
     try:
         with stage("gate"):

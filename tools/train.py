@@ -21,6 +21,7 @@ from funnel.events.eventlog import read_event_store_since
 from funnel.events.readers import FORMATS, read_events, read_items, release_read_memory
 from funnel.events.split import SPLITS, make_split
 from funnel.rank.business import BusinessTables
+from funnel.rank.schema import fit_feature_tables
 from funnel.rank.train import RankerTrainConfig, train_ranker
 from funnel.recall import distributed
 from funnel.recall.index import AUTO_IVF_MIN_ITEMS, MIN_GATE_RECALL, IndexSpec, build_index, resolve, tune_nprobe
@@ -138,11 +139,12 @@ def train(
         retriever = Retriever(model, vecs, ann, channels, data.item_category, recall_cfg, recommendable)
     with stage("business"):
         business = BusinessTables.fit(data.seqs, mask, data.item_category)
+        fitted = fit_feature_tables(data, mask)
     if budget:
         left = budget * (1 - WRITE_SHARE) - (time.time() - started)
         rk_cfg = dataclasses.replace(rk_cfg, max_seconds=max(left, budget * MIN_RANKER_SHARE))
     with stage("ranker"):
-        rank_model, rk_history = train_ranker(data, parts, retriever, retriever.channel("popular").counts, business, train_config=rk_cfg, progress=progress)
+        rank_model, rk_history = train_ranker(data, parts, retriever, retriever.channel("popular").counts, business, fitted=fitted, train_config=rk_cfg, progress=progress)
 
     if not world.main:
         log.info("rank %d of %d: training done; rank 0 writes the bundle", world.rank, world.size)
@@ -181,6 +183,7 @@ def train(
         channels=channels,
         recall_config=retriever.config,
         business=business,
+        fitted=fitted,
         info=info,
     )
     log.info("bundle written to %s in %.0f s", version, time.time() - started)

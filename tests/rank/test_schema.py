@@ -4,7 +4,7 @@ import pytest
 from funnel.events.sequences import Sequences, Window
 from funnel.rank.business import BusinessTables
 from funnel.rank.features import FeatureTables, build_features, dense_names
-from funnel.rank.schema import DTYPE, check_schema, feature_schema, register_feature, register_features, unregister
+from funnel.rank.schema import DTYPE, check_schema, feature_schema, fit_feature_tables, register_feature, register_features, unregister
 from funnel.recall.channels import CoVisitation
 
 
@@ -67,3 +67,16 @@ def test_a_feature_of_the_wrong_shape_is_named():
             _build()
     finally:
         unregister(group)
+
+
+def test_only_groups_with_fit_get_fitted_tables(tiny_data):
+    mask = np.ones(len(tiny_data.seqs), bool)
+    plain = register_feature("toy_plain", lambda batch: batch.cand_items % 2)
+    counted = register_feature("toy_counted", lambda batch: batch.cand_items, fit=lambda data, m: {"events": np.bincount(data.seqs.items[m], minlength=data.items.size)})
+    try:
+        fitted = fit_feature_tables(tiny_data, mask)
+    finally:
+        unregister(plain)
+        unregister(counted)
+    assert list(fitted) == ["toy_counted"]
+    assert fitted["toy_counted"]["events"].sum() == len(tiny_data.seqs)
