@@ -122,3 +122,25 @@ def test_sharded_counting_matches_the_pairwise_reference():
 def test_covisitation_of_a_log_without_pairs_is_empty():
     s = seqs([0, 1, 2], [1, 2, 3])
     assert CoVisitation.count_pairs(s, np.ones(3, bool), 4).graph.nnz == 0
+
+
+def test_register_channel_refuses_incomplete_taken_and_reserved_names():
+    import pytest
+
+    from funnel.recall.plugin import register_channel, registered
+
+    class Half:
+        name, default_count = "half", 5
+
+        @classmethod
+        def fit(cls, data, mask):
+            return cls()
+
+    with pytest.raises(ValueError, match="Half is not a recall channel: it lacks candidates, save, load"):
+        register_channel(Half)
+    for taken in ("covisit", "two_tower", "recent"):
+        Half.name = taken
+        Half.candidates = Half.save = Half.load = lambda *a: None
+        with pytest.raises(ValueError, match=f"{taken!r} is taken or reserved"):
+            register_channel(Half)
+    assert list(registered()) == ["covisit", "popular"]
