@@ -33,7 +33,7 @@ from funnel.rank.schema import check_schema, feature_schema, groups as feature_g
 from funnel.recall.channels import CoVisitation, Popularity
 from funnel.recall.index import IndexSpec, load_index, save_index
 from funnel.recall.model import TwoTower, TwoTowerConfig, export_user_tower
-from funnel.recall.plugin import Channel, channel_class
+from funnel.recall.plugin import Channel, channel_class, find_channel
 from funnel.recall.retriever import RecallConfig, Retriever
 from funnel.recall.runtime import RUNTIMES
 from funnel.recall.train import recommendable_items
@@ -49,7 +49,7 @@ CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 INDEX_FILE = "recall/index.faiss"
 VECTORS_FILE = "recall/item_vectors.npy"
-POPULARITY_FILE = "recall/popularity.npy"
+POPULARITY_FILE = f"recall/{Popularity.FILE}"
 BUSINESS_FILE = "rank/business.npz"
 FEATURES_DIR = "rank/features"
 USER_TOWER_ONNX = "recall/user_tower.onnx"
@@ -102,18 +102,18 @@ class Bundle:
     @property
     def popularity(self) -> Popularity:
         """The popularity channel: its counts say which items training saw."""
-        return self._channel(Popularity)
+        return self._channel(Popularity.name)
 
     @property
     def covisit(self) -> CoVisitation:
         """The co-visitation channel (also a ranking feature)."""
-        return self._channel(CoVisitation)
+        return self._channel(CoVisitation.name)
 
-    def _channel(self, cls: type):
-        found = [c for c in self.channels if isinstance(c, cls)]
-        if not found:
-            raise BundleError(f"{self.path}: has no {cls.name} recall channel, which this code needs")
-        return found[0]
+    def _channel(self, name: str):
+        try:
+            return find_channel(self.channels, name)
+        except KeyError as err:
+            raise BundleError(f"{self.path}: {err.args[0]}, which this code needs") from err
 
     @property
     def recommendable(self) -> np.ndarray:
@@ -233,8 +233,9 @@ def write_version(
         channel.save(os.path.join(stage, "recall"))
     save_model(ranker, os.path.join(stage, "rank", "ranker.pt"))
     business.save(os.path.join(stage, BUSINESS_FILE))
+    if fitted:
+        os.makedirs(os.path.join(stage, FEATURES_DIR))
     for name, arrays in (fitted or {}).items():
-        os.makedirs(os.path.join(stage, FEATURES_DIR), exist_ok=True)
         np.savez(os.path.join(stage, FEATURES_DIR, f"{name}.npz"), **arrays)
     export_user_tower(two_tower, os.path.join(stage, USER_TOWER_ONNX))
     export_ranker(ranker, os.path.join(stage, RANKER_ONNX))
@@ -478,9 +479,10 @@ def load_bundle(path: str, device: str = "cpu", candidates: dict[str, int] | Non
         raise BundleError(f"{version_dir}: cannot load bundle ({err})") from err
     # The catalogue may have grown after training (rebuild-index --items); the models'
     # tables may be smaller than it, never larger.
-    counts = next((c.counts for c in channels if isinstance(c, Popularity)), None)
-    if counts is None:
-        raise BundleError(f"{version_dir}: has no popular recall channel, whose counts say which items training saw")
+    try:
+        counts = find_channel(channels, Popularity.name).counts
+    except KeyError as err:
+        raise BundleError(f"{version_dir}: {err.args[0]}, whose counts say which items training saw") from err
     sizes = {"item vectors": len(item_vecs), "popularity": len(counts), "vocabulary": data.items.size}
     if len(set(sizes.values())) != 1 or max(two_tower.cfg.num_items, ranker.cfg.num_items, len(business.item)) > data.items.size:
         raise BundleError(f"{version_dir}: item id spaces disagree: {sizes}, model tables {two_tower.cfg.num_items}/{ranker.cfg.num_items}, business table {len(business.item)}")

@@ -35,6 +35,7 @@ from funnel.rank.pipeline import TwoStage
 from funnel.rank.schema import fit_feature_tables
 from funnel.recall import distributed
 from funnel.recall.loop import EpochClock, LoopConfig, SparseTableOptimizer, Validation, pick_device, train_loop
+from funnel.recall.plugin import fit_channels
 from funnel.recall.retriever import Candidates, Retriever
 from funnel.recall.warm import grown
 
@@ -244,7 +245,7 @@ def held_out_view(data: Dataset, split: Split, retriever: Retriever, business: B
     first = np.minimum(np.maximum(split.train_end - holdout, seqs.offsets[:-1] + 1), split.train_end)
     mask = dataclasses.replace(split, train_end=first).train_mask(seqs)
     # The same channels, refitted on the earlier part: what the held-out positions' candidates would have come from.
-    channels = [type(c).fit(data, mask) for c in retriever.channels]
+    channels = fit_channels(data, mask, like=retriever.channels)
     view = Retriever(retriever.model, retriever.item_vecs, retriever.index, channels, retriever.item_category, retriever.config, retriever.recommendable)
     earlier = BusinessTables(item_table(seqs, mask, data.item_category), business.event_keys)
     tables = FeatureTables(data.item_category, view.channel("popular").counts, earlier, view.channel("covisit"), fit_feature_tables(data, mask))

@@ -241,6 +241,8 @@ class Popularity:
 
     name: ClassVar[str] = "popular"
     default_count: ClassVar[int] = 20
+    FILE: ClassVar[str] = "popularity.npy"
+    """Its file in the bundle's ``recall`` directory (the counts)."""
     ranked: np.ndarray
     counts: np.ndarray
 
@@ -263,11 +265,11 @@ class Popularity:
         return query.allowed(head, k)
 
     def save(self, directory: str) -> None:
-        np.save(os.path.join(directory, "popularity.npy"), self.counts)
+        np.save(os.path.join(directory, self.FILE), self.counts)
 
     @classmethod
     def load(cls, directory: str) -> "Popularity":
-        return cls.from_counts(np.load(os.path.join(directory, "popularity.npy")))
+        return cls.from_counts(np.load(os.path.join(directory, cls.FILE)))
 
     @classmethod
     def from_counts(cls, counts: np.ndarray) -> "Popularity":

@@ -179,6 +179,28 @@ def channel_class(name: str) -> type:
         raise KeyError(f"recall channel {name!r} is not registered (registered: {', '.join(_CHANNELS) or 'none'})") from None
 
 
-def fit_channels(data: Dataset, mask: np.ndarray) -> list:
-    """Every registered channel, fitted on the positions of ``data.seqs`` where ``mask`` is set, in registration order."""
-    return [cls.fit(data, mask) for cls in _builtins().values()]
+def fit_channels(data: Dataset, mask: np.ndarray, like: Sequence[Channel] | None = None) -> list:
+    """Channels fitted on the positions of ``data.seqs`` where ``mask`` is set.
+
+    Args:
+        data, mask: the encoded log and its training positions.
+        like: refit channels of these kinds, in their order (a bundle's, or a retriever's);
+            default every registered channel, in registration order.
+
+    Returns:
+        The fitted channels.
+    """
+    kinds = [type(c) for c in like] if like is not None else list(_builtins().values())
+    return [cls.fit(data, mask) for cls in kinds]
+
+
+def find_channel(channels: Sequence[Channel], name: str) -> Channel:
+    """The channel called ``name`` among ``channels``.
+
+    Raises:
+        KeyError: naming the channel and those there are.
+    """
+    for channel in channels:
+        if channel.name == name:
+            return channel
+    raise KeyError(f"no recall channel {name!r} here (channels: {', '.join(c.name for c in channels) or 'none'})")

@@ -15,7 +15,7 @@ import torch
 from funnel.events.sequences import Window
 from funnel.recall.index import search
 from funnel.recall.model import USER_INPUTS, TwoTower, frozen_for_inference, user_arrays
-from funnel.recall.plugin import Channel, ChannelQuery, Excluded, compact, registered
+from funnel.recall.plugin import Channel, ChannelQuery, Excluded, find_channel, registered
 from funnel.recall.runtime import OnnxModel
 
 TWO_TOWER = "two_tower"
@@ -145,15 +145,8 @@ class Retriever:
         self.recommendable = recommendable if recommendable is not None else np.arange(len(item_vecs)) > 0
 
     def channel(self, name: str) -> Channel:
-        """The channel called ``name``.
-
-        Raises:
-            KeyError: this retriever has no such channel.
-        """
-        for c in self.channels:
-            if c.name == name:
-                return c
-        raise KeyError(f"no recall channel {name!r} here (channels: {', '.join(self.channel_names[1:])})")
+        """The channel called ``name`` (:func:`recall.plugin.find_channel`)."""
+        return find_channel(self.channels, name)
 
     def freeze(self) -> None:
         """Encode users with a frozen TorchScript copy of the user tower from now on (:func:`recall.model.frozen_for_inference`).
@@ -209,16 +202,17 @@ class Retriever:
         run = set(self.channel_names[1:] if channels is None else channels)
         uv = self.user_vectors(window, now)
         exclude = exclude if isinstance(exclude, Excluded) else Excluded(exclude)
+        query = ChannelQuery(window, now, uv, exclude, category, self.item_category, cfg.recent)
         parts: list[tuple[np.ndarray, int]] = []
         if TWO_TOWER in run:
-            parts.append((self._two_tower(uv, exclude, category, max(cfg.count(TWO_TOWER), two_tower)), 1))
-        query = ChannelQuery(window, now, uv, exclude, category, self.item_category, cfg.recent)
+            parts.append((self._two_tower(query, max(cfg.count(TWO_TOWER), two_tower)), 1))
         for code, channel in enumerate(self.channels, 2):
             if channel.name in run and cfg.count(channel.name):
                 parts.append((channel.candidates(query, cfg.count(channel.name)), code))
         return self._merge(uv, parts)
 
-    def _two_tower(self, uv: np.ndarray, exclude: Excluded, category: int | None, k: int) -> np.ndarray:
+    def _two_tower(self, query: ChannelQuery, k: int) -> np.ndarray:
+        uv, exclude, category = query.user_vecs, query.exclude, query.category
         if category is not None:
             # A category is a small slice of the catalogue: score it exactly.
             pool = np.flatnonzero((self.item_category == category) & self.recommendable)
@@ -228,9 +222,7 @@ class Retriever:
             top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
             return np.where(np.isfinite(np.take_along_axis(scores, top, axis=1)), pool[top], 0)
         ids, _ = search(self.index, uv, min(k + exclude.most_per_row, self.index.ntotal))
-        ids = np.where(ids < 0, 0, ids)
-        ids = np.where(exclude.ids(ids), 0, ids)
-        return compact(ids, k)
+        return query.allowed(np.where(ids < 0, 0, ids), k)
 
     def _merge(self, uv: np.ndarray, parts: list[tuple[np.ndarray, int]]) -> Candidates:
         b = len(uv)

@@ -47,6 +47,7 @@ from funnel.rank.pipeline import TwoStage
 from funnel.rank.schema import fit_feature_tables
 from funnel.rank.train import RankerTrainConfig, train_ranker
 from funnel.recall.index import MIN_GATE_RECALL, add_items, build_index, can_remove, tune_nprobe
+from funnel.recall.plugin import fit_channels
 from funnel.recall.retriever import Retriever
 from funnel.recall.train import TwoTowerTrainConfig, item_vectors, recommendable_items, train_two_tower, user_vectors
 from funnel.tools.train import AUTO_INDEX, GATE_K, Stages, choose_index, duration_arg
@@ -214,7 +215,7 @@ def learn_cycle(*, bundle_root: str, event_log: str, config: LearnConfig | None 
         recommendable = recommendable_items(data, in_train)
         index, spec, index_report = _grown_index(bundle, model, data, split, vecs, recommendable, cfg.seed)
     with stage("channels"):
-        channels = [type(c).fit(data, mask) for c in bundle.channels]  # the bundle's channels, refitted on the grown log
+        channels = fit_channels(data, mask, like=bundle.channels)  # the bundle's channels, refitted on the grown log
         retriever = Retriever(model, vecs, index, channels, data.item_category, bundle.recall_config, recommendable)
     with stage("business"):
         business = BusinessTables.fit(data.seqs, mask, data.item_category)
