@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from funnel.recall import distributed
+from funnel.recall.lazy_adam import LazyAdam
 
 log = logging.getLogger("funnel.train")
 
@@ -97,8 +98,8 @@ class SparseTableOptimizer:
 
     A dense Adam step rewrites every row of a table, however few a batch touched; at
     hundreds of thousands of items that is most of a CPU training step. The tables get
-    sparse gradients and :class:`torch.optim.SparseAdam` (moments of untouched rows wait
-    until a batch touches them; no weight decay on them), the rest AdamW.
+    sparse gradients and a lazy Adam (:class:`recall.lazy_adam.LazyAdam`: moments of
+    untouched rows wait until a batch touches them; no weight decay on them), the rest AdamW.
 
     Args:
         model: the module being trained.
@@ -116,7 +117,7 @@ class SparseTableOptimizer:
             torch.optim.AdamW([p for p in self.params if id(p) not in sparse], lr=lr, weight_decay=weight_decay)
         ]
         if tables:
-            self.optimizers.append(torch.optim.SparseAdam([t.weight for t in tables], lr=lr))
+            self.optimizers.append(LazyAdam([t.weight for t in tables], lr=lr))
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
