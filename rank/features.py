@@ -161,10 +161,9 @@ def _candidate_columns(batch: FeatureBatch) -> np.ndarray:
     window, cand_items, real, tables = batch.window, batch.cand_items, batch.real, batch.tables
     valid = window.items > 0
     events = np.maximum(valid.sum(-1), 1)[:, None]  # [B, 1]
-    same_cat = (window.categories[:, None, :] == batch.cand_categories[:, :, None]) & valid[:, None, :]  # [B, C, L]
-    share = np.count_nonzero(same_cat, axis=-1) / events
+    share = _occurrences(window.categories, valid, batch.cand_categories) / events
     short_valid = valid[:, -SHORT_SCALE:]
-    share_short = np.count_nonzero(same_cat[:, :, -SHORT_SCALE:], axis=-1) / np.maximum(short_valid.sum(-1), 1)[:, None]
+    share_short = _occurrences(window.categories[:, -SHORT_SCALE:], short_valid, batch.cand_categories) / np.maximum(short_valid.sum(-1), 1)[:, None]
     seen_count, last_seen, cart_fav, bought = _seen_before(window, cand_items, valid)
     seen = seen_count > 0
     seen_hours = np.where(seen, np.log1p(np.maximum(batch.now[:, None] - last_seen, 0) / 3600.0) / 10.0, 0.0)
@@ -199,6 +198,26 @@ register_features(CANDIDATE_COLUMNS, _candidate_columns)
 register_features(POPULARITY_COLUMNS, lambda batch: batch.tables.business.popularity(batch.cand_items, batch.now))
 register_features(ITEM_FEATURES, lambda batch: batch.tables.business.item_features(batch.cand_items))
 register_features(USER_COLUMNS, _user_columns, per_user=True)
+
+
+def _occurrences(values: np.ndarray, valid: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """How often each query occurs among the valid values of its row.
+
+    Two binary searches per query in the sorted (row, value) keys, instead of a
+    [B, C, L] comparison: about a quarter of the time for one user's 200 candidates.
+
+    Args:
+        values: [B, L] non-negative ids; valid: bool [B, L] which of them count.
+        queries: [B, C] non-negative ids.
+
+    Returns:
+        int64 [B, C].
+    """
+    width = max(int(values.max(initial=0)), int(queries.max(initial=0))) + 1
+    rows = np.arange(len(values), dtype=np.int64)[:, None] * width  # [B, 1]
+    keys = np.sort((rows + values)[valid])
+    wanted = rows + queries  # [B, C]
+    return np.searchsorted(keys, wanted, side="right") - np.searchsorted(keys, wanted, side="left")
 
 
 def _seen_before(window: Window, cand_items: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

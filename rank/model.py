@@ -178,7 +178,10 @@ class Ranker(nn.Module):
         x0 = torch.cat(
             [target, short, long, target * short, target * long, self.channel(f["cand_channels"]), self.dense_norm(f["dense"])], dim=-1
         )  # [B, C, 5d + 4 + num_dense]
-        logits = self.heads(torch.cat([self.cross(x0), self.deep(x0)], dim=-1))  # [B, C, H]
+        b, c, width = x0.shape
+        # One row per candidate: ONNX Runtime fuses a 2-D MatMul and its bias into one Gemm, not a 3-D one.
+        x0 = x0.reshape(b * c, width)  # [B * C, width]
+        logits = self.heads(torch.cat([self.cross(x0), self.deep(x0)], dim=-1)).reshape(b, c, -1)  # [B, C, H]
         attention = 0.5 * (F.pad(w_short, (w_long.shape[-1] - w_short.shape[-1], 0)) + w_long)  # [B, C, L]
         return logits, attention
 
