@@ -203,8 +203,8 @@ register_features(USER_COLUMNS, _user_columns, per_user=True)
 def _occurrences(values: np.ndarray, valid: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """How often each query occurs among the valid values of its row.
 
-    Two binary searches per query in the sorted (row, value) keys, instead of a
-    [B, C, L] comparison: about a quarter of the time for one user's 200 candidates.
+    Two binary searches per query in the sorted (row, value) keys, rather than a
+    [B, C, L] comparison and a count over it.
 
     Args:
         values: [B, L] non-negative ids; valid: bool [B, L] which of them count.

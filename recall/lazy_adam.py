@@ -38,18 +38,10 @@ class LazyAdam(torch.optim.Optimizer):
                 if not p.grad.is_sparse:
                     raise ValueError("LazyAdam needs sparse gradients (nn.Embedding(sparse=True))")
                 grad = p.grad.coalesce()  # repeated rows summed
-                self.update_rows(p, grad.indices()[0], grad.values())
+                self._update_rows(p, group, grad.indices()[0], grad.values())
 
-    @torch.no_grad()
-    def update_rows(self, param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
-        """One Adam step on ``param``'s ``rows``.
-
-        Args:
-            param: a parameter of this optimiser, [N, d].
-            rows: [n] distinct row ids.
-            grad: [n, d] their gradients.
-        """
-        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
+    def _update_rows(self, param: torch.Tensor, group: dict, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        """One Adam step on ``param``'s ``rows`` [n] (distinct) with their gradients ``grad`` [n, d]."""
         state = self.state[param]
         if not state:
             state["step"] = 0
