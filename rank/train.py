@@ -61,9 +61,9 @@ class RankerTrainConfig:
         weight_decay: decoupled L2 (AdamW) on every weight.
         max_seconds, budget_epochs: the time budget (0: none) of the ranker's training,
             its groups and validation set included, cut into at least this many validated
-            epochs (:class:`recall.train.EpochClock`).
+            epochs (:class:`recall.loop.EpochClock`).
         sparse_ids: the item id table trains with sparse gradients and a lazy Adam
-            (:class:`recall.train.SparseTableOptimizer`, no weight decay on it): at 870k
+            (:class:`recall.loop.SparseTableOptimizer`, no weight decay on it): at 870k
             items a step of 128 groups takes 123 ms instead of 540 ms on one thread.
     """
 

@@ -56,7 +56,8 @@ class RecallConfig:
     def from_dict(cls, d: dict) -> "RecallConfig":
         """Inverse of :meth:`to_dict` (a subset of channels is fine: the rest take their defaults)."""
         counts = {k: int(v) for k, v in d.items() if k != "recent"}
-        return cls({TWO_TOWER: 150, **counts}, int(d.get("recent", 5)))
+        defaults = cls()
+        return cls({**defaults.counts, **counts}, int(d.get("recent", defaults.recent)))
 
     @staticmethod
     def parse_counts(spec: str) -> dict[str, int]:

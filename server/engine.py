@@ -12,7 +12,7 @@ from funnel.events.schema import BEHAVIORS
 from funnel.events.sequences import Sequences
 from funnel.events.vocab import PAD
 from funnel.rank.pipeline import Ranked
-from funnel.recall.retriever import Excluded
+from funnel.recall.retriever import TWO_TOWER, Excluded
 from funnel.server.history import UserHistory, stack
 from funnel.server.query import Attended, BadQuery, Recommendation, RecommendQuery, RecommendResult
 from funnel.server.state import StateUnavailable, UserState
@@ -125,7 +125,7 @@ class Engine:
         missing = [head for head, _ in query.head_weights if head not in heads]
         if missing:
             raise BadQuery(f"head_weights names {missing[0]!r}, which this bundle's ranker does not have (its heads: {', '.join(heads)})")
-        return category, max(self.pipeline.retriever.config.count("two_tower"), query.k), query.head_weights, query.explain
+        return category, max(self.pipeline.retriever.config.count(TWO_TOWER), query.k), query.head_weights, query.explain
 
     def _recommend_group(
         self, queries: list[RecommendQuery], category: int | None, two_tower: int, head_weights: tuple[tuple[str, float], ...], explain: bool
