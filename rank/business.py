@@ -15,9 +15,9 @@ import numpy as np
 
 from funnel.events.schema import BEHAVIOR_CODE
 from funnel.events.sequences import Sequences, Window
+from funnel.rank.kernels import user_window_columns
 
 PV, CART, FAV, BUY = (BEHAVIOR_CODE[b] for b in ("pv", "cart", "fav", "buy"))
-_LAST_CODES = np.array([PV, CART, FAV, BUY])
 
 ITEM_FEATURES = ("item_conversion", "item_cart_fav_rate", "item_wishlist", "item_repurchase", "item_users", "category_conversion", "category_cart_fav_rate", "category_repurchase")
 """Columns of :meth:`BusinessTables.item_features` (per candidate item)."""
@@ -224,30 +224,8 @@ def user_business_features(window: Window, now: np.ndarray) -> np.ndarray:
         (capped at 1), log-hours since the latest event / 10, and the latest event's
         behaviour type one-hot (pv, cart, fav, buy).
     """
-    items, beh, valid = window.items, window.behaviors, window.items > 0
-    b, n = items.shape
-    carts = valid & (beh == CART)
-    buys = valid & (beh == BUY)
-    cart_no_buy, rebuy = carts, np.zeros_like(buys)
-    if buys.any():  # logs without buys (ratings, views) skip the [B, L, L] pairing
-        same = (items[:, :, None] == items[:, None, :]) & valid[:, :, None]  # [B, L, L] same item
-        bought = same & (beh[:, None, :] == BUY)  # [B, L, L]: event j is a buy of event i's item
-        cart_no_buy = carts & ~bought.any(-1)
-        earlier = np.tril(np.ones((n, n), bool), -1)[None]  # j < i
-        rebuy = buys & (bought & earlier).any(-1)
-    days = np.sort(np.where(valid, window.ts // 86_400, -1), axis=1)  # padding (-1) first
-    distinct_days = ((days[:, 1:] != days[:, :-1]) & (days[:, 1:] >= 0)).sum(1) + (days[:, :1] >= 0).sum(1)
-    last = np.where(window.lengths > 0, beh[:, -1], 0)
-    latest = np.where(window.lengths > 0, window.ts[:, -1], now)
-    hours = np.maximum(np.asarray(now) - latest, 0) / 3600.0
-    out = np.empty((b, len(USER_FEATURES)), np.float32)
-    out[:, 0] = cart_no_buy.sum(1) / np.maximum(carts.sum(1), 1)
-    out[:, 1] = rebuy.sum(1) / np.maximum(buys.sum(1), 1)
-    out[:, 2] = buys.sum(1) / np.maximum(valid.sum(1), 1)
-    out[:, 3] = np.minimum(distinct_days / 30.0, 1.0)
-    out[:, 4] = np.log1p(hours) / 10.0
-    out[:, 5:] = last[:, None] == _LAST_CODES
-    return out
+    ids = lambda a: np.ascontiguousarray(a, dtype=np.int64)  # one compiled signature, whatever the caller's layout
+    return user_window_columns(ids(window.items), ids(window.behaviors), ids(window.ts), ids(window.lengths), ids(now))
 
 
 def _clip(ids: np.ndarray, size: int) -> np.ndarray:

@@ -13,13 +13,12 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from funnel.events.schema import BEHAVIOR_CODE
 from funnel.events.sequences import Window
 from funnel.events.timegap import gap_buckets
 from funnel.rank.business import ITEM_FEATURES, POPULARITY_WINDOWS_S, USER_FEATURES, BusinessTables, user_business_features
+from funnel.rank.kernels import candidate_columns
 from funnel.rank.schema import FeatureBatch, dense_names, groups, register_features
-from funnel.recall.channels import CoVisitation, recency_weights
-from funnel.recall.lookup import sorted_lookup
+from funnel.recall.channels import CoVisitation
 
 CANDIDATE_COLUMNS = (
     "recall_score",
@@ -158,32 +157,22 @@ def build_features(
 
 def _candidate_columns(batch: FeatureBatch) -> np.ndarray:
     """[B, C, len(CANDIDATE_COLUMNS)]: recall score and rank, popularity, category shares, co-visitation, what the user did with the item."""
-    window, cand_items, real, tables = batch.window, batch.cand_items, batch.real, batch.tables
-    valid = window.items > 0
-    events = np.maximum(valid.sum(-1), 1)[:, None]  # [B, 1]
-    share = _occurrences(window.categories, valid, batch.cand_categories) / events
-    short_valid = valid[:, -SHORT_SCALE:]
-    share_short = _occurrences(window.categories[:, -SHORT_SCALE:], short_valid, batch.cand_categories) / np.maximum(short_valid.sum(-1), 1)[:, None]
-    seen_count, last_seen, cart_fav, bought = _seen_before(window, cand_items, valid)
-    seen = seen_count > 0
-    seen_hours = np.where(seen, np.log1p(np.maximum(batch.now[:, None] - last_seen, 0) / 3600.0) / 10.0, 0.0)
-    counts = tables.item_counts[np.where(cand_items < len(tables.item_counts), cand_items, 0)]
-    covisit = tables.covisit.pair_scores(window.items[:, -COVISIT_RECENT:], cand_items)  # [B, C, n]
-    return np.stack(
-        [
-            np.where(real, batch.cand_scores, 0.0),
-            np.log1p(np.minimum(batch.cand_ranks, _MAX_RANK)) / np.log1p(_MAX_RANK),
-            np.log1p(counts) / 10.0,
-            share,
-            share_short,
-            np.log1p(covisit @ recency_weights(covisit.shape[-1])),
-            np.log1p(covisit[..., -1]),
-            seen_count / events,
-            seen_hours,
-            cart_fav,
-            bought,
-        ],
-        axis=-1,
+    window, tables = batch.window, batch.tables
+    ids = lambda a: np.ascontiguousarray(a, dtype=np.int64)  # one compiled signature, whatever the caller's layout
+    return candidate_columns(
+        ids(window.items),
+        ids(window.categories),
+        ids(window.behaviors),
+        ids(window.ts),
+        ids(batch.now),
+        ids(batch.cand_items),
+        ids(batch.cand_categories),
+        np.ascontiguousarray(batch.cand_scores, dtype=np.float32),
+        ids(batch.cand_ranks),
+        tables.item_counts,
+        tables.covisit.pair_scores(window.items[:, -COVISIT_RECENT:], batch.cand_items),  # [B, C, n]
+        SHORT_SCALE,
+        _MAX_RANK,
     )  # [B, C, 11]
 
 
@@ -198,50 +187,6 @@ register_features(CANDIDATE_COLUMNS, _candidate_columns)
 register_features(POPULARITY_COLUMNS, lambda batch: batch.tables.business.popularity(batch.cand_items, batch.now))
 register_features(ITEM_FEATURES, lambda batch: batch.tables.business.item_features(batch.cand_items))
 register_features(USER_COLUMNS, _user_columns, per_user=True)
-
-
-def _occurrences(values: np.ndarray, valid: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """How often each query occurs among the valid values of its row.
-
-    Two binary searches per query in the sorted (row, value) keys, rather than a
-    [B, C, L] comparison and a count over it.
-
-    Args:
-        values: [B, L] non-negative ids; valid: bool [B, L] which of them count.
-        queries: [B, C] non-negative ids.
-
-    Returns:
-        int64 [B, C].
-    """
-    width = max(int(values.max(initial=0)), int(queries.max(initial=0))) + 1
-    rows = np.arange(len(values), dtype=np.int64)[:, None] * width  # [B, 1]
-    keys = np.sort((rows + values)[valid])
-    wanted = rows + queries  # [B, C]
-    return np.searchsorted(keys, wanted, side="right") - np.searchsorted(keys, wanted, side="left")
-
-
-def _seen_before(window: Window, cand_items: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """How each candidate appears in the user's window.
-
-    Returns:
-        [B, C] each: how many window events are on the candidate, the time of the latest
-        one (int64 minimum where none), whether one was a cart or fav, whether one was a buy.
-    """
-    b, c = cand_items.shape
-    # The recall stage excludes what the user has seen, so at serving most windows hold no
-    # candidate at all: one membership test spares the [B, C, L] comparisons.
-    width = max(int(cand_items.max(initial=0)), int(window.items.max(initial=0))) + 1
-    rows = np.arange(b, dtype=np.int64)[:, None] * width
-    seen, wanted = np.sort((rows + window.items)[valid]), rows + cand_items
-    if not len(seen) or not sorted_lookup(seen, wanted)[1].any():
-        none = np.zeros((b, c), bool)
-        return np.zeros((b, c), np.int64), np.full((b, c), np.iinfo(np.int64).min), none, none
-    same_item = (window.items[:, None, :] == cand_items[:, :, None]) & valid[:, None, :]  # [B, C, L]
-    last_seen = np.where(same_item, window.ts[:, None, :], np.iinfo(np.int64).min).max(-1)  # [B, C]
-    beh = window.behaviors[:, None, :]
-    cart_fav = (same_item & ((beh == BEHAVIOR_CODE["cart"]) | (beh == BEHAVIOR_CODE["fav"]))).any(-1)
-    bought = (same_item & (beh == BEHAVIOR_CODE["buy"])).any(-1)
-    return np.count_nonzero(same_item, axis=-1), last_seen, cart_fav, bought
 
 
 def recall_ranks(scores: np.ndarray, list_scores: np.ndarray) -> np.ndarray:

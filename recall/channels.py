@@ -6,7 +6,7 @@ Both are registered recall channels (:mod:`recall.plugin`), in this order.
 """
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from funnel.events.dataset import Dataset
 from funnel.events.sequences import Sequences
-from funnel.recall.lookup import sorted_lookup, top_entries
+from funnel.recall.lookup import csr_pair_weights, top_entries
 from funnel.recall.plugin import ChannelQuery, register_channel
 
 SHARD_ENTRIES = 64_000_000
@@ -38,14 +38,9 @@ class CoVisitation:
     name: ClassVar[str] = "covisit"
     default_count: ClassVar[int] = 50
     graph: sp.csr_matrix
-    _keys: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        self.graph.sort_indices()
-        g = self.graph
-        # One sorted key per edge (row-major, ascending columns), so pair_scores looks
-        # edges up with one binary search and no per-call gathering of rows.
-        self._keys = np.repeat(np.arange(g.shape[0], dtype=np.int64), np.diff(g.indptr)) * g.shape[1] + g.indices
+        self.graph.sort_indices()  # pair_scores binary-searches each row's columns
 
     @classmethod
     def fit(cls, data: Dataset, mask: np.ndarray) -> "CoVisitation":
@@ -134,9 +129,10 @@ class CoVisitation:
     def pair_scores(self, recent: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Graph weights from each recent item to each given item (the ranker's co-visitation features).
 
-        One binary search per (recent item, item) pair in the graph's sorted edge keys, so
-        nothing is gathered per call. Weighted by :func:`recency_weights` and summed over
-        the last axis, they are the entries of :meth:`scores` at ``items``.
+        One binary search per (recent item, item) pair within the recent item's graph row
+        (compiled, :func:`recall.lookup.csr_pair_weights`), so nothing is gathered per call.
+        Weighted by :func:`recency_weights` and summed over the last axis, they are the
+        entries of :meth:`scores` at ``items``.
 
         Args:
             recent: [B, n] item ids, most recent last, 0 = padding.
@@ -145,13 +141,9 @@ class CoVisitation:
         Returns:
             float32 [B, C, n]; 0 for padding and where a recent item does not link to the item.
         """
-        g, keys = self.graph, self._keys
-        if not len(keys):
-            return np.zeros((*items.shape, recent.shape[1]), np.float32)
-        ok = ((recent > 0) & (recent < g.shape[0]))[:, None, :] & ((items > 0) & (items < g.shape[1]))[:, :, None]  # [B, C, n]
-        query = np.where(ok, recent[:, None, :] * np.int64(g.shape[1]) + items[:, :, None], -1)  # [B, C, n]; -1 matches no edge
-        at, found = sorted_lookup(keys, query)
-        return np.where(found, g.data[at], 0.0).astype(np.float32)
+        g = self.graph
+        as_ids = lambda a: np.ascontiguousarray(a, dtype=np.int64)
+        return csr_pair_weights(g.indptr, g.indices, g.data, as_ids(recent), as_ids(items))
 
 
 def _pair_starts(items: np.ndarray, ends: np.ndarray, mask: np.ndarray, d: int) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Sorted-array lookups and per-row top-k selection over sparse entries, shared by the recall channels and the ranking features."""
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 
@@ -53,3 +54,43 @@ def top_entries(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, num_rows: 
     out_cols[rows[keep], rank[keep]] = cols[keep]
     out_vals[rows[keep], rank[keep]] = vals[keep]
     return out_cols, out_vals
+
+
+@numba.njit(cache=True, nogil=True)
+def csr_pair_weights(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, recent: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Weights of the edges from each recent item to each item in a CSR graph with sorted columns.
+
+    Args:
+        indptr, indices, data: the graph [R, K] (columns ascending within each row).
+        recent: [B, n] source item ids, 0 = padding; ids outside [1, R) link nothing.
+        items: [B, C] target item ids, 0 = padding; ids outside [1, K) are linked by nothing.
+
+    Returns:
+        float32 [B, C, n]; 0 where there is no edge.
+    """
+    b, n = recent.shape
+    c = items.shape[1]
+    rows = len(indptr) - 1
+    out = np.zeros((b, c, n), np.float32)
+    for i in range(b):
+        for k in range(n):
+            src = recent[i, k]
+            if src <= 0 or src >= rows:
+                continue
+            lo, hi = indptr[src], indptr[src + 1]
+            if lo == hi:
+                continue
+            for j in range(c):
+                dst = items[i, j]
+                if dst <= 0:
+                    continue
+                a, z = lo, hi  # binary search for dst among the row's ascending columns
+                while a < z:
+                    mid = (a + z) >> 1
+                    if indices[mid] < dst:
+                        a = mid + 1
+                    else:
+                        z = mid
+                if a < hi and indices[a] == dst:
+                    out[i, j, k] = data[a]
+    return out

@@ -6,7 +6,7 @@ from funnel.events.sequences import Window
 from funnel.events.split import leave_last_out
 from funnel.events.timegap import gap_buckets
 from funnel.rank.business import BusinessTables
-from funnel.rank.features import FeatureTables, _occurrences, build_features, dense_names, recall_ranks
+from funnel.rank.features import FeatureTables, build_features, dense_names, recall_ranks
 from funnel.rank.model import Ranker, RankerConfig, combine_heads, frozen_ranker, head_probabilities, ranking_loss
 from funnel.rank.pipeline import TwoStage
 from funnel.rank.train import RankerTrainConfig, head_labels, held_out_view, heads_for, make_groups, train_ranker
@@ -50,13 +50,6 @@ def test_features_category_share_seen_and_padding():
     assert f.dense[0, 1, col["covisit_last"]] == 0.0  # item 2 never co-occurs with anything in the tables
     assert f.dense[0, 0, col["covisit_last"]] == 0.0  # the latest event is item 2, not linked to item 3
     assert (f.dense[0, 2] == 0).all()  # padding gets no -inf score nor any other feature
-
-
-def test_occurrences_count_valid_values_of_the_same_row_only():
-    values = np.array([[3, 3, 1, 0], [1, 1, 1, 2]])
-    valid = np.array([[True, True, True, False], [False, True, True, True]])
-    queries = np.array([[3, 1, 0, 2], [3, 1, 0, 2]])
-    assert _occurrences(values, valid, queries).tolist() == [[2, 1, 0, 0], [0, 2, 0, 1]]
 
 
 def test_seen_features_match_within_each_user_only():
