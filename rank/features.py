@@ -18,7 +18,7 @@ from funnel.events.timegap import gap_buckets
 from funnel.rank.business import ITEM_FEATURES, POPULARITY_WINDOWS_S, USER_FEATURES, BusinessTables, user_business_features
 from funnel.rank.kernels import candidate_columns
 from funnel.rank.schema import FeatureBatch, dense_names, groups, register_features
-from funnel.recall.channels import CoVisitation
+from funnel.recall.channels import CoVisitation, recency_weights
 
 CANDIDATE_COLUMNS = (
     "recall_score",
@@ -159,6 +159,7 @@ def _candidate_columns(batch: FeatureBatch) -> np.ndarray:
     """[B, C, len(CANDIDATE_COLUMNS)]: recall score and rank, popularity, category shares, co-visitation, what the user did with the item."""
     window, tables = batch.window, batch.tables
     ids = lambda a: np.ascontiguousarray(a, dtype=np.int64)  # one compiled signature, whatever the caller's layout
+    covisit = tables.covisit.pair_scores(window.items[:, -COVISIT_RECENT:], batch.cand_items)  # [B, C, n]
     return candidate_columns(
         ids(window.items),
         ids(window.categories),
@@ -170,7 +171,8 @@ def _candidate_columns(batch: FeatureBatch) -> np.ndarray:
         np.ascontiguousarray(batch.cand_scores, dtype=np.float32),
         ids(batch.cand_ranks),
         tables.item_counts,
-        tables.covisit.pair_scores(window.items[:, -COVISIT_RECENT:], batch.cand_items),  # [B, C, n]
+        covisit,
+        recency_weights(covisit.shape[-1]),
         SHORT_SCALE,
         _MAX_RANK,
     )  # [B, C, 11]

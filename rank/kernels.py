@@ -34,6 +34,7 @@ def candidate_columns(
     cand_ranks: np.ndarray,
     item_counts: np.ndarray,
     covisit: np.ndarray,
+    recency: np.ndarray,
     short: int,
     max_rank: float,
 ) -> np.ndarray:
@@ -96,7 +97,7 @@ def candidate_columns(
                     bought = bought or behavior == BUY
             weighted = 0.0
             for k in range(n):
-                weighted += np.float64(covisit[i, j, k]) * 0.5 ** (n - 1 - k)
+                weighted += np.float64(covisit[i, j, k]) * recency[k]
             row = out[i, j]
             row[0] = np.float64(cand_scores[i, j]) if item > 0 else 0.0
             row[1] = np.log1p(min(np.float64(cand_ranks[i, j]), max_rank)) / rank_norm

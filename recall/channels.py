@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from funnel.events.dataset import Dataset
 from funnel.events.sequences import Sequences
-from funnel.recall.lookup import csr_pair_weights, top_entries
+from funnel.recall.lookup import csr_pair_weights, graph_top, top_entries
 from funnel.recall.plugin import ChannelQuery, register_channel
 
 SHARD_ENTRIES = 64_000_000
@@ -40,7 +40,7 @@ class CoVisitation:
     graph: sp.csr_matrix
 
     def __post_init__(self):
-        self.graph.sort_indices()  # pair_scores binary-searches each row's columns
+        self.graph.sort_indices()  # pair_scores binary-searches each row's columns; candidates adds up in column order
 
     @classmethod
     def fit(cls, data: Dataset, mask: np.ndarray) -> "CoVisitation":
@@ -48,12 +48,18 @@ class CoVisitation:
         return cls.count_pairs(data.seqs, mask, data.items.size)
 
     def candidates(self, query: ChannelQuery, k: int) -> np.ndarray:
-        """The ``k`` items scoring highest in :meth:`scores` of each user's ``query.recent`` latest events (int64 [B, k], 0 = padding)."""
-        rows, items, scores = self.scores(query.window.items[:, -query.recent :])
-        keep = ~query.exclude.pairs(rows, items)
-        if query.category is not None:
-            keep &= query.item_category[items] == query.category
-        return top_entries(rows[keep], items[keep], scores[keep], len(query.user_vecs), k)[0]
+        """The ``k`` items each user may get that score highest from the user's ``query.recent`` latest events.
+
+        An item scores the sum of its graph weights from those events, the latest
+        weighing most (halving per step back, :func:`recency_weights`); ties go to the
+        smaller id. One compiled pass per user (:func:`recall.lookup.graph_top`).
+
+        Returns:
+            int64 [B, k], best first, 0 = padding.
+        """
+        g = self.graph
+        recent = np.ascontiguousarray(query.window.items[:, -query.recent :], dtype=np.int64)
+        return graph_top(g.indptr, g.indices, g.data, recent, recency_weights(recent.shape[1]), query.exclude.keys, query.exclude.width, query.item_category, query.category_code, k)
 
     def save(self, directory: str) -> None:
         sp.save_npz(os.path.join(directory, f"{self.name}.npz"), self.graph)
@@ -102,37 +108,13 @@ class CoVisitation:
             kept.append((keep.sum(1), top_c[keep].astype(np.int32), top_v[keep]))
         return cls(_csr_from_shards(kept, shards, num_items))
 
-    def scores(self, recent: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Co-visitation scores for each row of recent item ids, as the non-zero entries of a [B, M] matrix.
-
-        Only the graph rows of the recent items are read (no sparse product: at a few
-        users per call its set-up would cost more than the work).
-
-        Args:
-            recent: [B, n] item ids, most recent last, 0 = padding; ids beyond the graph link nothing.
-
-        Returns:
-            (rows, items, scores), each [E], one entry per (row, item) pair, sorted by row
-            then item; the latest recent item weighs most (halving per step back).
-        """
-        g = self.graph
-        width = g.shape[1]
-        user, pos = np.nonzero((recent > 0) & (recent < g.shape[0]))  # [P]
-        src = recent[user, pos]
-        starts, lens = g.indptr[src], g.indptr[src + 1] - g.indptr[src]
-        entries = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())  # positions in g.indices, [E']
-        keys = np.repeat(user.astype(np.int64), lens) * width + g.indices[entries]
-        weights = np.repeat(recency_weights(recent.shape[1])[pos], lens) * g.data[entries]
-        unique, inverse = np.unique(keys, return_inverse=True)
-        return unique // width, unique % width, np.bincount(inverse, weights=weights, minlength=len(unique)).astype(np.float32)
-
     def pair_scores(self, recent: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Graph weights from each recent item to each given item (the ranker's co-visitation features).
 
         One binary search per (recent item, item) pair within the recent item's graph row
         (compiled, :func:`recall.lookup.csr_pair_weights`), so nothing is gathered per call.
         Weighted by :func:`recency_weights` and summed over the last axis, they are the
-        entries of :meth:`scores` at ``items``.
+        items' scores in :meth:`candidates`.
 
         Args:
             recent: [B, n] item ids, most recent last, 0 = padding.

@@ -94,3 +94,119 @@ def csr_pair_weights(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, 
                 if a < hi and indices[a] == dst:
                     out[i, j, k] = data[a]
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _holds(keys: np.ndarray, key: int) -> bool:
+    """Whether the sorted ``keys`` hold ``key`` (binary search)."""
+    a, z = 0, len(keys)
+    while a < z:
+        mid = (a + z) >> 1
+        if keys[mid] < key:
+            a = mid + 1
+        else:
+            z = mid
+    return a < len(keys) and keys[a] == key
+
+
+@numba.njit(cache=True, nogil=True)
+def allowed_ids(ids: np.ndarray, excluded: np.ndarray, width: int, item_category: np.ndarray, category: int, k: int) -> np.ndarray:
+    """The first ``k`` ids of each row that are neither padding nor excluded, and of ``category``, order kept.
+
+    Args:
+        ids: [B, K] item ids, best first; 0 (and any id < 0) is padding.
+        excluded: sorted int64 keys ``row * width + item`` of the excluded (row, item) pairs.
+        width: the key stride (the catalogue size).
+        item_category: [M] category id per item id.
+        category: keep only this category id; -1 keeps every category.
+        k: ids kept per row.
+
+    Returns:
+        int64 [B, min(K, k)], 0 = padding (after the kept ids of the row).
+    """
+    b, width_in = ids.shape
+    out = np.zeros((b, min(width_in, k)), np.int64)
+    for i in range(b):
+        kept = 0
+        for j in range(width_in):
+            if kept == out.shape[1]:
+                break
+            item = ids[i, j]
+            if item <= 0 or (category >= 0 and item_category[item] != category) or _holds(excluded, i * width + item):
+                continue
+            out[i, kept] = item
+            kept += 1
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def graph_top(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    recent: np.ndarray,
+    recency: np.ndarray,
+    excluded: np.ndarray,
+    width: int,
+    item_category: np.ndarray,
+    category: int,
+    k: int,
+) -> np.ndarray:
+    """Per row, the ``k`` items with the largest weighted graph weights from the row's recent items.
+
+    An item's score is the sum over the recent items ``r`` (position ``p``) of
+    ``recency[p] * graph[r, item]`` in float64, added in the order of ``p`` and of the
+    row's columns, then rounded to float32; ties go to the smaller id.
+
+    Args:
+        indptr, indices, data: the graph [R, M] in CSR form.
+        recent: [B, n] item ids, most recent last; 0 and ids outside [1, R) link nothing.
+        recency: float64 [n] the weight of each recent position.
+        excluded, width, item_category, category: as in :func:`allowed_ids`.
+        k: items kept per row.
+
+    Returns:
+        int64 [B, k], best first, 0 = padding.
+    """
+    b, n = recent.shape
+    rows = len(indptr) - 1
+    out = np.zeros((b, k), np.int64)
+    for i in range(b):
+        size = 0
+        for p in range(n):
+            src = recent[i, p]
+            if 0 < src < rows:
+                size += indptr[src + 1] - indptr[src]
+        if size == 0:
+            continue
+        cols = np.empty(size, np.int64)
+        weights = np.empty(size, np.float64)
+        at = 0
+        for p in range(n):
+            src = recent[i, p]
+            if not 0 < src < rows:
+                continue
+            scale = recency[p]
+            for e in range(indptr[src], indptr[src + 1]):
+                cols[at] = indices[e]
+                weights[at] = scale * np.float64(data[e])
+                at += 1
+        order = np.argsort(cols, kind="mergesort")  # stable: equal items add up in the order above
+        items = np.empty(size, np.int64)
+        scores = np.empty(size, np.float32)
+        unique = 0
+        e = 0
+        while e < size:
+            item = cols[order[e]]
+            total = 0.0
+            while e < size and cols[order[e]] == item:
+                total += weights[order[e]]
+                e += 1
+            if (category < 0 or item_category[item] == category) and not _holds(excluded, i * width + item):
+                items[unique] = item
+                scores[unique] = np.float32(total)
+                unique += 1
+        best = np.argsort(-scores[:unique], kind="mergesort")  # stable over ascending ids
+        for j in range(min(k, unique)):
+            out[i, j] = items[best[j]]
+    return out

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from funnel.events.dataset import Dataset
 from funnel.events.sequences import Window
-from funnel.recall.lookup import sorted_lookup
+from funnel.recall.lookup import allowed_ids, sorted_lookup
 
 
 class Excluded:
@@ -59,12 +59,6 @@ class Excluded:
         return self.pairs(np.arange(ids.shape[0])[:, None], ids)
 
 
-def compact(ids: np.ndarray, k: int) -> np.ndarray:
-    """Move the non-zero ids of each row to the front (order kept) and cut to ``k`` columns."""
-    order = np.argsort(ids == 0, axis=1, kind="stable")
-    return np.take_along_axis(ids, order, axis=1)[:, :k]
-
-
 @dataclass(frozen=True)
 class ChannelQuery:
     """One batch of users, as every channel sees it.
@@ -97,10 +91,12 @@ class ChannelQuery:
         Returns:
             int64 [B, min(K, k)], 0 = padding.
         """
-        ids = np.where(self.exclude.ids(ids), 0, ids)
-        if self.category is not None:
-            ids = np.where(self.item_category[ids] == self.category, ids, 0)
-        return compact(ids, k)
+        return allowed_ids(np.ascontiguousarray(ids, dtype=np.int64), self.exclude.keys, self.exclude.width, self.item_category, self.category_code, k)
+
+    @property
+    def category_code(self) -> int:
+        """:attr:`category` for the compiled lookups: -1 for every category."""
+        return -1 if self.category is None else int(self.category)
 
 
 @runtime_checkable

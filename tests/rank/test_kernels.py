@@ -2,6 +2,7 @@ import numpy as np
 
 from funnel.events.schema import BEHAVIOR_CODE
 from funnel.rank.kernels import candidate_columns
+from funnel.recall.channels import recency_weights
 
 PV, CART, FAV, BUY = (BEHAVIOR_CODE[b] for b in ("pv", "cart", "fav", "buy"))
 
@@ -21,7 +22,7 @@ def _columns(covisit=None, short=2):
     covisit = np.zeros((1, 3, 2), np.float32) if covisit is None else covisit
     return candidate_columns(
         hist_items, hist_categories, hist_behaviors, hist_ts, np.array([7_300]), cand_items, cand_categories, cand_scores, cand_ranks,
-        item_counts, covisit, short, 1024.0,
+        item_counts, covisit, recency_weights(covisit.shape[-1]), short, 1024.0,
     )[0]  # fmt: skip
 
 

@@ -1,9 +1,10 @@
 import numpy as np
 import scipy.sparse as sp
 
-from funnel.events.sequences import Sequences
+from funnel.events.sequences import Sequences, Window
 from funnel.recall.channels import CoVisitation, Popularity, recency_weights
 from funnel.recall.lookup import sorted_lookup, top_per_row
+from funnel.recall.plugin import ChannelQuery, Excluded
 
 
 def seqs(users, items):
@@ -12,10 +13,22 @@ def seqs(users, items):
 
 
 def dense_scores(cov: CoVisitation, recent: np.ndarray) -> np.ndarray:
-    rows, items, scores = cov.scores(recent)
-    out = np.zeros((len(recent), cov.graph.shape[1]), np.float32)
-    out[rows, items] = scores
-    return out
+    """The channel's scores by definition: each recent item's graph row, weighted by recency, summed."""
+    g = cov.graph.toarray()
+    out = np.zeros((len(recent), g.shape[1]))
+    for i, row in enumerate(recent):
+        for p, src in enumerate(row):
+            if 0 < src < g.shape[0]:
+                out[i] += recency_weights(len(row))[p] * g[src]
+    return out.astype(np.float32)
+
+
+def query(recent: np.ndarray, num_items: int, exclude=None, category=None, item_category=None) -> ChannelQuery:
+    b = len(recent)
+    window = Window(recent, np.zeros_like(recent), np.ones_like(recent), np.zeros_like(recent), (recent > 0).sum(1))
+    excluded = Excluded(exclude if exclude is not None else [np.zeros(0, np.int64)] * b, width=num_items)
+    cats = item_category if item_category is not None else np.zeros(num_items, np.int64)
+    return ChannelQuery(window, np.zeros(b, np.int64), np.zeros((b, 2), np.float32), excluded, category, cats, recent.shape[1])
 
 
 def test_top_per_row_orders_and_pads():
@@ -37,16 +50,44 @@ def test_covisitation_links_neighbours_within_window_and_user():
     assert scores[0, 2] > 0 and scores[0, 5] == 0
 
 
-def test_scores_sum_each_recent_items_weighted_row():
+def test_candidates_are_the_best_weighted_sums_of_the_recent_items_rows():
     s = seqs([1, 1, 1, 1, 2, 2], [1, 2, 3, 4, 5, 2])
     cv = CoVisitation.count_pairs(s, np.ones(6, bool), 7, window=2, neighbours=5)
     g = cv.graph.toarray()
     recent = np.array([[0, 2, 3], [1, 1, 9], [0, 0, 0]])  # 9 is beyond the graph (a new item)
-    rows, items, scores = cv.scores(recent)
-    assert np.all(np.diff(rows * 7 + items) > 0)  # one entry per (row, item), sorted
     want = np.stack([0.5 * g[2] + g[3], 0.25 * g[1] + 0.5 * g[1], np.zeros(7)])
     np.testing.assert_allclose(dense_scores(cv, recent), want, rtol=1e-6)
-    assert (scores > 0).all()
+    got = cv.candidates(query(recent, 7), 7)
+    for row, scores in zip(got, want):
+        linked = np.flatnonzero(scores > 0)
+        best_first = linked[np.argsort(-scores[linked], kind="stable")]  # ties: the smaller id
+        assert row.tolist() == best_first.tolist() + [0] * (7 - len(linked))
+
+
+def test_candidates_skip_excluded_items_and_other_categories():
+    rng = np.random.default_rng(1)
+    n = 30
+    s = Sequences.from_encoded(rng.integers(0, 5, 400), rng.integers(1, n, 400), np.zeros(400, np.int64), np.ones(400, np.int64), np.arange(400), 5)
+    cv = CoVisitation.count_pairs(s, np.ones(400, bool), n, neighbours=10)
+    recent = rng.integers(0, n, (4, 3))
+    item_category = rng.integers(1, 3, n)
+    exclude = [rng.choice(np.arange(1, n), 5, replace=False) for _ in range(4)]
+    got = cv.candidates(query(recent, n, exclude, 2, item_category), 6)
+    scores = dense_scores(cv, recent)
+    for i, row in enumerate(got):
+        ok = (scores[i] > 0) & (item_category == 2) & ~np.isin(np.arange(n), exclude[i])
+        linked = np.flatnonzero(ok)
+        want = linked[np.argsort(-scores[i, linked], kind="stable")][:6]
+        assert row.tolist() == want.tolist() + [0] * (6 - len(want))
+
+
+def test_allowed_keeps_order_and_drops_padding_excluded_and_other_categories():
+    item_category = np.array([0, 1, 1, 2, 1, 2, 1])
+    ids = np.array([[4, 0, 1, 3, 6, 2], [2, 2, 5, 1, 0, 0]])
+    q = query(np.zeros((2, 1), np.int64), 7, exclude=[np.array([1]), np.array([5, 6])])
+    assert q.allowed(ids, 3).tolist() == [[4, 3, 6], [2, 2, 1]]
+    q = query(np.zeros((2, 1), np.int64), 7, exclude=[np.array([1]), np.array([5, 6])], category=1, item_category=item_category)
+    assert q.allowed(ids, 9).tolist() == [[4, 6, 2, 0, 0, 0], [2, 2, 1, 0, 0, 0]]
 
 
 def test_covisitation_respects_mask():
