@@ -210,3 +210,61 @@ def graph_top(
         for j in range(min(k, unique)):
             out[i, j] = items[best[j]]
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def first_per_row(ids: np.ndarray, tags: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's distinct non-zero ids, with the tag of each id's first occurrence.
+
+    Args:
+        ids: [B, T] ids, 0 = padding.
+        tags: int8 [B, T] a tag per entry (the recall channel that found it).
+
+    Returns:
+        (rows, ids, tags), each [E]: one entry per (row, distinct id), by row, then ascending id.
+    """
+    b, t = ids.shape
+    rows_out = np.empty(b * t, np.int64)
+    ids_out = np.empty(b * t, np.int64)
+    tags_out = np.empty(b * t, np.int8)
+    size = 0
+    for i in range(b):
+        order = np.argsort(ids[i], kind="mergesort")  # stable: an id's first occurrence leads its run
+        previous = 0
+        for j in order:
+            item = ids[i, j]
+            if item > 0 and item != previous:
+                rows_out[size], ids_out[size], tags_out[size] = i, item, tags[i, j]
+                size += 1
+            previous = item
+    return rows_out[:size], ids_out[:size], tags_out[:size]
+
+
+@numba.njit(cache=True, nogil=True)
+def best_first_rows(rows: np.ndarray, ids: np.ndarray, tags: np.ndarray, scores: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lay out per-row entries as [B, W] arrays, each row's entries by descending score (ties keep their order).
+
+    Args:
+        rows, ids, tags, scores: [E] entries grouped by row (rows ascending).
+        b: B.
+
+    Returns:
+        (ids int64, scores float32, tags int8), each [B, W] with W the most entries of a
+        row; padding: id 0, score -inf, tag 0.
+    """
+    counts = np.zeros(b, np.int64)
+    for r in rows:
+        counts[r] += 1
+    width = counts.max() if b else 0
+    out_ids = np.zeros((b, width), np.int64)
+    out_scores = np.full((b, width), -np.inf, np.float32)
+    out_tags = np.zeros((b, width), np.int8)
+    start = 0
+    for i in range(b):
+        end = start + counts[i]
+        order = np.argsort(-scores[start:end], kind="mergesort")
+        for slot in range(end - start):
+            e = start + order[slot]
+            out_ids[i, slot], out_scores[i, slot], out_tags[i, slot] = ids[e], scores[e], tags[e]
+        start = end
+    return out_ids, out_scores, out_tags

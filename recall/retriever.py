@@ -14,6 +14,7 @@ import torch
 
 from funnel.events.sequences import Window
 from funnel.recall.index import search
+from funnel.recall.lookup import best_first_rows, first_per_row
 from funnel.recall.model import USER_INPUTS, TwoTower, frozen_for_inference, user_arrays
 from funnel.recall.plugin import Channel, ChannelQuery, Excluded, find_channel, registered
 from funnel.recall.runtime import OnnxModel
@@ -232,20 +233,8 @@ class Retriever:
             return Candidates(empty, empty.astype(np.float32), empty.astype(np.int8), uv)
         ids = np.concatenate([p for p, _ in parts], axis=1)  # [B, total]
         chan = np.concatenate([np.full(p.shape, c, np.int8) for p, c in parts], axis=1)
-        rows = np.repeat(np.arange(b), ids.shape[1])
-        flat_ids, flat_chan = ids.ravel(), chan.ravel()
         # First occurrence wins, so the earlier (higher-priority) channel keeps the item.
-        _, first = np.unique(rows * len(self.item_vecs) + flat_ids, return_index=True)
-        first = first[flat_ids[first] > 0]
-        r, items, channels = rows[first], flat_ids[first], flat_chan[first]
+        r, items, channels = first_per_row(np.ascontiguousarray(ids, dtype=np.int64), chan)
         scores = np.einsum("bd,bd->b", uv[r], self.item_vecs[items]).astype(np.float32)
-        order = np.lexsort((-scores, r))
-        r, items, channels, scores = r[order], items[order], channels[order], scores[order]
-        counts = np.bincount(r, minlength=b)
-        width = int(counts.max()) if b else 0
-        slot = np.arange(len(r)) - np.repeat(np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-        out_items = np.zeros((b, width), np.int64)
-        out_scores = np.full((b, width), -np.inf, np.float32)
-        out_channels = np.zeros((b, width), np.int8)
-        out_items[r, slot], out_scores[r, slot], out_channels[r, slot] = items, scores, channels
+        out_items, out_scores, out_channels = best_first_rows(r, items, channels, scores, b)
         return Candidates(out_items, out_scores, out_channels, uv)
