@@ -228,8 +228,9 @@ def head_probabilities(logits: ArrayLike, heads: tuple[str, ...]) -> dict[str, A
     per request would cost more than this arithmetic).
     """
     sigmoid = torch.sigmoid if isinstance(logits, torch.Tensor) else _sigmoid
-    click = sigmoid(logits[..., 0])  # [B, C]
-    return {name: click if i == 0 else click * sigmoid(logits[..., i]) for i, name in enumerate(heads)}
+    each = sigmoid(logits)  # [B, C, H]: every head at once, a few array calls rather than a few per head
+    click = each[..., 0]  # [B, C]
+    return {name: click if i == 0 else click * each[..., i] for i, name in enumerate(heads)}
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -157,16 +157,16 @@ class TwoStage:
         real = candidates.items > 0
         order = np.argsort(np.where(real, -final, np.inf), axis=1, kind="stable")
         rows = np.arange(len(order))[:, None]
-        real_sorted = real[rows, order]
-        zero_pad = lambda a: np.where(real_sorted, a[rows, order], 0.0).astype(np.float32)
+        # The final score and the heads' in one array, so one mask and one gather order them all.
+        scores = np.where(real[..., None], np.stack([final, *probs.values()], axis=-1), 0.0).astype(np.float32)[rows, order]  # [B, C, 1 + H]
         return Ranked(
             items=candidates.items[rows, order],
-            scores=zero_pad(final),
+            scores=scores[..., 0],
             recall_scores=candidates.scores[rows, order],
             channels=candidates.channels[rows, order],
             attention=attention[rows, order],
             history_items=window.items,
-            head_scores={h: zero_pad(p) for h, p in probs.items()},
+            head_scores={h: scores[..., 1 + i] for i, h in enumerate(probs)},
             history_behaviors=window.behaviors,
             history_ts=window.ts,
             recall_ranks=order,

@@ -5,7 +5,8 @@ recall candidates (features, model forward, sort), as a server pays it per reque
 Users are drawn from the bundle's log and their candidates come from the bundle's own
 recall stage, computed once up front; calls cycle through the users so no call sees
 warm caches for its own inputs only. As on the server, the request time is the
-bundle's last event (the popularity features at that time are tabulated once).
+bundle's last event (the popularity features at that time are tabulated once), and
+the items a user must not get are the user's history as an id array.
 
 Both runtimes are measured in the same run, taking turns in rounds: ``onnx`` (ONNX
 Runtime over the bundle's exports, what the server runs) and ``torch`` (the frozen
@@ -32,8 +33,10 @@ import torch
 
 from funnel.bundle import load_bundle
 from funnel.rank.pipeline import TwoStage
+from funnel.recall.plugin import Excluded
 from funnel.recall.retriever import Candidates
 from funnel.recall.runtime import RUNTIMES
+from funnel.tools.cli import add_candidates_argument
 from funnel.tools.output import write_json
 
 TARGET_MS = {"rank": 0.7, "recall": 0.5}
@@ -48,7 +51,7 @@ class _Request:
     window: object
     now: np.ndarray
     activity: np.ndarray
-    exclude: object
+    exclude: np.ndarray
     candidates: Candidates
 
 
@@ -61,6 +64,7 @@ def run_benchmark(
     warmup: int = 100,
     profile_calls: int = 300,
     seed: int = 0,
+    recall_candidates: dict[str, int] | None = None,
     json_out: str | None = None,
 ) -> dict:
     """Time ranking ``candidates`` items for one user at a time on one thread.
@@ -73,6 +77,7 @@ def run_benchmark(
         warmup: untimed calls first (allocator and caches).
         profile_calls: calls under cProfile for the breakdown (not timed).
         seed: picks the users.
+        recall_candidates: per-channel recall counts replacing the bundle's (as ``funnel serve --candidates``).
         json_out: also write the report here (atomically).
 
     Returns:
@@ -83,12 +88,15 @@ def run_benchmark(
         ranking time, see :func:`_breakdown`).
     """
     torch.set_num_threads(1)
-    b = load_bundle(bundle)
+    b = load_bundle(bundle, candidates=recall_candidates)
     pipes = {runtime: b.pipeline(runtime) for runtime in RUNTIMES}
     pipe = pipes["onnx"]
     requests = _requests(b, pipe, users, candidates, seed)
     rank_calls = {rt: (lambda r, p=p: p.rank(r.window, r.now, r.activity, r.candidates)) for rt, p in pipes.items()}
-    recall_calls = {rt: (lambda r, p=p: p.retriever.retrieve(r.window.tail(p.retriever.model.cfg.history), r.now, r.exclude)) for rt, p in pipes.items()}
+    width = b.data.items.size
+    recall_calls = {
+        rt: (lambda r, p=p: p.retriever.retrieve(r.window.tail(p.retriever.model.cfg.history), r.now, Excluded([r.exclude], width=width))) for rt, p in pipes.items()
+    }
     # The runtimes take turns in rounds, so a change in the machine's load hits both alike.
     rank_times = _time_rounds(rank_calls, requests, calls, warmup)
     recall_times = _time_rounds(recall_calls, requests, max(calls // 4, len(requests)), warmup // 4)
@@ -98,6 +106,7 @@ def run_benchmark(
             "bundle": b.path,
             "model_version": b.model_version,
             "candidates": int(requests[0].candidates.items.shape[1]),
+            "recall_config": pipe.retriever.config.to_dict(),
             "calls": calls,
             "rounds": ROUNDS,
             "users": len(requests),
@@ -138,7 +147,7 @@ def _requests(b, pipe: TwoStage, n_users: int, width: int, seed: int) -> list[_R
             items=cands.items[row, :width], scores=cands.scores[row, :width], channels=cands.channels[row, :width], user_vecs=cands.user_vecs[row]
         )
         win = dataclasses.replace(window, **{f.name: getattr(window, f.name)[row] for f in dataclasses.fields(window)})
-        out.append(_Request(win, now[row], seqs.lengths[picked[row]], exclude[row], one))
+        out.append(_Request(win, now[row], seqs.lengths[picked[row]], np.unique(exclude[row].indices).astype(np.int64), one))
     return out
 
 
@@ -231,6 +240,7 @@ def format_report(report: dict) -> str:
     lines = [
         f"ranking {s['candidates']} candidates for one user, {s['calls']} calls over {s['users']} users, "
         f"torch threads {s['torch_threads']}, load average {s['load_average_1m']} on {s['cpus']} cpus",
+        "recall candidates per channel: " + ", ".join(f"{name} {count}" for name, count in s["recall_config"].items()),
     ]
     for runtime in RUNTIMES:
         for kind in ("cpu", "wall"):
@@ -261,11 +271,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=100, help="untimed calls first (default: 100)")
     p.add_argument("--profile-calls", type=int, default=300, help="calls in the profiled pass for the breakdown (default: 300)")
     p.add_argument("--seed", type=int, default=0, help="picks the users (default: 0)")
+    add_candidates_argument(p, "recall is timed at these counts", flag="--recall-candidates")
     p.add_argument("--json", dest="json_out", help="also write the report as JSON here")
     args = p.parse_args(argv)
     report = run_benchmark(
         bundle=args.bundle, candidates=args.candidates, calls=args.calls, users=args.users, warmup=args.warmup,
-        profile_calls=args.profile_calls, seed=args.seed, json_out=args.json_out,
+        profile_calls=args.profile_calls, seed=args.seed, recall_candidates=args.recall_candidates, json_out=args.json_out,
     )
     print(format_report(report))
     return 0

@@ -25,8 +25,8 @@ COMMANDS = {
 }
 
 
-def add_candidates_argument(parser: argparse.ArgumentParser, effect: str) -> None:
-    """``--candidates FIELD=COUNT,...``: per-channel candidate counts replacing the bundle's (parsed to a dict, ``None`` when absent)."""
+def add_candidates_argument(parser: argparse.ArgumentParser, effect: str, flag: str = "--candidates") -> None:
+    """``--candidates FIELD=COUNT,...`` (or ``flag``): per-channel candidate counts replacing the bundle's (parsed to a dict, ``None`` when absent)."""
 
     def counts(spec: str) -> dict[str, int]:
         try:
@@ -35,7 +35,7 @@ def add_candidates_argument(parser: argparse.ArgumentParser, effect: str) -> Non
             raise argparse.ArgumentTypeError(str(err)) from err
 
     parser.add_argument(
-        "--candidates", type=counts, default=None, metavar="FIELD=COUNT,...",
+        flag, type=counts, default=None, metavar="FIELD=COUNT,...",
         help="recall candidates per channel instead of the bundle's, e.g. two_tower=150,covisit=50,popular=20 "
         f"(recent=N: the latest events co-visitation starts from); {effect} (default: the bundle's)",
     )

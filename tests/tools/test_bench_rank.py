@@ -31,3 +31,12 @@ def test_bench_rank_reports_both_runtimes_and_breakdown(tiny_bundle, tmp_path):
 def test_bench_rank_refuses_more_candidates_than_recall_returns(tiny_bundle):
     with pytest.raises(ValueError, match="fewer than --candidates"):
         run_benchmark(bundle=tiny_bundle, candidates=100_000, calls=1, users=2, warmup=0, profile_calls=1)
+
+
+def test_bench_rank_times_recall_at_the_given_counts(tiny_bundle):
+    report = run_benchmark(
+        bundle=tiny_bundle, candidates=10, calls=4, users=2, warmup=0, profile_calls=2, recall_candidates={"two_tower": 30, "popular": 0}
+    )
+    counts = report["setting"]["recall_config"]
+    assert counts["two_tower"] == 30 and counts["popular"] == 0
+    assert "two_tower 30" in format_report(report)
