@@ -16,6 +16,7 @@ import numpy as np
 from funnel.events.schema import BEHAVIOR_CODE
 from funnel.events.sequences import Sequences, Window
 from funnel.rank.kernels import user_window_columns
+from funnel.recall.lookup import kernel_array
 
 PV, CART, FAV, BUY = (BEHAVIOR_CODE[b] for b in ("pv", "cart", "fav", "buy"))
 
@@ -224,8 +225,7 @@ def user_business_features(window: Window, now: np.ndarray) -> np.ndarray:
         (capped at 1), log-hours since the latest event / 10, and the latest event's
         behaviour type one-hot (pv, cart, fav, buy).
     """
-    ids = lambda a: np.ascontiguousarray(a, dtype=np.int64)  # one compiled signature, whatever the caller's layout
-    return user_window_columns(ids(window.items), ids(window.behaviors), ids(window.ts), ids(window.lengths), ids(now))
+    return user_window_columns(kernel_array(window.items), kernel_array(window.behaviors), kernel_array(window.ts), kernel_array(window.lengths), kernel_array(now))
 
 
 def _clip(ids: np.ndarray, size: int) -> np.ndarray:

@@ -19,6 +19,7 @@ from funnel.rank.business import ITEM_FEATURES, POPULARITY_WINDOWS_S, USER_FEATU
 from funnel.rank.kernels import candidate_columns
 from funnel.rank.schema import FeatureBatch, dense_names, groups, register_features
 from funnel.recall.channels import CoVisitation, recency_weights
+from funnel.recall.lookup import kernel_array
 
 CANDIDATE_COLUMNS = (
     "recall_score",
@@ -158,18 +159,17 @@ def build_features(
 def _candidate_columns(batch: FeatureBatch) -> np.ndarray:
     """[B, C, len(CANDIDATE_COLUMNS)]: recall score and rank, popularity, category shares, co-visitation, what the user did with the item."""
     window, tables = batch.window, batch.tables
-    ids = lambda a: np.ascontiguousarray(a, dtype=np.int64)  # one compiled signature, whatever the caller's layout
     covisit = tables.covisit.pair_scores(window.items[:, -COVISIT_RECENT:], batch.cand_items)  # [B, C, n]
     return candidate_columns(
-        ids(window.items),
-        ids(window.categories),
-        ids(window.behaviors),
-        ids(window.ts),
-        ids(batch.now),
-        ids(batch.cand_items),
-        ids(batch.cand_categories),
-        np.ascontiguousarray(batch.cand_scores, dtype=np.float32),
-        ids(batch.cand_ranks),
+        kernel_array(window.items),
+        kernel_array(window.categories),
+        kernel_array(window.behaviors),
+        kernel_array(window.ts),
+        kernel_array(batch.now),
+        kernel_array(batch.cand_items),
+        kernel_array(batch.cand_categories),
+        kernel_array(batch.cand_scores, np.float32),
+        kernel_array(batch.cand_ranks),
         tables.item_counts,
         covisit,
         recency_weights(covisit.shape[-1]),

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from funnel.events.dataset import Dataset
 from funnel.events.sequences import Sequences
-from funnel.recall.lookup import csr_pair_weights, graph_top, top_entries
+from funnel.recall.lookup import csr_pair_weights, graph_top, kernel_array, top_entries
 from funnel.recall.plugin import ChannelQuery, register_channel
 
 SHARD_ENTRIES = 64_000_000
@@ -58,7 +58,7 @@ class CoVisitation:
             int64 [B, k], best first, 0 = padding.
         """
         g = self.graph
-        recent = np.ascontiguousarray(query.window.items[:, -query.recent :], dtype=np.int64)
+        recent = kernel_array(query.window.items[:, -query.recent :])
         return graph_top(g.indptr, g.indices, g.data, recent, recency_weights(recent.shape[1]), query.exclude.keys, query.exclude.width, query.item_category, query.category_code, k)
 
     def save(self, directory: str) -> None:
@@ -124,8 +124,7 @@ class CoVisitation:
             float32 [B, C, n]; 0 for padding and where a recent item does not link to the item.
         """
         g = self.graph
-        as_ids = lambda a: np.ascontiguousarray(a, dtype=np.int64)
-        return csr_pair_weights(g.indptr, g.indices, g.data, as_ids(recent), as_ids(items))
+        return csr_pair_weights(g.indptr, g.indices, g.data, kernel_array(recent), kernel_array(items))
 
 
 def _pair_starts(items: np.ndarray, ends: np.ndarray, mask: np.ndarray, d: int) -> np.ndarray:

@@ -56,6 +56,18 @@ def top_entries(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, num_rows: 
     return out_cols, out_vals
 
 
+def kernel_array(a: np.ndarray, dtype: type = np.int64) -> np.ndarray:
+    """``a`` as a C-contiguous, writable array of ``dtype``: the one layout the compiled lookups
+    here and in :mod:`rank.kernels` see for per-request arrays.
+
+    numba compiles a function once per argument type, and a read-only view (``np.broadcast_to``)
+    or a strided slice is another type: without this, the first request to pass one would
+    stall while numba loads or compiles a second copy.
+    """
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a if a.flags.writeable else a.copy()
+
+
 @numba.njit(cache=True, nogil=True)
 def csr_pair_weights(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, recent: np.ndarray, items: np.ndarray) -> np.ndarray:
     """Weights of the edges from each recent item to each item in a CSR graph with sorted columns.

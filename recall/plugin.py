@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from funnel.events.dataset import Dataset
 from funnel.events.sequences import Window
-from funnel.recall.lookup import allowed_ids, sorted_lookup
+from funnel.recall.lookup import allowed_ids, kernel_array, sorted_lookup
 
 
 class Excluded:
@@ -91,7 +91,7 @@ class ChannelQuery:
         Returns:
             int64 [B, min(K, k)], 0 = padding.
         """
-        return allowed_ids(np.ascontiguousarray(ids, dtype=np.int64), self.exclude.keys, self.exclude.width, self.item_category, self.category_code, k)
+        return allowed_ids(kernel_array(ids), self.exclude.keys, self.exclude.width, self.item_category, self.category_code, k)
 
     @property
     def category_code(self) -> int:
