@@ -69,6 +69,19 @@ def kernel_array(a: np.ndarray, dtype: type = np.int64) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
+def _find(keys: np.ndarray, lo: int, hi: int, key: int) -> int:
+    """Where ``key`` is in the ascending ``keys[lo:hi]`` (binary search), or -1."""
+    end = hi
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if keys[mid] < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo if lo < end and keys[lo] == key else -1
+
+
+@numba.njit(cache=True, nogil=True)
 def csr_pair_weights(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, recent: np.ndarray, items: np.ndarray) -> np.ndarray:
     """Weights of the edges from each recent item to each item in a CSR graph with sorted columns.
 
@@ -96,29 +109,16 @@ def csr_pair_weights(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, 
                 dst = items[i, j]
                 if dst <= 0:
                     continue
-                a, z = lo, hi  # binary search for dst among the row's ascending columns
-                while a < z:
-                    mid = (a + z) >> 1
-                    if indices[mid] < dst:
-                        a = mid + 1
-                    else:
-                        z = mid
-                if a < hi and indices[a] == dst:
-                    out[i, j, k] = data[a]
+                at = _find(indices, lo, hi, dst)
+                if at >= 0:
+                    out[i, j, k] = data[at]
     return out
 
 
 @numba.njit(cache=True, nogil=True)
 def _holds(keys: np.ndarray, key: int) -> bool:
-    """Whether the sorted ``keys`` hold ``key`` (binary search)."""
-    a, z = 0, len(keys)
-    while a < z:
-        mid = (a + z) >> 1
-        if keys[mid] < key:
-            a = mid + 1
-        else:
-            z = mid
-    return a < len(keys) and keys[a] == key
+    """Whether the sorted ``keys`` hold ``key``."""
+    return _find(keys, 0, len(keys), key) >= 0
 
 
 @numba.njit(cache=True, nogil=True)

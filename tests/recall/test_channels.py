@@ -23,6 +23,14 @@ def dense_scores(cov: CoVisitation, recent: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def random_covisitation(rng: np.random.Generator, n: int, *, events: int, users: int, neighbours: int) -> CoVisitation:
+    """The channel fitted on random events over items 1..n-1."""
+    s = Sequences.from_encoded(
+        rng.integers(0, users, events), rng.integers(1, n, events), np.zeros(events, np.int64), np.ones(events, np.int64), np.arange(events), users
+    )
+    return CoVisitation.count_pairs(s, np.ones(events, bool), n, neighbours=neighbours)
+
+
 def query(recent: np.ndarray, num_items: int, exclude=None, category=None, item_category=None) -> ChannelQuery:
     b = len(recent)
     window = Window(recent, np.zeros_like(recent), np.ones_like(recent), np.zeros_like(recent), (recent > 0).sum(1))
@@ -67,8 +75,7 @@ def test_candidates_are_the_best_weighted_sums_of_the_recent_items_rows():
 def test_candidates_skip_excluded_items_and_other_categories():
     rng = np.random.default_rng(1)
     n = 30
-    s = Sequences.from_encoded(rng.integers(0, 5, 400), rng.integers(1, n, 400), np.zeros(400, np.int64), np.ones(400, np.int64), np.arange(400), 5)
-    cv = CoVisitation.count_pairs(s, np.ones(400, bool), n, neighbours=10)
+    cv = random_covisitation(rng, n, events=400, users=5, neighbours=10)
     recent = rng.integers(0, n, (4, 3))
     item_category = rng.integers(1, 3, n)
     exclude = [rng.choice(np.arange(1, n), 5, replace=False) for _ in range(4)]
@@ -106,8 +113,7 @@ def test_popularity_ranks_by_count_and_skips_padding():
 def test_pair_scores_equal_the_channel_scores_at_the_given_items():
     rng = np.random.default_rng(0)
     n = 40
-    seqs = Sequences.from_encoded(rng.integers(0, 6, 600), rng.integers(1, n, 600), np.zeros(600, np.int64), np.ones(600, np.int64), np.arange(600), 6)
-    cov = CoVisitation.count_pairs(seqs, np.ones(600, bool), n, neighbours=8)
+    cov = random_covisitation(rng, n, events=600, users=6, neighbours=8)
     recent = rng.integers(0, n, (5, 4))
     recent[0, :2] = recent[0, 2]  # the same item twice adds up
     recent[1] = 0  # no history at all
