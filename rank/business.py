@@ -85,7 +85,7 @@ class BusinessTables:
         """
         items = _clip(items, len(self.item)).astype(np.int64)
         if self._fixed is not None and (np.asarray(now) == self._fixed[0]).all():
-            return np.where((items > 0)[..., None], self._fixed[1][items], 0.0).astype(np.float32)
+            return self._fixed[1][items]  # float32, and row 0 (padding, unknown ids) is zero
         hi = np.clip(np.asarray(now, np.int64), 0, (1 << _SHIFT) - 1)[:, None]  # [B, 1]
         keys = items << _SHIFT
         end_item = self._before(keys, hi)  # [B, C]: item events before now
