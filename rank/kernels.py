@@ -5,7 +5,9 @@ of a request's feature cost, and [B, C, L] temporaries in training. Here one pas
 (user, candidate) over the window computes them all, without temporaries, and
 releases the GIL while it runs, so the server's event loop keeps going meanwhile.
 The arithmetic follows the numpy definitions step for step (the same float64
-operations), so the features match what earlier bundles were trained with.
+operations), so the features match what earlier bundles were trained with; the one
+exception is the latest co-visitation weight's log1p, computed in double here, which can
+differ from numpy's float32 log1p by one float32 ulp.
 
 Compiled code is cached beside this file (``cache=True``): a process compiles a kernel
 once per argument type the first time it runs, in about a second, and later processes
@@ -18,7 +20,6 @@ import numpy as np
 from funnel.events.schema import BEHAVIOR_CODE
 
 PV, CART, FAV, BUY = (BEHAVIOR_CODE[b] for b in ("pv", "cart", "fav", "buy"))
-NUM_CANDIDATE_COLUMNS = 11
 
 
 @numba.njit(cache=True, nogil=True)
