@@ -116,9 +116,9 @@ def csr_pair_weights(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, 
 
 
 @numba.njit(cache=True, nogil=True)
-def _holds(keys: np.ndarray, key: int) -> bool:
-    """Whether the sorted ``keys`` hold ``key``."""
-    return _find(keys, 0, len(keys), key) >= 0
+def _may_get(row: int, item: int, excluded: np.ndarray, width: int, item_category: np.ndarray, category: int) -> bool:
+    """Whether user ``row`` may get ``item``: of ``category`` (-1: any) and not among the sorted ``excluded`` keys ``row * width + item``."""
+    return (category < 0 or item_category[item] == category) and _find(excluded, 0, len(excluded), row * width + item) < 0
 
 
 @numba.njit(cache=True, nogil=True)
@@ -144,7 +144,7 @@ def allowed_ids(ids: np.ndarray, excluded: np.ndarray, width: int, item_category
             if kept == out.shape[1]:
                 break
             item = ids[i, j]
-            if item <= 0 or (category >= 0 and item_category[item] != category) or _holds(excluded, i * width + item):
+            if item <= 0 or not _may_get(i, item, excluded, width, item_category, category):
                 continue
             out[i, kept] = item
             kept += 1
@@ -214,7 +214,7 @@ def graph_top(
             while e < size and cols[order[e]] == item:
                 total += weights[order[e]]
                 e += 1
-            if (category < 0 or item_category[item] == category) and not _holds(excluded, i * width + item):
+            if _may_get(i, item, excluded, width, item_category, category):
                 items[unique] = item
                 scores[unique] = np.float32(total)
                 unique += 1
