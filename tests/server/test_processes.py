@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from funnel.server.holder import EngineHolder
 from funnel.server.processes import ProcessesError, serve_processes
 from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
 from funnel.tools.recommend import wait_ready
+from tests.server.conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 START_TIMEOUT_S = 120.0
@@ -45,6 +47,39 @@ def test_one_process_does_not_share_its_port(tiny_bundle):
         server.stop(None)
 
 
+def _port_pair() -> int:
+    """A loopback port ``p`` with ``p + 1`` free too: the metrics ports of two processes."""
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free loopback ports")
+
+
+def _serve(args: list[str], log_path) -> subprocess.Popen:
+    """Start ``funnel serve ARGS`` with its output in ``log_path``."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "funnel.tools", "serve", *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def _wait_serving(proc: subprocess.Popen, addr: str, log_path) -> None:
+    """Wait until ``addr`` is SERVING; fail at once, with the server's log, if ``proc`` exits first or it takes too long."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"funnel serve exited with code {proc.returncode} before serving; its log:\n{log_path.read_text()}")
+        try:
+            wait_ready(addr, timeout=2.0)
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{addr} not SERVING within {START_TIMEOUT_S:g}s; the server's log:\n{log_path.read_text()}")
+
+
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as fh:
         return [int(p) for p in fh.read().split()]
@@ -65,17 +100,15 @@ def shared_state(request, tmp_path) -> list[str]:
 
 @pytest.mark.slow
 def test_processes_share_the_port_and_the_users_state(tiny_bundle, shared_state, unused_port, tmp_path):
-    metrics_port = unused_port + 1 if unused_port < 65000 else unused_port - 10
+    metrics_port = _port_pair()
     port = unused_port
     log_path = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "funnel.tools", "serve", "--bundle", tiny_bundle, "--host", "127.0.0.1", "--port", str(port), "--processes", "2",
-           *shared_state, "--watch-interval", "0", "--metrics-port", str(metrics_port)]  # fmt: skip
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    args = ["--bundle", tiny_bundle, "--host", "127.0.0.1", "--port", str(port), "--processes", "2", *shared_state, "--watch-interval", "0", "--metrics-port", str(metrics_port)]
+    proc = _serve(args, log_path)
     addr = f"127.0.0.1:{port}"
     channels = []
     try:
-        wait_ready(addr, timeout=START_TIMEOUT_S)
+        _wait_serving(proc, addr, log_path)
         for p in (metrics_port, metrics_port + 1):  # one metrics endpoint per process: both are up
             deadline = time.monotonic() + START_TIMEOUT_S
             while True:
@@ -114,12 +147,11 @@ def test_processes_share_the_port_and_the_users_state(tiny_bundle, shared_state,
 @pytest.mark.slow
 def test_servers_stop_when_their_parent_is_killed(tiny_bundle, unused_port, tmp_path):
     # kill -9 of `funnel serve` must not leave orphan servers holding the port.
-    cmd = [sys.executable, "-m", "funnel.tools", "serve", "--bundle", tiny_bundle, "--host", "127.0.0.1", "--port", str(unused_port), "--processes", "2",
-           "--event-log", str(tmp_path / "events.db"), "--watch-interval", "0"]  # fmt: skip
-    with open(tmp_path / "serve.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    log_path = tmp_path / "serve.log"
+    args = ["--bundle", tiny_bundle, "--host", "127.0.0.1", "--port", str(unused_port), "--processes", "2", "--event-log", str(tmp_path / "events.db"), "--watch-interval", "0"]
+    proc = _serve(args, log_path)
     try:
-        wait_ready(f"127.0.0.1:{unused_port}", timeout=START_TIMEOUT_S)
+        _wait_serving(proc, f"127.0.0.1:{unused_port}", log_path)
         children = _children(proc.pid)
         assert len(children) == 2
     finally:
