@@ -27,7 +27,8 @@ class Ranked:
             (:func:`rank.model.combine_heads`; 0 for padding).
         head_scores: head name ("click", and on behaviour logs "cart_fav", "buy") ->
             [B, C] probabilities, in the same order as ``items``.
-        attention: [B, C, L] the ranker's attention over the user's recent events.
+        attention: [B, C, L] the ranker's attention over the user's recent events; None
+            unless asked for (only explanations show it).
         history_items, history_behaviors, history_ts: [B, L] the recent events the
             attention refers to (0 = padding).
         recall_ranks: [B, C] each item's position in the recall list (a ranking feature).
@@ -37,12 +38,16 @@ class Ranked:
     scores: np.ndarray
     recall_scores: np.ndarray
     channels: np.ndarray
-    attention: np.ndarray
+    attention: np.ndarray | None
     history_items: np.ndarray
     head_scores: dict[str, np.ndarray]
     history_behaviors: np.ndarray
     history_ts: np.ndarray
     recall_ranks: np.ndarray
+
+
+Scorer = Callable[[RankFeatures, bool], tuple[np.ndarray, np.ndarray | None]]
+"""Ranker features -> (logits [B, C, H], attention [B, C, L] when the flag asks for it, else None)."""
 
 
 @dataclass
@@ -70,7 +75,7 @@ class TwoStage:
         self.retriever = retriever
         self.ranker = ranker.eval()
         self.device = next(ranker.parameters()).device
-        self._score: Callable[[RankFeatures], tuple[np.ndarray, np.ndarray]] = self._torch_scorer(self.ranker)
+        self._score: Scorer = self._torch_scorer(self.ranker)
         self.tables = FeatureTables(retriever.item_category, item_counts, business, retriever.channel("covisit"), fitted or {})
 
     def freeze(self) -> None:
@@ -82,15 +87,26 @@ class TwoStage:
         self._score = self._torch_scorer(frozen_ranker(self.ranker))
 
     def use_onnx(self, path: str) -> None:
-        """Score with ONNX Runtime over the ranker's export at ``path`` (:func:`rank.model.export_ranker`) from now on."""
-        session = OnnxModel(path)
-        self._score = lambda feats: tuple(session(**feats.arrays()))
+        """Score with ONNX Runtime over the ranker's export at ``path`` (:func:`rank.model.export_ranker`) from now on.
 
-    def _torch_scorer(self, ranker: torch.nn.Module) -> Callable[[RankFeatures], tuple[np.ndarray, np.ndarray]]:
-        def score(feats: RankFeatures) -> tuple[np.ndarray, np.ndarray]:
+        Two sessions: the whole graph, and its logits alone for the calls that need no
+        attention (ONNX Runtime runs every node of a graph whatever outputs are asked for).
+        """
+        both, logits_only = OnnxModel(path), OnnxModel(path, outputs=("logits",))
+
+        def score(feats: RankFeatures, attention: bool) -> tuple[np.ndarray, np.ndarray | None]:
+            if attention:
+                logits, weights = both(**feats.arrays())
+                return logits, weights
+            return logits_only(**feats.arrays())[0], None
+
+        self._score = score
+
+    def _torch_scorer(self, ranker: torch.nn.Module) -> Scorer:
+        def score(feats: RankFeatures, attention: bool) -> tuple[np.ndarray, np.ndarray | None]:
             with torch.inference_mode():
-                logits, attention = ranker(feats.to_torch(self.device))
-            return logits.cpu().numpy(), attention.cpu().numpy()
+                logits, weights = ranker(feats.to_torch(self.device))
+            return logits.cpu().numpy(), weights.cpu().numpy() if attention else None
 
         return score
 
@@ -122,7 +138,13 @@ class TwoStage:
         )
 
     def rank(
-        self, window: Window, now: np.ndarray, user_activity: np.ndarray, candidates: Candidates, head_weights: dict[str, float] | None = None
+        self,
+        window: Window,
+        now: np.ndarray,
+        user_activity: np.ndarray,
+        candidates: Candidates,
+        head_weights: dict[str, float] | None = None,
+        attention: bool = False,
     ) -> Ranked:
         """Score given candidates and sort them by the final score.
 
@@ -133,26 +155,30 @@ class TwoStage:
             candidates: from :meth:`Retriever.retrieve`.
             head_weights: per-head weights overriding the ranker's defaults
                 (``ranker.cfg.head_weights``) for the heads they name.
+            attention: also return the ranker's attention (for explanations; it costs a
+                [B, C, L] output).
 
         Returns:
-            The candidates sorted by final score, with per-head scores and attention.
+            The candidates sorted by final score, with per-head scores (and attention if asked for).
         """
         w = window.tail(self.ranker.cfg.history)
-        return self.order(w, candidates, self.features(w, now, user_activity, candidates), head_weights)
+        return self.order(w, candidates, self.features(w, now, user_activity, candidates), head_weights, attention)
 
-    def order(self, window: Window, candidates: Candidates, feats: RankFeatures, head_weights: dict[str, float] | None = None) -> Ranked:
+    def order(
+        self, window: Window, candidates: Candidates, feats: RankFeatures, head_weights: dict[str, float] | None = None, attention: bool = False
+    ) -> Ranked:
         """Score candidates whose features are already built (:meth:`features`) and sort them.
 
         Args:
             window: the recent behaviour the features were built from (``ranker.cfg.history`` long).
             candidates: the recalled candidates, recall order.
             feats: their features.
-            head_weights: as in :meth:`rank`.
+            head_weights, attention: as in :meth:`rank`.
 
         Returns:
             As :meth:`rank`.
         """
-        logits, attention = self._score(feats)  # [B, C, H], [B, C, L]
+        logits, weights = self._score(feats, attention)  # [B, C, H], [B, C, L] or None
         probs, final = self._final(logits, head_weights)
         real = candidates.items > 0
         order = np.argsort(np.where(real, -final, np.inf), axis=1, kind="stable")
@@ -164,7 +190,7 @@ class TwoStage:
             scores=scores[..., 0],
             recall_scores=candidates.scores[rows, order],
             channels=candidates.channels[rows, order],
-            attention=attention[rows, order],
+            attention=None if weights is None else weights[rows, order],
             history_items=window.items,
             head_scores={h: scores[..., 1 + i] for i, h in enumerate(probs)},
             history_behaviors=window.behaviors,
@@ -230,7 +256,7 @@ class TwoStage:
             tables=self.tables,
             num_gap_buckets=self.ranker.cfg.gap_buckets,
         )
-        logits, _ = self._score(feats)  # [B * L, k, H]
+        logits, _ = self._score(feats, False)  # [B * L, k, H]
         _, without = self._final(logits, head_weights)
         effects = ranked.scores[:, None, :k] - without.reshape(b, n, k)  # [B, L, k]
         effects = np.where(real[:, :, None] & (ranked.items[:, None, :k] > 0), effects, 0.0)
@@ -245,6 +271,7 @@ class TwoStage:
         category: int | None = None,
         head_weights: dict[str, float] | None = None,
         two_tower: int = 0,
+        attention: bool = False,
     ) -> Recommended:
         """Both stages for a batch of users: the request path the server and ``funnel evaluate`` share.
 
@@ -255,7 +282,7 @@ class TwoStage:
             exclude: [B, M] sparse, or per-user id arrays (:class:`recall.retriever.Excluded`):
                 items never to return (seen, excluded by the caller).
             category: only items of this category id.
-            head_weights: as in :meth:`rank`.
+            head_weights, attention: as in :meth:`rank`.
             two_tower: ask the two-tower channel for at least this many candidates.
 
         Returns:
@@ -264,5 +291,5 @@ class TwoStage:
         started = time.perf_counter()
         candidates = self.retriever.retrieve(window.tail(self.retriever.model.cfg.history), now, exclude, category, two_tower=two_tower)
         recalled = time.perf_counter()
-        ranked = self.rank(window, now, user_activity, candidates, head_weights)
+        ranked = self.rank(window, now, user_activity, candidates, head_weights, attention)
         return Recommended(candidates, ranked, recalled - started, time.perf_counter() - recalled)

@@ -137,7 +137,9 @@ class Engine:
         now = np.array([max(self._data_end, int(s.ts.max()) if len(s) else 0) for s in user_seqs])  # [B]
         exclude = Excluded([self.history.excluded(q, s) for q, s in zip(queries, user_seqs)], width=self.bundle.data.items.size)
         assembled = time.perf_counter()
-        out = self.pipeline.recommend(window, now, seqs.lengths, exclude, category, head_weights=dict(head_weights) or None, two_tower=two_tower)
+        out = self.pipeline.recommend(
+            window, now, seqs.lengths, exclude, category, head_weights=dict(head_weights) or None, two_tower=two_tower, attention=explain
+        )
         effects = None
         if explain:
             effects = self.pipeline.event_effects(window, now, seqs.lengths, out.ranked, max(q.k for q in queries), dict(head_weights) or None)  # [B, k, L]

@@ -201,7 +201,10 @@ def test_ranker_trains_multi_task_on_tiny_data(tiny_data, tiny_stages):
     real = ranked.items > 0
     assert set(ranked.head_scores) == set(model.cfg.heads)
     assert (np.diff(np.where(real, ranked.scores, -1), axis=1) <= 0).all()  # sorted by the final score
-    assert ranked.attention.shape == (*ranked.items.shape, pipe.ranker.cfg.history)
+    assert ranked.attention is None  # computed only when asked for (explanations)
+    explained = pipe.recommend(window, seqs.ts[pos[:8]], pos[:8] - seqs.offsets[users[:8]], seqs.history_matrix(users[:8], pos[:8], tiny_data.items.size), attention=True).ranked
+    assert explained.attention.shape == (*ranked.items.shape, pipe.ranker.cfg.history)
+    np.testing.assert_array_equal(explained.items, ranked.items)
     assert ranked.history_behaviors.shape == ranked.history_items.shape == ranked.history_ts.shape
     buy_only = pipe.recommend(window, seqs.ts[pos[:8]], pos[:8] - seqs.offsets[users[:8]], seqs.history_matrix(users[:8], pos[:8], tiny_data.items.size), head_weights={"click": 0.0, "cart_fav": 0.0, "buy": 1.0}).ranked
     assert (np.diff(np.where(real, buy_only.head_scores["buy"], -1), axis=1) <= 0).all()  # per-call weights reorder the list

@@ -44,13 +44,17 @@ def test_ranker_outputs_agree_on_recalled_candidates(pipes):
     w = window.tail(onnx.ranker.cfg.history)
     feats = onnx.features(w, now, b.data.seqs.lengths[users], candidates)
     assert feats.cand_items.shape[1] > 50
-    (logits, att), (logits_t, att_t) = onnx._score(feats), torch_._score(feats)
+    (logits, att), (logits_t, att_t) = onnx._score(feats, True), torch_._score(feats, True)
     np.testing.assert_allclose(logits, logits_t, atol=TOLERANCE)
     np.testing.assert_allclose(att, att_t, atol=TOLERANCE)
+    # Without attention the ONNX path runs the logits' part of the graph alone: the same logits.
+    alone, none = onnx._score(feats, False)
+    assert none is None
+    np.testing.assert_array_equal(alone, logits)
     # A single user with a handful of candidates: other batch and candidate sizes than the export's example.
     one = feats.take(np.array([0]))
     one.cand_items, one.cand_categories, one.cand_channels, one.dense = (a[:, :7] for a in (one.cand_items, one.cand_categories, one.cand_channels, one.dense))
-    np.testing.assert_allclose(onnx._score(one)[0], torch_._score(one)[0], atol=TOLERANCE)
+    np.testing.assert_allclose(onnx._score(one, False)[0], torch_._score(one, False)[0], atol=TOLERANCE)
 
 
 def test_engines_recommend_the_same_items(tiny_bundle):
