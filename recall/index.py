@@ -109,34 +109,52 @@ MIN_GATE_RECALL = 0.95
 
 
 def tune_nprobe(index: faiss.Index, spec: IndexSpec, queries: np.ndarray, item_vecs: np.ndarray, among: np.ndarray, k: int, min_recall: float) -> tuple[IndexSpec, dict[str, float]]:
-    """Probe twice as many IVF cells until recall@k against exact search reaches ``min_recall``.
+    """The fewest IVF cells to probe for recall@k against exact search to reach ``min_recall``.
 
     Recall is the share of the exact top-k ids the index returns for the same queries.
+    The probe count doubles until recall reaches ``min_recall``, then a bisection between
+    the last two counts finds the smallest that does (to within a sixteenth): probing
+    more cells only adds candidates, so recall does not fall as the count grows, and
+    each cell probed costs every query.
 
     Trained item vectors cluster less than k-means cells assume, so the probe count sized
     from the catalogue alone often falls short. The search stops at a quarter of the
     cells: beyond that exact search costs about as much.
 
     Args:
-        index: a built IVF index (configured to ``spec`` on return).
+        index: a built IVF index (configured to the returned spec on return).
         spec: its resolved spec; ``nprobe`` is where the search starts.
-        queries: [Q, d] real user vectors.
+        queries: [Q, d] real user vectors (:func:`recall.train.serving_user_vectors`).
         item_vecs: [M, d] every item's vector (row 0 padding).
         among: bool [M], the items the index holds (exact search scores only these).
         k: the depth compared.
         min_recall: the recall to reach.
 
     Returns:
-        The last spec tried (the first that passed, or the widest) and spec -> measured recall.
+        The spec chosen (the smallest probe count that passed, or the widest tried) and
+        spec -> measured recall for every spec tried, in the order tried.
     """
     exact, _ = exact_topk(queries, item_vecs, k, among=among)  # the same for every nprobe: scored once
     tried: dict[str, float] = {}
-    while True:
-        configure(index, spec)
-        recall = tried[str(spec)] = round(float(overlap_recall(search(index, queries, k)[0], exact)), 5)
-        if recall >= min_recall or spec.nprobe * 2 > spec.nlist // 4:
-            return spec, tried
-        spec = replace(spec, nprobe=spec.nprobe * 2)
+
+    def passes(nprobe: int) -> bool:
+        trial = replace(spec, nprobe=nprobe)
+        configure(index, trial)
+        tried[str(trial)] = round(float(overlap_recall(search(index, queries, k)[0], exact)), 5)
+        return tried[str(trial)] >= min_recall
+
+    widest = max(spec.nprobe, spec.nlist // 4)
+    short, nprobe = 0, spec.nprobe  # short: the largest count known to fall short
+    while not passes(nprobe):
+        if nprobe >= widest:
+            return replace(spec, nprobe=nprobe), tried
+        short, nprobe = nprobe, min(nprobe * 2, widest)
+    while nprobe - short > max(1, nprobe // 16):
+        middle = (short + nprobe) // 2
+        short, nprobe = (short, middle) if passes(middle) else (middle, nprobe)
+    chosen = replace(spec, nprobe=nprobe)
+    configure(index, chosen)
+    return chosen, tried
 
 
 def gpu_available() -> bool:

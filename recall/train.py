@@ -67,8 +67,8 @@ def epoch_sample(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     return rng.permutation(n)
 
 
-def user_vectors(model: TwoTower, data: Dataset, users: np.ndarray, targets: np.ndarray, batch: int = 4096) -> np.ndarray:
-    """User-tower vectors for each user's history before a target position, as of the target's time.
+def user_vectors(model: TwoTower, data: Dataset, users: np.ndarray, targets: np.ndarray, batch: int = 4096, now: int | None = None) -> np.ndarray:
+    """User-tower vectors for each user's history before a target position, as of the target's time (or ``now``).
 
     Returns:
         [len(users), dim] float32.
@@ -80,8 +80,29 @@ def user_vectors(model: TwoTower, data: Dataset, users: np.ndarray, targets: np.
         for lo in range(0, len(users), batch):
             e = targets[lo : lo + batch]
             w = data.seqs.user_window(users[lo : lo + batch], model.cfg.history, e)
-            out.append(model.user_tower(*user_tensors(w, data.seqs.ts[e], device)).cpu().numpy())
+            ts = data.seqs.ts[e] if now is None else np.full(len(e), now, np.int64)
+            out.append(model.user_tower(*user_tensors(w, ts, device)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.cfg.dim), np.float32)
+
+
+def serving_user_vectors(model: TwoTower, data: Dataset, users: np.ndarray) -> np.ndarray:
+    """User-tower vectors as the server asks the index with them: each user's whole history, as of the log's last event.
+
+    The server measures a known user's time gaps to the end of the bundle's log (or to
+    the user's newer events), often days after the user's own last event, and those
+    vectors sit further from the items than vectors as of each user's last event: on a
+    100k-item synthetic bundle an IVF index found 0.977 of the exact top 200 for the
+    latter and 0.934 for the former. An approximate index is checked with these.
+
+    Args:
+        users: user ids with at least one event.
+
+    Returns:
+        [len(users), dim] float32.
+    """
+    seqs = data.seqs
+    end = int(seqs.ts.max()) if len(seqs) else 0
+    return user_vectors(model, data, users, seqs.offsets[np.asarray(users, np.int64) + 1], now=end)
 
 
 def item_vectors(model: TwoTower, data: Dataset, known: np.ndarray) -> np.ndarray:

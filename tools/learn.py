@@ -49,7 +49,7 @@ from funnel.rank.train import RankerTrainConfig, train_ranker
 from funnel.recall.index import MIN_GATE_RECALL, add_items, build_index, can_remove, tune_nprobe
 from funnel.recall.plugin import fit_channels
 from funnel.recall.retriever import Retriever
-from funnel.recall.train import TwoTowerTrainConfig, item_vectors, recommendable_items, train_two_tower, user_vectors
+from funnel.recall.train import TwoTowerTrainConfig, item_vectors, recommendable_items, serving_user_vectors, train_two_tower
 from funnel.tools.train import AUTO_INDEX, GATE_K, Stages, choose_index, duration_arg
 
 log = logging.getLogger("funnel.learn")
@@ -370,11 +370,11 @@ def _grown_index(bundle: Bundle, model, data, split: Split, vecs: np.ndarray, re
     report = {"added": int(len(added)), "replaced": int(len(changed)), "removed": int(len(dropped)), "spec": str(bundle.index_spec)}
     if bundle.index_spec.kind == "flat":
         return index, bundle.index_spec, report
-    users, targets = split.targets("valid")
+    users, _ = split.targets("valid")
     if not len(users):
         return index, bundle.index_spec, {**report, "recall_gate": "no validation users to check it with"}
     pick = np.random.default_rng(seed).permutation(len(users))[:1000]
-    queries = user_vectors(model, data, users[pick], targets[pick])
+    queries = serving_user_vectors(model, data, users[pick])
     k = min(GATE_K, int(recommendable.sum()))
     spec, tried = tune_nprobe(index, bundle.index_spec, queries, vecs, recommendable, k, MIN_GATE_RECALL)
     report["recall_at_k"] = tried

@@ -17,7 +17,7 @@ from funnel.bundle import Bundle, load_bundle, replace_index
 from funnel.evaluation.metrics import overlap_recall
 from funnel.recall.index import AUTO_IVF_MIN_ITEMS, MIN_GATE_RECALL, IndexSpec, build_index, resolve, search, tune_nprobe
 from funnel.recall.scoring import exact_topk, subset_rows
-from funnel.recall.train import item_vectors
+from funnel.recall.train import item_vectors, serving_user_vectors
 from funnel.tools.bench_index import queries_per_second
 
 log = logging.getLogger("funnel.rebuild_index")
@@ -114,12 +114,11 @@ def rebuild_index(*, bundle: str, index: str, min_recall: float = MIN_GATE_RECAL
 
 
 def _validation_queries(b: Bundle, sample_users: int, seed: int) -> np.ndarray:
-    # Each sampled user's current vector: everything they did, as of their latest event.
-    # Torch runtime: a bundle of an older format has no ONNX export yet.
+    # Each sampled user's vector as the server asks for it (recall.train.serving_user_vectors).
     seqs = b.data.seqs
     active = np.flatnonzero(seqs.lengths > 0)
     users = np.sort(np.random.default_rng(seed).choice(active, min(sample_users, len(active)), replace=False))
-    return b.retriever(runtime="torch").user_vectors(seqs.user_window(users, b.two_tower.cfg.history), seqs.ts[seqs.offsets[users + 1] - 1])
+    return serving_user_vectors(b.two_tower, b.data, users)
 
 
 def _validate(ann: faiss.Index, queries: np.ndarray, vecs: np.ndarray, among: np.ndarray, k: int) -> tuple[float, dict]:

@@ -27,7 +27,7 @@ from funnel.recall import distributed
 from funnel.recall.index import AUTO_IVF_MIN_ITEMS, MIN_GATE_RECALL, IndexSpec, build_index, resolve, tune_nprobe
 from funnel.recall.plugin import fit_channels
 from funnel.recall.retriever import RecallConfig, Retriever
-from funnel.recall.train import TwoTowerTrainConfig, item_vectors, known_items, recommendable_items, train_two_tower, user_vectors
+from funnel.recall.train import TwoTowerTrainConfig, item_vectors, known_items, recommendable_items, serving_user_vectors, train_two_tower
 
 log = logging.getLogger("funnel.train")
 
@@ -252,15 +252,15 @@ def choose_index(
     n = int(recommendable.sum())
     if n < AUTO_IVF_MIN_ITEMS:
         return IndexSpec(), {"items": n, "chosen": "flat", "reason": f"fewer than {AUTO_IVF_MIN_ITEMS} items: exact search is cheap"}, None
-    # Real queries: sampled users as of their validation target, the state training ends in.
-    users, targets = parts.targets("valid")
+    # Real queries: sampled users as the server will ask for them (recall.train.serving_user_vectors).
+    users, _ = parts.targets("valid")
     if not len(users):
         return IndexSpec(), {"items": n, "chosen": "flat", "reason": "no validation users to check an approximate index against"}, None
     candidate = resolve(IndexSpec(kind="ivf"), n)
     ids = np.flatnonzero(recommendable)
     ivf = build_index(vecs[ids], ids, candidate)
     pick = np.random.default_rng(seed).choice(len(users), min(GATE_USERS, len(users)), replace=False)
-    queries = user_vectors(model, data, users[pick], targets[pick])
+    queries = serving_user_vectors(model, data, users[pick])
     k = min(GATE_K, n)
     candidate, tried = tune_nprobe(ivf, candidate, queries, vecs, recommendable, k, MIN_GATE_RECALL)
     recall = tried[str(candidate)]

@@ -110,14 +110,19 @@ def test_add_items_refuses_replacement_on_hnsw_and_bad_input():
     assert index.ntotal == 500
 
 
-def test_tune_nprobe_doubles_until_the_gate_passes_or_a_quarter_of_the_cells():
+def test_tune_nprobe_finds_the_fewest_cells_that_pass_or_stops_at_a_quarter():
     x, q = clustered()
     vecs = np.vstack([np.zeros((1, x.shape[1]), np.float32), x])
     among = np.ones(len(vecs), bool)
     among[0] = False
     spec = IndexSpec.parse("ivf:nlist=64,nprobe=1")
     index = build_index(x, np.arange(1, len(x) + 1), spec)
-    easy, tried = tune_nprobe(index, spec, q, vecs, among, 20, min_recall=0.5)
-    assert list(tried)[-1] == str(easy) and tried[str(easy)] >= 0.5 and all(r < 0.5 for r in list(tried.values())[:-1])
+    by_nprobe = lambda tried: {int(s.split("nprobe=")[1]): r for s, r in tried.items()}
+    for min_recall in (0.5, 0.9):
+        chosen, tried = tune_nprobe(index, spec, q, vecs, among, 20, min_recall=min_recall)
+        recalls = by_nprobe(tried)
+        assert recalls[chosen.nprobe] >= min_recall and index.nprobe == chosen.nprobe
+        assert all(r < min_recall for n, r in recalls.items() if n < chosen.nprobe)
+        assert chosen.nprobe == 1 or chosen.nprobe - 1 in recalls  # one cell fewer was tried and fell short: the fewest
     hard, tried = tune_nprobe(index, spec, q, vecs, among, 20, min_recall=1.01)  # never passes: stops at 16 of 64 cells
-    assert [s.split("nprobe=")[1] for s in tried] == ["1", "2", "4", "8", "16"] and hard.nprobe == 16
+    assert list(by_nprobe(tried)) == [1, 2, 4, 8, 16] and hard.nprobe == 16
