@@ -65,7 +65,7 @@ class OnnxModel:
 
     Raises:
         ValueError: the file cannot be read as an ONNX model by this onnxruntime, or
-            has none of ``outputs``.
+            lacks one of ``outputs``.
     """
 
     def __init__(self, path: str, outputs: tuple[str, ...] | None = None):
