@@ -73,13 +73,17 @@ def rebuild_index(*, bundle: str, index: str, min_recall: float = MIN_GATE_RECAL
         spec = IndexSpec(kind="flat", gpu=requested.gpu)
     else:
         spec = resolve(requested, len(ids))
+    log.info("building %s over %d items", spec, len(ids))
     ann = build_index(vecs[ids], ids, spec)
     built = time.perf_counter()
     queries = _validation_queries(b, sample_users, seed)
     k = min(k, len(ids))
     tried = None
     if auto_probe and spec.kind != "flat":
+        log.info("built in %.0f s; finding the fewest probes with recall@%d >= %.2f on %d users", built - embedded, k, min_recall, len(queries))
         spec, tried = tune_nprobe(ann, spec, queries, vecs, recommendable, k, min_recall)
+        log.info("probes tried (recall@%d): %s", k, ", ".join(f"{name.rsplit('nprobe=', 1)[-1]}: {r:.4f}" for name, r in tried.items()))
+    log.info("validating %s against exact search on %d users", spec, len(queries))
     recall, speeds = _validate(ann, queries, vecs, recommendable, k)
     done = time.perf_counter()
     report = {
