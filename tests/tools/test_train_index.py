@@ -49,9 +49,14 @@ def test_the_gate_asks_with_the_vectors_the_server_queries_the_index_with(tiny_b
     seqs = b.data.seqs
     users = np.flatnonzero(seqs.lengths > 0)[:6]
     engine = Engine.load(tiny_bundle, runtime="torch")
-    served = []
-    search = engine.pipeline.retriever.user_vectors
-    engine.pipeline.retriever.user_vectors = lambda window, now: served.append(search(window, now)) or served[-1]
+    served = []  # the vectors each request's recall asks the index with
+    encode = engine.pipeline.retriever.user_vectors
+
+    def recorded(window, now):
+        served.append(encode(window, now))
+        return served[-1]
+
+    engine.pipeline.retriever.user_vectors = recorded
     for user in b.data.users.decode(users):
         engine.recommend(RecommendQuery(user_id=str(user), k=5))
     np.testing.assert_allclose(serving_user_vectors(b.two_tower, b.data, users), np.concatenate(served), atol=1e-5)
