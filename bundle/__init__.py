@@ -162,7 +162,7 @@ class Bundle:
     @property
     def data_end(self) -> int:
         """Time of the bundle's last event (0 for an empty log)."""
-        return int(self.data.seqs.ts.max()) if len(self.data.seqs) else 0
+        return self.data.end
 
 
 def new_version() -> str:

@@ -39,6 +39,11 @@ class Dataset:
     item_tags: np.ndarray
     item_listed: np.ndarray
 
+    @property
+    def end(self) -> int:
+        """Time of the log's last event (0 for an empty log): a served request's time unless the user has newer events."""
+        return int(self.seqs.ts.max()) if len(self.seqs) else 0
+
     @classmethod
     def from_log(cls, log: EventLog, catalogue: pd.DataFrame | None = None) -> "Dataset":
         """Encode a log, building vocabularies from it.

@@ -184,7 +184,7 @@ class TwoStage:
         order = np.argsort(np.where(real, -final, np.inf), axis=1, kind="stable")
         rows = np.arange(len(order))[:, None]
         # The final score and the heads' in one array, so one mask and one gather order them all.
-        scores = np.where(real[..., None], np.stack([final, *probs.values()], axis=-1), 0.0).astype(np.float32)[rows, order]  # [B, C, 1 + H]
+        scores = np.where(real[..., None], np.stack([final, *probs.values()], axis=-1), 0.0).astype(np.float32, copy=False)[rows, order]  # [B, C, 1 + H]
         return Ranked(
             items=candidates.items[rows, order],
             scores=scores[..., 0],

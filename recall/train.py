@@ -100,9 +100,7 @@ def serving_user_vectors(model: TwoTower, data: Dataset, users: np.ndarray) -> n
     Returns:
         [len(users), dim] float32.
     """
-    seqs = data.seqs
-    end = int(seqs.ts.max()) if len(seqs) else 0
-    return user_vectors(model, data, users, seqs.offsets[np.asarray(users, np.int64) + 1], now=end)
+    return user_vectors(model, data, users, data.seqs.offsets[np.asarray(users, np.int64) + 1], now=data.end)
 
 
 def item_vectors(model: TwoTower, data: Dataset, known: np.ndarray) -> np.ndarray:
