@@ -401,7 +401,7 @@ def train_ranker(
     valid = ValidationSet(pipeline, data, valid_users, valid_pos)
 
     sparse = cfg.sparse_ids and distributed.sparse_gradients_supported()
-    opt = SparseTableOptimizer(model, [model.item] if sparse else [], cfg.lr, cfg.weight_decay)
+    opt = SparseTableOptimizer(model, [model.item] if sparse else [], cfg.lr, cfg.weight_decay, world)
     history: dict = {
         "epochs": [],
         "config": asdict(cfg),
@@ -410,7 +410,7 @@ def train_ranker(
         "candidates_recall_rate": round(len(groups.users) / max(len(users), 1), 4),
         "processes": world.size,
     }
-    task = _GroupTask(distributed.wrap(model, world), feats, labels, mcfg.heads, cfg.listwise_weight, device, valid)
+    task = _GroupTask(distributed.wrap(model, world, ignore=opt.sparse_parameters), feats, labels, mcfg.heads, cfg.listwise_weight, device, valid)
     loop = LoopConfig("ranker", "groups", "final ndcg@10", cfg.epochs, cfg.patience, cfg.batch_size, cfg.grad_clip)
     return train_loop(model, task, opt, loop, clock=clock, world=world, rng=rng, history=history, progress=progress), history
 

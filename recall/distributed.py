@@ -84,12 +84,68 @@ def shard(order: np.ndarray, world: World) -> np.ndarray:
     return order[world.rank :: world.size][: len(order) // world.size]
 
 
-def wrap(module: torch.nn.Module, world: World) -> torch.nn.Module:
-    """``module`` under DistributedDataParallel when training is distributed, else itself."""
+def wrap(module: torch.nn.Module, world: World, ignore: list[torch.Tensor] | None = None) -> torch.nn.Module:
+    """``module`` under DistributedDataParallel when training is distributed, else itself.
+
+    Args:
+        module: the module whose forward computes the loss.
+        world: the distributed setting.
+        ignore: parameters whose gradients DDP must leave alone, because they are averaged
+            another way (:func:`average_sparse_gradient`). They are copied from rank 0 here,
+            as DDP copies the others.
+    """
     if not world.distributed:
         return module
+    if ignore:
+        skip = {id(p) for p in ignore}
+        # Every name of an ignored parameter (a table two towers share has two). This is
+        # DDP's own way, private but what TorchRec uses too, of leaving parameters to another scheme.
+        names = [name for name, p in module.named_parameters(remove_duplicate=False) if id(p) in skip]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+        with torch.no_grad():
+            for p in ignore:
+                dist.broadcast(p.data, src=0)
     # Buffers are synced once at the start, not before every step: none change in training.
     return DistributedDataParallel(module, forward_sync_buffers=False)
+
+
+def average_sparse_gradient(grad: torch.Tensor, world: World) -> torch.Tensor:
+    """The mean over ranks of a sparse [rows, d] gradient, as DDP would average it, but cheaper.
+
+    DDP's sparse all-reduce on gloo took 17 ms for the 14k rows of a two-tower batch
+    (870k-item table) on two CPU processes. Here each rank's distinct rows travel as two
+    dense all-gathers (about 5 ms), and the sum of rows several ranks touched is left to
+    the caller's coalesce, which its optimiser does anyway.
+
+    Args:
+        grad: this rank's sparse gradient, coalesced (:meth:`recall.lazy_adam.LazyAdam.coalesce_grad`:
+            one value per row travels; an uncoalesced one is coalesced here, more slowly).
+        world: the distributed setting.
+
+    Returns:
+        A sparse gradient of the same shape whose coalesced value is the mean of every
+        rank's (uncoalesced: a row can appear once per rank).
+    """
+    if not world.distributed:
+        return grad
+    own = grad.coalesce()  # a no-op for a coalesced gradient
+    rows, values = own.indices()[0], own.values()  # [n], [n, d]
+    counts = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(world.size)]
+    dist.all_gather(counts, torch.tensor([len(rows)], device=rows.device))
+    sizes = [int(c) for c in counts]
+    most = max(sizes)
+    # Collectives move equal shapes: every rank pads its rows to the largest count.
+    padded_rows = rows.new_zeros(most)
+    padded_rows[: len(rows)] = rows
+    padded_values = values.new_zeros(most, values.shape[1])
+    padded_values[: len(rows)] = values
+    all_rows = [torch.empty_like(padded_rows) for _ in range(world.size)]
+    all_values = [torch.empty_like(padded_values) for _ in range(world.size)]
+    dist.all_gather(all_rows, padded_rows)
+    dist.all_gather(all_values, padded_values)
+    rows = torch.cat([r[:n] for r, n in zip(all_rows, sizes)])  # [sum n]
+    values = torch.cat([v[:n] for v, n in zip(all_values, sizes)]).div_(world.size)  # [sum n, d]
+    return torch.sparse_coo_tensor(rows[None], values, grad.shape, check_invariants=False)
 
 
 def any_rank(flag: bool, world: World) -> bool:

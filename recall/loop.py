@@ -21,6 +21,9 @@ from funnel.recall.lazy_adam import LazyAdam
 
 log = logging.getLogger("funnel.train")
 
+BUDGET_CHECK_STEPS = 16
+"""Under DDP, steps between budget checks (each one waits for every rank)."""
+
 
 @dataclass(frozen=True)
 class LoopConfig:
@@ -101,14 +104,19 @@ class SparseTableOptimizer:
     sparse gradients and a lazy Adam (:class:`recall.lazy_adam.LazyAdam`: moments of
     untouched rows wait until a batch touches them; no weight decay on them), the rest AdamW.
 
+    Under DDP the tables' gradients are averaged by :meth:`reduce_gradients`, not by DDP
+    (wrap the model with ``distributed.wrap(..., ignore=opt.sparse_parameters)``).
+
     Args:
         model: the module being trained.
         tables: its embedding tables to make sparse (none: plain AdamW).
         lr, weight_decay: as for AdamW.
+        world: the distributed setting.
     """
 
-    def __init__(self, model: torch.nn.Module, tables: list[torch.nn.Embedding], lr: float, weight_decay: float):
+    def __init__(self, model: torch.nn.Module, tables: list[torch.nn.Embedding], lr: float, weight_decay: float, world: distributed.World = distributed.World()):
         self.tables = tables
+        self.world = world
         sparse = {id(t.weight) for t in tables}
         for table in tables:
             table.sparse = True
@@ -116,12 +124,28 @@ class SparseTableOptimizer:
         self.optimizers: list[torch.optim.Optimizer] = [
             torch.optim.AdamW([p for p in self.params if id(p) not in sparse], lr=lr, weight_decay=weight_decay)
         ]
-        if tables:
-            self.optimizers.append(LazyAdam([t.weight for t in tables], lr=lr))
+        self.lazy = LazyAdam([t.weight for t in tables], lr=lr) if tables else None
+        if self.lazy is not None:
+            self.optimizers.append(self.lazy)
+
+    @property
+    def sparse_parameters(self) -> list[torch.Tensor]:
+        """The tables' weights, whose gradients :meth:`reduce_gradients` averages across ranks (not DDP)."""
+        return [t.weight for t in self.tables]
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+
+    def reduce_gradients(self) -> None:
+        """After the backward pass: sum each table gradient's repeated rows, and under DDP average it across ranks."""
+        for p in self.sparse_parameters:
+            if p.grad is None:
+                continue
+            self.lazy.coalesce_grad(p)  # one value per row travels
+            if self.world.distributed:
+                p.grad = distributed.average_sparse_gradient(p.grad, self.world)
+                self.lazy.coalesce_grad(p)  # rows several ranks touched, summed
 
     def clip_grad_norm(self, max_norm: float) -> None:
         """Scale every gradient, sparse ones included, so their joint L2 norm is at most ``max_norm``."""
@@ -248,6 +272,9 @@ def train_loop(
         ``model`` with the best epoch's weights, in eval mode.
     """
     stopper = EarlyStopping(cfg.patience)
+    # Each budget check is a collective across ranks, a barrier no step can run past; an epoch
+    # without a budget needs none, and under DDP a check every few steps overruns by moments.
+    check_every = BUDGET_CHECK_STEPS if world.distributed else 1
     for epoch in range(cfg.epochs):
         if epoch and distributed.any_rank(clock.spent(), world):  # the first epoch always runs: early stopping needs one validated model
             break
@@ -260,13 +287,14 @@ def train_loop(
             loss = task.loss(idx)
             opt.zero_grad()
             loss.backward()
+            opt.reduce_gradients()
             if cfg.grad_clip:
                 opt.clip_grad_norm(cfg.grad_clip)
             opt.step()
             total += loss.item()
             steps += 1
             seen += len(idx) * world.size
-            if distributed.any_rank(clock.epoch_over(), world):
+            if clock.max_seconds and steps % check_every == 0 and distributed.any_rank(clock.epoch_over(), world):
                 break
         train_seconds = clock.epoch_seconds()
         model.eval()

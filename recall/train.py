@@ -235,7 +235,7 @@ def train_two_tower(
     if world.distributed:
         torch.manual_seed(cfg.seed + world.rank)  # each rank draws its own negatives and dropout
     sparse = cfg.sparse_ids and distributed.sparse_gradients_supported()
-    opt = SparseTableOptimizer(model, [model.item_tower.item] if sparse else [], cfg.lr, cfg.weight_decay)
+    opt = SparseTableOptimizer(model, [model.item_tower.item] if sparse else [], cfg.lr, cfg.weight_decay, world)
 
     users, positions = split.train_targets(data.seqs)
     if examples is not None:
@@ -252,7 +252,7 @@ def train_two_tower(
         log_q=torch.from_numpy(np.log(np.maximum(freq, 1.0) / freq.sum() * cfg.batch_size)).float().to(device),
         uniform_negatives=min(cfg.uniform_negatives, mcfg.num_items - 1),
     )
-    trainer = distributed.wrap(step, world)
+    trainer = distributed.wrap(step, world, ignore=opt.sparse_parameters)
     known = known_items(data, split)
 
     valid_users, valid_pos = split.targets("valid")

@@ -1,8 +1,13 @@
+import multiprocessing
+
 import numpy as np
+import pytest
 import torch
+import torch.distributed as dist
 
 from funnel.recall import distributed
 from funnel.recall.distributed import World
+from funnel.recall.loop import SparseTableOptimizer
 
 
 def test_outside_torchrun_the_world_is_one_process(monkeypatch):
@@ -23,3 +28,94 @@ def test_shards_are_disjoint_equal_and_drop_the_remainder():
     joined = np.concatenate(shards)
     assert len(set(joined.tolist())) == 9 and set(joined.tolist()) <= set(order.tolist())
     assert distributed.shard(order, World()) is order
+
+
+ROWS, DIM, STEPS = 40, 4, 4
+
+
+class _Toy(torch.nn.Module):
+    """A shared id table read twice per forward (like the two-tower's history and targets) and a dense head."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Embedding(ROWS, DIM)
+        self.head = torch.nn.Linear(DIM, 1)
+
+    def forward(self, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        user = self.table(history).mean(1)  # [B, d]
+        return (self.head(user * self.table(targets)).squeeze(-1) - 1.0).pow(2).mean()
+
+
+def _batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(100 + rank)
+    # Rank 1 reads only the low rows, so some rows are touched by one rank and some by both.
+    high = ROWS if rank == 0 else ROWS // 2
+    return [(torch.randint(0, high, (6, 5), generator=gen), torch.randint(0, high, (6,), generator=gen)) for _ in range(STEPS)]
+
+
+def _toy(seed: int = 0) -> _Toy:
+    torch.manual_seed(seed)
+    return _Toy()
+
+
+def _train_rank(rank: int, init: str, out: str, clip: float) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        torch.save(_trained_on_rank(World(rank, 2), clip), out)
+    finally:
+        # After the DDP wrapper is gone, as in training: a process group destroyed under a
+        # live wrapper can hang the process on exit, in gloo's thread joins.
+        dist.destroy_process_group()
+
+
+def _trained_on_rank(world: World, clip: float) -> dict:
+    model = _toy(seed=world.rank)  # different starting tables: wrap must copy rank 0's to the others
+    opt = SparseTableOptimizer(model, [model.table], lr=0.05, weight_decay=0.0, world=world)
+    trainer = distributed.wrap(model, world, ignore=opt.sparse_parameters)
+    for history, targets in _batches(world.rank):
+        opt.zero_grad()
+        trainer(history, targets).backward()
+        opt.reduce_gradients()
+        if clip:
+            opt.clip_grad_norm(clip)
+        opt.step()
+    opt.finish()
+    return model.state_dict()
+
+
+def _train_alone(clip: float) -> dict:
+    model = _toy()
+    opt = SparseTableOptimizer(model, [model.table], lr=0.05, weight_decay=0.0)
+    for (h0, t0), (h1, t1) in zip(_batches(0), _batches(1)):
+        opt.zero_grad()
+        ((model(h0, t0) + model(h1, t1)) / 2).backward()  # DDP's average of the two processes' losses
+        opt.reduce_gradients()
+        if clip:
+            opt.clip_grad_norm(clip)
+        opt.step()
+    opt.finish()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_two_processes_take_the_single_process_steps(tmp_path, clip):
+    ctx = multiprocessing.get_context("fork")  # the children need only this module's functions
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
+    procs = [ctx.Process(target=_train_rank, args=(r, str(tmp_path / "init"), outs[r], clip)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    ranks = [torch.load(o) for o in outs]
+    alone = _train_alone(clip)
+    for name, value in alone.items():
+        assert torch.allclose(ranks[0][name], ranks[1][name]), name  # every process ends with the same model
+        assert torch.allclose(ranks[0][name], value, atol=1e-6), name
+    assert not torch.allclose(alone["table.weight"], _toy().table.weight)  # the steps did move the table
+
+
+def test_outside_torchrun_gradients_are_left_as_they_are():
+    grad = torch.sparse_coo_tensor(torch.tensor([[3, 1, 3]]), torch.ones(3, 2), (5, 2), check_invariants=True)
+    assert distributed.average_sparse_gradient(grad, World()) is grad

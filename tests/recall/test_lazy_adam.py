@@ -1,7 +1,8 @@
+import numpy as np
 import pytest
 import torch
 
-from funnel.recall.lazy_adam import LazyAdam
+from funnel.recall.lazy_adam import LazyAdam, sum_rows
 
 
 def _steps(opt_class, steps: int = 5) -> torch.Tensor:
@@ -40,3 +41,24 @@ def test_dense_gradients_are_refused():
     table(torch.tensor([1])).sum().backward()
     with pytest.raises(ValueError, match="sparse gradients"):
         opt.step()
+
+
+def test_sum_rows_sums_repeated_rows_in_ascending_order():
+    slots = np.full(8, -1, np.int64)
+    rows = np.array([5, 2, 5, 0, 2, 5])
+    values = np.arange(12, dtype=np.float32).reshape(6, 2)  # row i: [2i, 2i + 1]
+    distinct, sums = sum_rows(rows, values, slots)
+    assert distinct.tolist() == [0, 2, 5]
+    assert sums.tolist() == [[6, 7], [2 + 8, 3 + 9], [0 + 4 + 10, 1 + 5 + 11]]
+    assert (slots == -1).all()  # the scratch is left as it was given
+
+
+def test_coalesce_grad_matches_torch_and_marks_the_gradient_coalesced():
+    table = torch.nn.Embedding(20, 3, sparse=True)
+    opt = LazyAdam(table.parameters())
+    table(torch.tensor([7, 1, 7, 19, 1, 7])).pow(2).sum().backward()
+    expected = table.weight.grad.coalesce()
+    opt.coalesce_grad(table.weight)
+    grad = table.weight.grad
+    assert grad.is_coalesced()
+    assert torch.equal(grad.indices(), expected.indices()) and torch.allclose(grad.values(), expected.values())
