@@ -1,8 +1,9 @@
 """Data-parallel training on ``torch.distributed``, in the processes ``torchrun`` starts.
 
 Every process reads the log and builds the same arrays; each trains on its own equal
-share of every epoch's examples, and DistributedDataParallel averages the gradients, so
-N processes see N times the samples in the same time. Decisions that end a loop
+share of every epoch's examples, and the gradients are averaged (DistributedDataParallel
+for the dense parameters, :func:`average_sparse_gradient` for sparse id tables), so N
+processes see N times the samples in the same time. Decisions that end a loop
 (budget, early stopping) are taken once for all ranks, so no rank waits for a
 collective the others skipped. Outside ``torchrun`` this is a world of one and every
 helper is a no-op.

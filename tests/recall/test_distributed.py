@@ -74,12 +74,7 @@ def _trained_on_rank(world: World, clip: float) -> dict:
     opt = SparseTableOptimizer(model, [model.table], lr=0.05, weight_decay=0.0, world=world)
     trainer = distributed.wrap(model, world, ignore=opt.sparse_parameters)
     for history, targets in _batches(world.rank):
-        opt.zero_grad()
-        trainer(history, targets).backward()
-        opt.reduce_gradients()
-        if clip:
-            opt.clip_grad_norm(clip)
-        opt.step()
+        _step(opt, trainer(history, targets), clip)
     opt.finish()
     return model.state_dict()
 
@@ -88,14 +83,19 @@ def _train_alone(clip: float) -> dict:
     model = _toy()
     opt = SparseTableOptimizer(model, [model.table], lr=0.05, weight_decay=0.0)
     for (h0, t0), (h1, t1) in zip(_batches(0), _batches(1)):
-        opt.zero_grad()
-        ((model(h0, t0) + model(h1, t1)) / 2).backward()  # DDP's average of the two processes' losses
-        opt.reduce_gradients()
-        if clip:
-            opt.clip_grad_norm(clip)
-        opt.step()
+        _step(opt, (model(h0, t0) + model(h1, t1)) / 2, clip)  # DDP's average of the two processes' losses
     opt.finish()
     return model.state_dict()
+
+
+def _step(opt: SparseTableOptimizer, loss: torch.Tensor, clip: float) -> None:
+    """One training step as :func:`recall.loop.train_loop` takes it."""
+    opt.zero_grad()
+    loss.backward()
+    opt.reduce_gradients()
+    if clip:
+        opt.clip_grad_norm(clip)
+    opt.step()
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.05])
