@@ -152,7 +152,7 @@ class SparseTableOptimizer:
         grads = []
         for p in self.params:
             if p.grad is not None and p.grad.is_sparse:
-                p.grad = p.grad.coalesce()  # repeated rows summed, so the norm counts each row once
+                self.lazy.coalesce_grad(p)  # repeated rows summed, so the norm counts each row once
                 grads.append(p.grad._values())
             elif p.grad is not None:
                 grads.append(p.grad)
