@@ -13,6 +13,7 @@ import datetime
 import os
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -114,39 +115,78 @@ def average_sparse_gradient(grad: torch.Tensor, world: World) -> torch.Tensor:
     """The mean over ranks of a sparse [rows, d] gradient, as DDP would average it, but cheaper.
 
     DDP's sparse all-reduce on gloo took 17 ms for the 14k rows of a two-tower batch
-    (870k-item table) on two CPU processes. Here each rank's distinct rows travel as two
-    dense all-gathers (about 5 ms), and the sum of rows several ranks touched is left to
-    the caller's coalesce, which its optimiser does anyway.
+    (870k-item table) on two CPU processes. Here each rank's distinct rows travel in one
+    dense all-gather, ids packed beside their values (5.4 ms for 14k rows of 64 floats),
+    and the ranks' sorted row lists are merged in one linear pass (2.1 ms).
 
     Args:
-        grad: this rank's sparse gradient, coalesced (:meth:`recall.lazy_adam.LazyAdam.coalesce_grad`:
+        grad: this rank's sparse gradient on the CPU, coalesced (:meth:`recall.lazy_adam.LazyAdam.coalesce_grad`:
             one value per row travels; an uncoalesced one is coalesced here, more slowly).
         world: the distributed setting.
 
     Returns:
-        A sparse gradient of the same shape whose coalesced value is the mean of every
-        rank's (uncoalesced: a row can appear once per rank).
+        The mean gradient, coalesced: every row some rank touched, once, in ascending order.
     """
     if not world.distributed:
         return grad
     own = grad.coalesce()  # a no-op for a coalesced gradient
     rows, values = own.indices()[0], own.values()  # [n], [n, d]
-    counts = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(world.size)]
-    dist.all_gather(counts, torch.tensor([len(rows)], device=rows.device))
-    sizes = [int(c) for c in counts]
-    most = max(sizes)
-    # Collectives move equal shapes: every rank pads its rows to the largest count.
-    padded_rows = rows.new_zeros(most)
-    padded_rows[: len(rows)] = rows
-    padded_values = values.new_zeros(most, values.shape[1])
-    padded_values[: len(rows)] = values
-    all_rows = [torch.empty_like(padded_rows) for _ in range(world.size)]
-    all_values = [torch.empty_like(padded_values) for _ in range(world.size)]
-    dist.all_gather(all_rows, padded_rows)
-    dist.all_gather(all_values, padded_values)
-    rows = torch.cat([r[:n] for r, n in zip(all_rows, sizes)])  # [sum n]
-    values = torch.cat([v[:n] for v, n in zip(all_values, sizes)]).div_(world.size)  # [sum n, d]
-    return torch.sparse_coo_tensor(rows[None], values, grad.shape, check_invariants=False)
+    n, d = values.shape
+    counts = torch.empty(world.size, dtype=torch.long)
+    dist.all_gather_into_tensor(counts, torch.tensor([n]))
+    most = int(counts.max())
+    # One collective moves equal shapes: each rank sends `most` rows of [id, values], its
+    # int64 id bit-cast into the first two float32 columns, padded with zero rows.
+    send = values.new_empty(most, d + 2)  # [most, d + 2]
+    send[:n, :2] = rows.view(values.dtype).view(n, 2)
+    send[:n, 2:] = values
+    send[n:] = 0
+    received = values.new_empty(world.size * most, d + 2)  # [size * most, d + 2], rank by rank
+    dist.all_gather_into_tensor(received, send)
+    packed = received.numpy()
+    ids = np.ascontiguousarray(packed[:, :2]).view(np.int64)[:, 0]  # [size * most]
+    starts = np.arange(world.size, dtype=np.int64) * most
+    rows, means = merge_rows(ids, packed[:, 2:], starts, counts.numpy(), np.float32(1 / world.size))
+    return torch.sparse_coo_tensor(torch.from_numpy(rows)[None], torch.from_numpy(means), grad.shape, is_coalesced=True, check_invariants=False)
+
+
+@numba.njit(cache=True, nogil=True)
+def merge_rows(ids: np.ndarray, values: np.ndarray, starts: np.ndarray, sizes: np.ndarray, scale: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Merge sorted runs of distinct row ids, summing the values of rows several runs hold.
+
+    Args:
+        ids: [total] row ids; run k is ``ids[starts[k] : starts[k] + sizes[k]]``, ascending, distinct.
+        values: [total, d] each id's values.
+        starts, sizes: [runs] where each run begins and how long it is.
+        scale: what every sum is multiplied by (1 / runs for a mean).
+
+    Returns:
+        The distinct ids of all runs, ascending [u], and their scaled sums [u, d].
+    """
+    heads = starts.copy()
+    ends = starts + sizes
+    out_ids = np.empty(sizes.sum(), np.int64)
+    out = np.empty((sizes.sum(), values.shape[1]), np.float32)
+    u = 0
+    while True:
+        row = -1  # ids are >= 0
+        for k in range(len(heads)):
+            if heads[k] < ends[k] and (row < 0 or ids[heads[k]] < row):
+                row = ids[heads[k]]
+        if row < 0:
+            return out_ids[:u], out[:u]
+        first = True
+        for k in range(len(heads)):
+            h = heads[k]
+            if h < ends[k] and ids[h] == row:
+                for c in range(values.shape[1]):  # element by element: a row-slice add would allocate per row
+                    out[u, c] = values[h, c] if first else out[u, c] + values[h, c]
+                first = False
+                heads[k] += 1
+        for c in range(values.shape[1]):
+            out[u, c] *= scale
+        out_ids[u] = row
+        u += 1
 
 
 def any_rank(flag: bool, world: World) -> bool:

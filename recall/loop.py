@@ -145,7 +145,6 @@ class SparseTableOptimizer:
             self.lazy.coalesce_grad(p)  # one value per row travels
             if self.world.distributed:
                 p.grad = distributed.average_sparse_gradient(p.grad, self.world)
-                self.lazy.coalesce_grad(p)  # rows several ranks touched, summed
 
     def clip_grad_norm(self, max_norm: float) -> None:
         """Scale every gradient, sparse ones included, so their joint L2 norm is at most ``max_norm``."""

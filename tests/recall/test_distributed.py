@@ -119,3 +119,17 @@ def test_two_processes_take_the_single_process_steps(tmp_path, clip):
 def test_outside_torchrun_gradients_are_left_as_they_are():
     grad = torch.sparse_coo_tensor(torch.tensor([[3, 1, 3]]), torch.ones(3, 2), (5, 2), check_invariants=True)
     assert distributed.average_sparse_gradient(grad, World()) is grad
+
+
+def test_merge_rows_sums_shared_rows_and_keeps_the_others_in_order():
+    # Two runs, padded as the exchange pads them: [1, 4, 7] and [4, 5] (+ one pad row).
+    ids = np.array([1, 4, 7, 4, 5, 0])
+    values = np.array([[1, 2], [3, 4], [5, 6], [10, 20], [30, 40], [9, 9]], np.float32)
+    rows, means = distributed.merge_rows(ids, values, np.array([0, 3]), np.array([3, 2]), np.float32(0.5))
+    assert rows.tolist() == [1, 4, 5, 7]
+    assert means.tolist() == [[0.5, 1.0], [6.5, 12.0], [15.0, 20.0], [2.5, 3.0]]
+
+
+def test_merge_rows_of_empty_runs_is_empty():
+    rows, means = distributed.merge_rows(np.zeros(0, np.int64), np.zeros((0, 3), np.float32), np.array([0, 0]), np.array([0, 0]), np.float32(0.5))
+    assert rows.shape == (0,) and means.shape == (0, 3)
