@@ -9,7 +9,7 @@ table's steps, not the row's.
 On the CPU two compiled loops (numba) do the work: one sums a gradient's repeated rows
 (``Tensor.coalesce`` took 7-10 ms of the step for 40k looked-up rows), one updates each
 touched row's moments and weights in place (torch's row-wise index ops took another
-~10 ms). Elsewhere (CUDA) the same update runs as torch index ops.
+~10 ms), vectorised over the row. Elsewhere (CUDA) the same update runs as torch index ops.
 """
 
 import math
@@ -113,7 +113,9 @@ def sum_rows(rows: np.ndarray, values: np.ndarray, slots: np.ndarray) -> tuple[n
     return distinct, sums
 
 
-@numba.njit(cache=True, nogil=True)
+# error_model="numpy": IEEE division (no zero check, which keeps LLVM from vectorising the
+# row's loop): 16.8k random rows of a 870k x 64 table took 5.2 ms instead of 10.6.
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def adam_rows(
     param: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray, rows: np.ndarray, grad: np.ndarray, beta1: float, beta2: float, eps: float, step_size: float
 ) -> None:
