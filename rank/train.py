@@ -65,6 +65,11 @@ class RankerTrainConfig:
         sparse_ids: the item id table trains with sparse gradients and a lazy Adam
             (:class:`recall.loop.SparseTableOptimizer`, no weight decay on it): at 870k
             items a step of 128 groups takes 123 ms instead of 540 ms on one thread.
+        sparse_exchange: under DDP, what the id table's gradients travel as between the
+            processes: ``"bfloat16"`` halves the bytes (13.7k rows of 64: 3.1 ms a step
+            instead of 6.1 between two CPU processes) at 8 significant bits;
+            ``"float32"`` makes N processes take exactly the steps one process would take
+            on their joint batch.
     """
 
     epochs: int = 20
@@ -86,6 +91,7 @@ class RankerTrainConfig:
     max_seconds: float = 0.0
     budget_epochs: int = 8
     sparse_ids: bool = True
+    sparse_exchange: str = "bfloat16"
 
 
 @dataclass
@@ -401,7 +407,7 @@ def train_ranker(
     valid = ValidationSet(pipeline, data, valid_users, valid_pos)
 
     sparse = cfg.sparse_ids and distributed.sparse_gradients_supported()
-    opt = SparseTableOptimizer(model, [model.item] if sparse else [], cfg.lr, cfg.weight_decay, world)
+    opt = SparseTableOptimizer(model, [model.item] if sparse else [], cfg.lr, cfg.weight_decay, world, cfg.sparse_exchange)
     history: dict = {
         "epochs": [],
         "config": asdict(cfg),

@@ -112,11 +112,24 @@ class SparseTableOptimizer:
         tables: its embedding tables to make sparse (none: plain AdamW).
         lr, weight_decay: as for AdamW.
         world: the distributed setting.
+        exchange: what the tables' gradients travel as between ranks (see
+            :func:`recall.distributed.average_sparse_gradient`).
     """
 
-    def __init__(self, model: torch.nn.Module, tables: list[torch.nn.Embedding], lr: float, weight_decay: float, world: distributed.World = distributed.World()):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tables: list[torch.nn.Embedding],
+        lr: float,
+        weight_decay: float,
+        world: distributed.World = distributed.World(),
+        exchange: str = "float32",
+    ):
+        if exchange not in distributed.EXCHANGE_DTYPES:
+            raise ValueError(f"exchange must be one of {sorted(distributed.EXCHANGE_DTYPES)}, not {exchange!r}")
         self.tables = tables
         self.world = world
+        self.exchange = exchange
         sparse = {id(t.weight) for t in tables}
         for table in tables:
             table.sparse = True
@@ -144,7 +157,7 @@ class SparseTableOptimizer:
                 continue
             self.lazy.coalesce_grad(p)  # one value per row travels
             if self.world.distributed:
-                p.grad = distributed.average_sparse_gradient(p.grad, self.world)
+                p.grad = distributed.average_sparse_gradient(p.grad, self.world, self.exchange)
 
     def clip_grad_norm(self, max_norm: float) -> None:
         """Scale every gradient, sparse ones included, so their joint L2 norm is at most ``max_norm``."""

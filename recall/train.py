@@ -42,6 +42,11 @@ class TwoTowerTrainConfig:
             (:class:`SparseTableOptimizer`): at 870k items a step is 7x faster (154 ms
             against 1,079 ms for a batch of 512 on one thread). ``weight_decay`` then
             applies to the other parameters only.
+        sparse_exchange: under DDP, what the id table's gradients travel as between the
+            processes: ``"bfloat16"`` halves the bytes (13.7k rows of 64: 3.1 ms a step
+            instead of 6.1 between two CPU processes) at 8 significant bits;
+            ``"float32"`` makes N processes take exactly the steps one process would take
+            on their joint batch.
     """
 
     epochs: int = 40
@@ -58,6 +63,7 @@ class TwoTowerTrainConfig:
     max_seconds: float = 0.0
     budget_epochs: int = 8
     sparse_ids: bool = True
+    sparse_exchange: str = "bfloat16"
 
 
 def epoch_sample(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
@@ -235,7 +241,7 @@ def train_two_tower(
     if world.distributed:
         torch.manual_seed(cfg.seed + world.rank)  # each rank draws its own negatives and dropout
     sparse = cfg.sparse_ids and distributed.sparse_gradients_supported()
-    opt = SparseTableOptimizer(model, [model.item_tower.item] if sparse else [], cfg.lr, cfg.weight_decay, world)
+    opt = SparseTableOptimizer(model, [model.item_tower.item] if sparse else [], cfg.lr, cfg.weight_decay, world, cfg.sparse_exchange)
 
     users, positions = split.train_targets(data.seqs)
     if examples is not None:

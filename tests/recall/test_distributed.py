@@ -58,20 +58,20 @@ def _toy(seed: int = 0) -> _Toy:
     return _Toy()
 
 
-def _train_rank(rank: int, init: str, out: str, clip: float) -> None:
+def _train_rank(rank: int, init: str, out: str, clip: float, exchange: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     try:
-        torch.save(_trained_on_rank(World(rank, 2), clip), out)
+        torch.save(_trained_on_rank(World(rank, 2), clip, exchange), out)
     finally:
         # After the DDP wrapper is gone, as in training: a process group destroyed under a
         # live wrapper can hang the process on exit, in gloo's thread joins.
         dist.destroy_process_group()
 
 
-def _trained_on_rank(world: World, clip: float) -> dict:
+def _trained_on_rank(world: World, clip: float, exchange: str) -> dict:
     model = _toy(seed=world.rank)  # different starting tables: wrap must copy rank 0's to the others
-    opt = SparseTableOptimizer(model, [model.table], lr=0.05, weight_decay=0.0, world=world)
+    opt = SparseTableOptimizer(model, [model.table], lr=0.05, weight_decay=0.0, world=world, exchange=exchange)
     trainer = distributed.wrap(model, world, ignore=opt.sparse_parameters)
     for history, targets in _batches(world.rank):
         _step(opt, trainer(history, targets), clip)
@@ -98,11 +98,11 @@ def _step(opt: SparseTableOptimizer, loss: torch.Tensor, clip: float) -> None:
     opt.step()
 
 
-@pytest.mark.parametrize("clip", [0.0, 0.05])
-def test_two_processes_take_the_single_process_steps(tmp_path, clip):
+@pytest.mark.parametrize("clip, exchange, atol", [(0.0, "float32", 1e-6), (0.05, "float32", 1e-6), (0.0, "bfloat16", 2e-3)])
+def test_two_processes_take_the_single_process_steps(tmp_path, clip, exchange, atol):
     ctx = multiprocessing.get_context("fork")  # the children need only this module's functions
     outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    procs = [ctx.Process(target=_train_rank, args=(r, str(tmp_path / "init"), outs[r], clip)) for r in range(2)]
+    procs = [ctx.Process(target=_train_rank, args=(r, str(tmp_path / "init"), outs[r], clip, exchange)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -111,8 +111,9 @@ def test_two_processes_take_the_single_process_steps(tmp_path, clip):
     ranks = [torch.load(o) for o in outs]
     alone = _train_alone(clip)
     for name, value in alone.items():
-        assert torch.allclose(ranks[0][name], ranks[1][name]), name  # every process ends with the same model
-        assert torch.allclose(ranks[0][name], value, atol=1e-6), name
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # every process ends with the same model
+        # bfloat16 rounds the table's gradients, so its steps are close to the single process's, not equal.
+        assert torch.allclose(ranks[0][name], value, atol=atol), name
     assert not torch.allclose(alone["table.weight"], _toy().table.weight)  # the steps did move the table
 
 
