@@ -134,3 +134,9 @@ def test_merge_rows_sums_shared_rows_and_keeps_the_others_in_order():
 def test_merge_rows_of_empty_runs_is_empty():
     rows, means = distributed.merge_rows(np.zeros(0, np.int64), np.zeros((0, 3), np.float32), np.array([0, 0]), np.array([0, 0]), np.float32(0.5))
     assert rows.shape == (0,) and means.shape == (0, 3)
+
+
+def test_an_unknown_exchange_dtype_is_refused():
+    model = _toy()
+    with pytest.raises(ValueError, match="exchange must be one of"):
+        SparseTableOptimizer(model, [model.table], lr=0.05, weight_decay=0.0, exchange="float16")
