@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from funnel.recall import distributed
+from funnel.recall.allocator import keep_freed_memory
 from funnel.recall.lazy_adam import LazyAdam
 
 log = logging.getLogger("funnel.train")
@@ -284,6 +285,7 @@ def train_loop(
         ``model`` with the best epoch's weights, in eval mode.
     """
     stopper = EarlyStopping(cfg.patience)
+    keep_freed_memory()  # steady steps: a step's freed buffers serve the next (see recall.allocator)
     # Each budget check is a collective across ranks, a barrier no step can run past; an epoch
     # without a budget needs none, and under DDP a check every few steps overruns by moments.
     check_every = BUDGET_CHECK_STEPS if world.distributed else 1
