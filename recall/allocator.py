@@ -9,9 +9,11 @@ and under DDP every rank waits for the slowest at each collective, so the uneven
 cost more than their mean.
 """
 
+import contextlib
 import ctypes
 import logging
 import platform
+from collections.abc import Iterator
 
 log = logging.getLogger("funnel.train")
 
@@ -20,31 +22,51 @@ M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
 MiB = 1 << 20
 
-MMAP_THRESHOLD = 32 * MiB
-"""Blocks below this come from the heap, where they are reused (glibc's own ceiling for its adaptive threshold)."""
-TRIM_THRESHOLD = 256 * MiB
-"""Freed memory at the top of the heap is handed back only past this much (a step's buffers stay)."""
-TOP_PAD = 64 * MiB
-"""Extra heap asked for each time it grows, so a growing step does not ask for every block."""
+TRAINING = {M_MMAP_THRESHOLD: 32 * MiB, M_TRIM_THRESHOLD: 256 * MiB, M_TOP_PAD: 64 * MiB}
+"""During a training loop: blocks under 32 MB come from the heap (glibc's own ceiling for
+its adaptive threshold), and freed memory at the heap's top goes back to the kernel only
+past 256 MB, so a step's buffers stay for the next; the heap grows 64 MB at a time."""
+AFTER = {M_MMAP_THRESHOLD: 32 * MiB, M_TRIM_THRESHOLD: 64 * MiB, M_TOP_PAD: 0}
+"""After it: where glibc's adaptive thresholds end up once they have seen blocks of 32 MB."""
 
 
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc reuse freed blocks across training steps (a no-op elsewhere).
+@contextlib.contextmanager
+def steady_steps() -> Iterator[bool]:
+    """Within the block, glibc's malloc keeps freed blocks for reuse across training steps (a no-op elsewhere).
 
-    The process keeps up to :data:`TRIM_THRESHOLD` of freed memory for reuse instead of
-    returning it at once; past that, freed memory goes back to the kernel as before.
+    The process keeps up to 256 MB of freed memory for reuse instead of returning it at
+    once. On leaving, the thresholds go back to where glibc's own adaptation settles and
+    the kept memory goes back to the kernel, so the stages after training hold no more
+    than before.
 
-    Returns:
+    Yields:
         Whether the settings were applied (False on a C library other than glibc).
     """
-    if platform.libc_ver()[0] != "glibc":
-        return False
+    libc = _glibc()
+    applied = libc is not None and _set(libc, TRAINING)
     try:
-        mallopt = ctypes.CDLL(None).mallopt
+        yield applied
+    finally:
+        if applied:
+            _set(libc, AFTER)
+            libc.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library when it is glibc with ``mallopt``, else None."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    applied = all(mallopt(option, value) == 1 for option, value in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
+        return None
+    return libc
+
+
+def _set(libc: ctypes.CDLL, settings: dict[int, int]) -> bool:
+    applied = all(libc.mallopt(option, value) == 1 for option, value in settings.items())
     if not applied:
-        log.warning("mallopt refused the training allocator settings; training steps may fault in their buffers again")
+        log.warning("mallopt refused the allocator settings %s; training steps may fault in their buffers again", settings)
     return applied
