@@ -68,5 +68,5 @@ def _glibc() -> ctypes.CDLL | None:
 def _set(libc: ctypes.CDLL, settings: dict[int, int]) -> bool:
     applied = all(libc.mallopt(option, value) == 1 for option, value in settings.items())
     if not applied:
-        log.warning("mallopt refused the allocator settings %s; training steps may fault in their buffers again", settings)
+        log.warning("mallopt refused the allocator settings %s; they stay as glibc set them", settings)
     return applied

@@ -256,6 +256,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@steady_steps()  # a step's freed buffers serve the next step (recall.allocator)
 def train_loop(
     model: torch.nn.Module,
     task: Task,
@@ -285,43 +286,42 @@ def train_loop(
         ``model`` with the best epoch's weights, in eval mode.
     """
     stopper = EarlyStopping(cfg.patience)
-    with steady_steps():  # a step's freed buffers serve the next step (recall.allocator)
-        # Each budget check is a collective across ranks, a barrier no step can run past; an epoch
-        # without a budget needs none, and under DDP a check every few steps overruns by moments.
-        check_every = BUDGET_CHECK_STEPS if world.distributed else 1
-        for epoch in range(cfg.epochs):
-            if epoch and distributed.any_rank(clock.spent(), world):  # the first epoch always runs: early stopping needs one validated model
+    # Each budget check is a collective across ranks, a barrier no step can run past; an epoch
+    # without a budget needs none, and under DDP a check every few steps overruns by moments.
+    check_every = BUDGET_CHECK_STEPS if world.distributed else 1
+    for epoch in range(cfg.epochs):
+        if epoch and distributed.any_rank(clock.spent(), world):  # the first epoch always runs: early stopping needs one validated model
+            break
+        model.train()
+        order = distributed.shard(task.epoch_order(rng), world)
+        total, steps, seen = 0.0, 0, 0
+        clock.start_epoch()
+        for lo in tqdm(range(0, len(order), cfg.batch_size), desc=f"{cfg.name} epoch {epoch + 1}", disable=not progress, leave=False):
+            idx = order[lo : lo + cfg.batch_size]
+            loss = task.loss(idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.reduce_gradients()
+            if cfg.grad_clip:
+                opt.clip_grad_norm(cfg.grad_clip)
+            opt.step()
+            total += loss.item()
+            steps += 1
+            seen += len(idx) * world.size
+            if clock.max_seconds and steps % check_every == 0 and distributed.any_rank(clock.epoch_over(), world):
                 break
-            model.train()
-            order = distributed.shard(task.epoch_order(rng), world)
-            total, steps, seen = 0.0, 0, 0
-            clock.start_epoch()
-            for lo in tqdm(range(0, len(order), cfg.batch_size), desc=f"{cfg.name} epoch {epoch + 1}", disable=not progress, leave=False):
-                idx = order[lo : lo + cfg.batch_size]
-                loss = task.loss(idx)
-                opt.zero_grad()
-                loss.backward()
-                opt.reduce_gradients()
-                if cfg.grad_clip:
-                    opt.clip_grad_norm(cfg.grad_clip)
-                opt.step()
-                total += loss.item()
-                steps += 1
-                seen += len(idx) * world.size
-                if clock.max_seconds and steps % check_every == 0 and distributed.any_rank(clock.epoch_over(), world):
-                    break
-            train_seconds = clock.epoch_seconds()
-            model.eval()
-            valid = task.validate()
-            score = distributed.from_main(valid.score if valid.score is not None else -total / steps, world)  # one early-stopping decision for all ranks
-            record = epoch_record(epoch + 1, total / steps, seen, train_seconds, valid.metrics)
-            history["epochs"].append(record)
-            log.info(
-                "%s epoch %d: loss %.4f, %s %s at %s/s%s; valid %s",
-                cfg.name, epoch + 1, total / steps, f"{seen:,}", cfg.unit, f"{record['samples_per_s']:,.0f}", clock.left(), brief_metrics(valid.brief),
-            )  # fmt: skip
-            if stopper.step(score, model, epoch + 1):
-                break
+        train_seconds = clock.epoch_seconds()
+        model.eval()
+        valid = task.validate()
+        score = distributed.from_main(valid.score if valid.score is not None else -total / steps, world)  # one early-stopping decision for all ranks
+        record = epoch_record(epoch + 1, total / steps, seen, train_seconds, valid.metrics)
+        history["epochs"].append(record)
+        log.info(
+            "%s epoch %d: loss %.4f, %s %s at %s/s%s; valid %s",
+            cfg.name, epoch + 1, total / steps, f"{seen:,}", cfg.unit, f"{record['samples_per_s']:,.0f}", clock.left(), brief_metrics(valid.brief),
+        )  # fmt: skip
+        if stopper.step(score, model, epoch + 1):
+            break
     log.info("%s: kept epoch %d of %d (valid %s %.4f)", cfg.name, stopper.best_epoch, len(history["epochs"]), cfg.score_name, stopper.best)
     close_history(history, stopper, clock)
     opt.finish()
