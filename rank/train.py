@@ -66,10 +66,11 @@ class RankerTrainConfig:
             (:class:`recall.loop.SparseTableOptimizer`, no weight decay on it): at 870k
             items a step of 128 groups takes 123 ms instead of 540 ms on one thread.
         sparse_exchange: under DDP, what the id table's gradients travel as between the
-            processes: ``"bfloat16"`` halves the bytes (13.7k rows of 64: 3.1 ms a step
-            instead of 6.1 between two CPU processes) at 8 significant bits;
-            ``"float32"`` makes N processes take exactly the steps one process would take
-            on their joint batch.
+            processes: ``"float32"`` makes N processes take exactly the steps one process
+            would take on their joint batch; ``"bfloat16"`` halves the bytes over gloo
+            (13.7k rows of 64: 3.1 ms a step instead of 6.1 between two CPU processes)
+            at 8 significant bits; ``"auto"``: float32 through shared memory (all
+            processes on one host, where bytes cost little), else bfloat16.
     """
 
     epochs: int = 20
@@ -91,7 +92,7 @@ class RankerTrainConfig:
     max_seconds: float = 0.0
     budget_epochs: int = 8
     sparse_ids: bool = True
-    sparse_exchange: str = "bfloat16"
+    sparse_exchange: str = "auto"
 
 
 @dataclass
@@ -416,7 +417,7 @@ def train_ranker(
         "candidates_recall_rate": round(len(groups.users) / max(len(users), 1), 4),
         "processes": world.size,
     }
-    task = _GroupTask(distributed.wrap(model, world, ignore=opt.sparse_parameters), feats, labels, mcfg.heads, cfg.listwise_weight, device, valid)
+    task = _GroupTask(distributed.wrap(model, world, ignore=opt.sparse_parameters, comm_hook=opt.comm_hook), feats, labels, mcfg.heads, cfg.listwise_weight, device, valid)
     loop = LoopConfig("ranker", "groups", "final ndcg@10", cfg.epochs, cfg.patience, cfg.batch_size, cfg.grad_clip)
     return train_loop(model, task, opt, loop, clock=clock, world=world, rng=rng, history=history, progress=progress), history
 

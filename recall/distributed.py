@@ -2,8 +2,9 @@
 
 Every process reads the log and builds the same arrays; each trains on its own equal
 share of every epoch's examples, and the gradients are averaged (DistributedDataParallel
-for the dense parameters, :func:`average_sparse_gradient` for sparse id tables), so N
-processes see N times the samples in the same time. Decisions that end a loop
+for the dense parameters, :func:`average_sparse_gradient` for sparse id tables; both in
+one exchange through shared memory when every process runs on one host,
+:mod:`recall.exchange`), so N processes see N times the samples in the same time. Decisions that end a loop
 (budget, early stopping) are taken once for all ranks, so no rank waits for a
 collective the others skipped. Outside ``torchrun`` this is a world of one and every
 helper is a no-op.
@@ -86,7 +87,7 @@ def shard(order: np.ndarray, world: World) -> np.ndarray:
     return order[world.rank :: world.size][: len(order) // world.size]
 
 
-def wrap(module: torch.nn.Module, world: World, ignore: list[torch.Tensor] | None = None) -> torch.nn.Module:
+def wrap(module: torch.nn.Module, world: World, ignore: list[torch.Tensor] | None = None, comm_hook=None) -> torch.nn.Module:
     """``module`` under DistributedDataParallel when training is distributed, else itself.
 
     Args:
@@ -95,6 +96,8 @@ def wrap(module: torch.nn.Module, world: World, ignore: list[torch.Tensor] | Non
         ignore: parameters whose gradients DDP must leave alone, because they are averaged
             another way (:func:`average_sparse_gradient`). They are copied from rank 0 here,
             as DDP copies the others.
+        comm_hook: a DDP communication hook ``(state, bucket) -> Future`` to average the
+            buckets with (e.g. :meth:`recall.exchange.SharedMemoryExchange.defer`); None: DDP's all-reduce.
     """
     if not world.distributed:
         return module
@@ -109,7 +112,10 @@ def wrap(module: torch.nn.Module, world: World, ignore: list[torch.Tensor] | Non
                 dist.broadcast(p.data, src=0)
     # Buffers are synced once at the start, not before every step: none change in training.
     # The gradients live in DDP's all-reduce buckets, so no copy into them and back.
-    return DistributedDataParallel(module, forward_sync_buffers=False, gradient_as_bucket_view=True)
+    ddp = DistributedDataParallel(module, forward_sync_buffers=False, gradient_as_bucket_view=True)
+    if comm_hook is not None:
+        ddp.register_comm_hook(None, comm_hook)
+    return ddp
 
 
 EXCHANGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -154,47 +160,52 @@ def average_sparse_gradient(grad: torch.Tensor, world: World, dtype: str = "floa
     send[n:] = 0
     received = torch.empty(world.size * most, id_cols + d, dtype=wire)  # [size * most, id_cols + d], rank by rank
     dist.all_gather_single(received, send)
-    ids = received[:, :id_cols].contiguous().view(torch.int64)[:, 0]  # [size * most]
-    gathered = received[:, id_cols:].to(torch.float32)  # [size * most, d]
-    starts = np.arange(world.size, dtype=np.int64) * most
-    rows, means = merge_rows(ids.numpy(), gathered.numpy(), starts, counts.numpy(), np.float32(1 / world.size))
+    ids = received[:, :id_cols].contiguous().view(torch.int64)[:, 0].numpy()  # [size * most]
+    gathered = received[:, id_cols:].to(torch.float32).numpy()  # [size * most, d]
+    runs = [slice(r * most, r * most + int(counts[r])) for r in range(world.size)]
+    rows, means = merge_rows(tuple(ids[s] for s in runs), tuple(gathered[s] for s in runs), np.float32(1 / world.size))
     return torch.sparse_coo_tensor(torch.from_numpy(rows)[None], torch.from_numpy(means), grad.shape, is_coalesced=True, check_invariants=False)
 
 
 @numba.njit(cache=True, nogil=True)
-def merge_rows(ids: np.ndarray, values: np.ndarray, starts: np.ndarray, sizes: np.ndarray, scale: np.float32) -> tuple[np.ndarray, np.ndarray]:
+def merge_rows(ids: tuple, values: tuple, scale: np.float32) -> tuple[np.ndarray, np.ndarray]:
     """Merge sorted runs of distinct row ids, summing the values of rows several runs hold.
 
     Args:
-        ids: [total] row ids; run k is ``ids[starts[k] : starts[k] + sizes[k]]``, ascending, distinct.
-        values: [total, d] each id's values.
-        starts, sizes: [runs] where each run begins and how long it is.
+        ids: one array per run (a tuple, each [n_k]): row ids, ascending, distinct.
+        values: one array per run (each [n_k, d] float32): each id's values.
         scale: what every sum is multiplied by (1 / runs for a mean).
 
     Returns:
-        The distinct ids of all runs, ascending [u], and their scaled sums [u, d].
+        The distinct ids of all runs, ascending [u], and their scaled sums [u, d], summed
+        in run order (so every rank that merges the same runs gets the same bits).
     """
-    heads = starts.copy()
-    ends = starts + sizes
-    out_ids = np.empty(sizes.sum(), np.int64)
-    out = np.empty((sizes.sum(), values.shape[1]), np.float32)
+    runs = len(ids)
+    heads = np.zeros(runs, np.int64)
+    total = 0
+    for k in range(runs):
+        total += len(ids[k])
+    d = values[0].shape[1]
+    out_ids = np.empty(total, np.int64)
+    out = np.empty((total, d), np.float32)
     u = 0
     while True:
         row = -1  # ids are >= 0
-        for k in range(len(heads)):
-            if heads[k] < ends[k] and (row < 0 or ids[heads[k]] < row):
-                row = ids[heads[k]]
+        for k in range(runs):
+            if heads[k] < len(ids[k]) and (row < 0 or ids[k][heads[k]] < row):
+                row = ids[k][heads[k]]
         if row < 0:
             return out_ids[:u], out[:u]
         first = True
-        for k in range(len(heads)):
+        for k in range(runs):
             h = heads[k]
-            if h < ends[k] and ids[h] == row:
-                for c in range(values.shape[1]):  # element by element: a row-slice add would allocate per row
-                    out[u, c] = values[h, c] if first else out[u, c] + values[h, c]
+            if h < len(ids[k]) and ids[k][h] == row:
+                run = values[k]
+                for c in range(d):  # element by element: a row-slice add would allocate per row
+                    out[u, c] = run[h, c] if first else out[u, c] + run[h, c]
                 first = False
                 heads[k] += 1
-        for c in range(values.shape[1]):
+        for c in range(d):
             out[u, c] *= scale
         out_ids[u] = row
         u += 1

@@ -18,9 +18,13 @@ from tqdm import tqdm
 
 from funnel.recall import distributed
 from funnel.recall.allocator import steady_steps
+from funnel.recall.exchange import SharedMemoryExchange, shared_memory_usable
 from funnel.recall.lazy_adam import LazyAdam
 
 log = logging.getLogger("funnel.train")
+
+TRANSPORTS = ("auto", "shared", "gloo")
+"""How gradients may travel between ranks (:class:`SparseTableOptimizer`)."""
 
 BUDGET_CHECK_STEPS = 16
 """Under DDP, steps between budget checks (each one waits for every rank)."""
@@ -106,7 +110,10 @@ class SparseTableOptimizer:
     untouched rows wait until a batch touches them; no weight decay on them), the rest AdamW.
 
     Under DDP the tables' gradients are averaged by :meth:`reduce_gradients`, not by DDP
-    (wrap the model with ``distributed.wrap(..., ignore=opt.sparse_parameters)``).
+    (wrap the model with ``distributed.wrap(..., ignore=opt.sparse_parameters, comm_hook=opt.comm_hook)``).
+    When every rank runs on one host, :meth:`reduce_gradients` averages DDP's dense
+    buckets too, in the same exchange through shared memory (:mod:`recall.exchange`);
+    otherwise DDP all-reduces them and the tables' rows travel by gloo.
 
     Args:
         model: the module being trained.
@@ -114,7 +121,11 @@ class SparseTableOptimizer:
         lr, weight_decay: as for AdamW.
         world: the distributed setting.
         exchange: what the tables' gradients travel as between ranks (see
-            :func:`recall.distributed.average_sparse_gradient`).
+            :func:`recall.distributed.average_sparse_gradient`); ``"auto"``: float32
+            through shared memory, bfloat16 over gloo.
+        transport: how gradients travel between ranks: ``"auto"`` (shared memory when every
+            rank is on this host, else gloo), ``"shared"`` or ``"gloo"``. Every rank must
+            construct the optimiser at the same point: choosing is a collective.
     """
 
     def __init__(
@@ -125,9 +136,12 @@ class SparseTableOptimizer:
         weight_decay: float,
         world: distributed.World = distributed.World(),
         exchange: str = "float32",
+        transport: str = "auto",
     ):
-        if exchange not in distributed.EXCHANGE_DTYPES:
-            raise ValueError(f"exchange must be one of {sorted(distributed.EXCHANGE_DTYPES)}, not {exchange!r}")
+        if exchange != "auto" and exchange not in distributed.EXCHANGE_DTYPES:
+            raise ValueError(f"exchange must be 'auto' or one of {sorted(distributed.EXCHANGE_DTYPES)}, not {exchange!r}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
         self.tables = tables
         self.world = world
         self.exchange = exchange
@@ -141,6 +155,15 @@ class SparseTableOptimizer:
         self.lazy = LazyAdam([t.weight for t in tables], lr=lr) if tables else None
         if self.lazy is not None:
             self.optimizers.append(self.lazy)
+        shared = bool(tables) and world.distributed and transport != "gloo" and (transport == "shared" or shared_memory_usable(world))
+        if exchange == "auto":
+            self.exchange = "float32" if shared else "bfloat16"
+        self.shared = SharedMemoryExchange(world, self.exchange) if shared else None
+
+    @property
+    def comm_hook(self):
+        """The DDP communication hook :meth:`reduce_gradients` relies on (None: DDP's own all-reduce)."""
+        return self.shared.defer if self.shared is not None else None
 
     @property
     def sparse_parameters(self) -> list[torch.Tensor]:
@@ -152,13 +175,17 @@ class SparseTableOptimizer:
             opt.zero_grad(set_to_none=True)
 
     def reduce_gradients(self) -> None:
-        """After the backward pass: sum each table gradient's repeated rows, and under DDP average it across ranks."""
+        """After the backward pass: sum each table gradient's repeated rows, and under DDP average it across ranks
+        (with DDP's dense buckets, when they travel through shared memory)."""
         for p in self.sparse_parameters:
-            if p.grad is None:
-                continue
-            self.lazy.coalesce_grad(p)  # one value per row travels
-            if self.world.distributed:
-                p.grad = distributed.average_sparse_gradient(p.grad, self.world, self.exchange)
+            if p.grad is not None:
+                self.lazy.coalesce_grad(p)  # one value per row travels
+        if self.shared is not None:
+            self.shared.average(self.sparse_parameters)
+        elif self.world.distributed:
+            for p in self.sparse_parameters:
+                if p.grad is not None:
+                    p.grad = distributed.average_sparse_gradient(p.grad, self.world, self.exchange)
 
     def clip_grad_norm(self, max_norm: float) -> None:
         """Scale every gradient, sparse ones included, so their joint L2 norm is at most ``max_norm``."""
@@ -180,9 +207,11 @@ class SparseTableOptimizer:
             opt.step()
 
     def finish(self) -> None:
-        """Dense gradients again, for whoever trains the model next."""
+        """Dense gradients again, for whoever trains the model next; the shared-memory exchange closed."""
         for table in self.tables:
             table.sparse = False
+        if self.shared is not None:
+            self.shared.close()
 
 
 class EpochClock:

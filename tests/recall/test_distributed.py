@@ -58,21 +58,22 @@ def _toy(seed: int = 0) -> _Toy:
     return _Toy()
 
 
-def _train_rank(rank: int, init: str, out: str, clip: float, exchange: str) -> None:
+def _train_rank(rank: int, init: str, out: str, clip: float, exchange: str, transport: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     try:
-        torch.save(_trained_on_rank(World(rank, 2), clip, exchange), out)
+        torch.save(_trained_on_rank(World(rank, 2), clip, exchange, transport), out)
     finally:
         # After the DDP wrapper is gone, as in training: a process group destroyed under a
         # live wrapper can hang the process on exit, in gloo's thread joins.
         dist.destroy_process_group()
 
 
-def _trained_on_rank(world: World, clip: float, exchange: str) -> dict:
+def _trained_on_rank(world: World, clip: float, exchange: str, transport: str) -> dict:
     model = _toy(seed=world.rank)  # different starting tables: wrap must copy rank 0's to the others
-    opt = SparseTableOptimizer(model, [model.table], lr=0.05, weight_decay=0.0, world=world, exchange=exchange)
-    trainer = distributed.wrap(model, world, ignore=opt.sparse_parameters)
+    opt = SparseTableOptimizer(model, [model.table], lr=0.05, weight_decay=0.0, world=world, exchange=exchange, transport=transport)
+    assert (opt.shared is not None) == (transport != "gloo")  # both ranks of this test run on one host
+    trainer = distributed.wrap(model, world, ignore=opt.sparse_parameters, comm_hook=opt.comm_hook)
     for history, targets in _batches(world.rank):
         _step(opt, trainer(history, targets), clip)
     opt.finish()
@@ -98,11 +99,12 @@ def _step(opt: SparseTableOptimizer, loss: torch.Tensor, clip: float) -> None:
     opt.step()
 
 
+@pytest.mark.parametrize("transport", ["gloo", "auto"])
 @pytest.mark.parametrize("clip, exchange, atol", [(0.0, "float32", 1e-6), (0.05, "float32", 1e-6), (0.0, "bfloat16", 2e-3)])
-def test_two_processes_take_the_single_process_steps(tmp_path, clip, exchange, atol):
+def test_two_processes_take_the_single_process_steps(tmp_path, clip, exchange, atol, transport):
     ctx = multiprocessing.get_context("fork")  # the children need only this module's functions
     outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    procs = [ctx.Process(target=_train_rank, args=(r, str(tmp_path / "init"), outs[r], clip, exchange)) for r in range(2)]
+    procs = [ctx.Process(target=_train_rank, args=(r, str(tmp_path / "init"), outs[r], clip, exchange, transport)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -123,20 +125,20 @@ def test_outside_torchrun_gradients_are_left_as_they_are():
 
 
 def test_merge_rows_sums_shared_rows_and_keeps_the_others_in_order():
-    # Two runs, padded as the exchange pads them: [1, 4, 7] and [4, 5] (+ one pad row).
-    ids = np.array([1, 4, 7, 4, 5, 0])
-    values = np.array([[1, 2], [3, 4], [5, 6], [10, 20], [30, 40], [9, 9]], np.float32)
-    rows, means = distributed.merge_rows(ids, values, np.array([0, 3]), np.array([3, 2]), np.float32(0.5))
+    ids = (np.array([1, 4, 7]), np.array([4, 5]))
+    values = (np.array([[1, 2], [3, 4], [5, 6]], np.float32), np.array([[10, 20], [30, 40]], np.float32))
+    rows, means = distributed.merge_rows(ids, values, np.float32(0.5))
     assert rows.tolist() == [1, 4, 5, 7]
     assert means.tolist() == [[0.5, 1.0], [6.5, 12.0], [15.0, 20.0], [2.5, 3.0]]
 
 
 def test_merge_rows_of_empty_runs_is_empty():
-    rows, means = distributed.merge_rows(np.zeros(0, np.int64), np.zeros((0, 3), np.float32), np.array([0, 0]), np.array([0, 0]), np.float32(0.5))
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    rows, means = distributed.merge_rows(empty, (np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32)), np.float32(0.5))
     assert rows.shape == (0,) and means.shape == (0, 3)
 
 
 def test_an_unknown_exchange_dtype_is_refused():
     model = _toy()
-    with pytest.raises(ValueError, match="exchange must be one of"):
+    with pytest.raises(ValueError, match="exchange must be .auto. or one of"):
         SparseTableOptimizer(model, [model.table], lr=0.05, weight_decay=0.0, exchange="float16")
