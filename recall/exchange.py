@@ -37,6 +37,14 @@ SHM_DIR = "/dev/shm"
 
 MIN_SLOT_BYTES = 1 << 20
 
+MIN_FREE_BYTES = 64 << 20
+"""Free space ``directory`` must have per rank for the exchange to be chosen: a two-tower step
+at 4M items writes about 5 MB, and each file holds two slots of twice the largest message.
+(Docker gives containers 64 MB of ``/dev/shm`` unless told otherwise.)"""
+
+TRANSPORT_ENV = "FUNNEL_GRAD_TRANSPORT"
+"""Environment variable that picks how training processes exchange gradients: ``auto``, ``shared`` or ``gloo``."""
+
 
 def shared_memory_usable(world: World, directory: str = SHM_DIR) -> bool:
     """Whether every rank runs on this host, over gloo, with ``directory`` writable (a collective: every rank must call it).
@@ -47,10 +55,10 @@ def shared_memory_usable(world: World, directory: str = SHM_DIR) -> bool:
     """
     if not world.distributed or dist.get_backend() != "gloo":
         return False
-    mine = (socket.gethostname(), os.path.isdir(directory) and os.access(directory, os.W_OK))
+    mine = (socket.gethostname(), _free_bytes(directory))
     everyone: list = [None] * world.size
     dist.all_gather_object(everyone, mine)
-    return all(ok for _, ok in everyone) and len({host for host, _ in everyone}) == 1
+    return len({host for host, _ in everyone}) == 1 and min(free for _, free in everyone) >= MIN_FREE_BYTES * world.size
 
 
 @dataclass
@@ -179,7 +187,14 @@ class SharedMemoryExchange:
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self._fresh.append(name)
         try:
-            os.ftruncate(fd, 2 * slot_bytes)
+            try:
+                # Reserved now: a memory file system that runs out later kills the writer with SIGBUS.
+                os.posix_fallocate(fd, 0, 2 * slot_bytes)
+            except OSError as err:
+                raise RuntimeError(
+                    f"no room for {2 * slot_bytes / 2**20:.0f} MB of gradient messages in {os.path.dirname(name)} ({err.strerror}): "
+                    f"give it more space (docker: --shm-size) or set {TRANSPORT_ENV}=gloo"
+                ) from err
             self._own = _Mapping(generation, mmap.mmap(fd, 2 * slot_bytes))
         finally:
             os.close(fd)
@@ -231,6 +246,14 @@ class SharedMemoryExchange:
         values = tuple(v.numpy() if v.dtype == torch.float32 else v.to(torch.float32).numpy() for _, v in parts)  # each [n_k, d], read in place when float32
         rows, means = merge_rows(tuple(ids for ids, _ in parts), values, np.float32(1 / self.world.size))
         return torch.sparse_coo_tensor(torch.from_numpy(rows)[None], torch.from_numpy(means), param.shape, is_coalesced=True, check_invariants=False)
+
+
+def _free_bytes(directory: str) -> int:
+    """Bytes this process may still write under ``directory`` (0 when it cannot write there)."""
+    if not (os.path.isdir(directory) and os.access(directory, os.W_OK)):
+        return 0
+    stat = os.statvfs(directory)
+    return stat.f_bavail * stat.f_frsize
 
 
 def _aligned(nbytes: int) -> int:

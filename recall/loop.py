@@ -8,6 +8,7 @@ behave the same for every model.
 
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from funnel.recall import distributed
 from funnel.recall.allocator import steady_steps
-from funnel.recall.exchange import SharedMemoryExchange, shared_memory_usable
+from funnel.recall.exchange import TRANSPORT_ENV, SharedMemoryExchange, shared_memory_usable
 from funnel.recall.lazy_adam import LazyAdam
 
 log = logging.getLogger("funnel.train")
@@ -124,8 +125,10 @@ class SparseTableOptimizer:
             :func:`recall.distributed.average_sparse_gradient`); ``"auto"``: float32
             through shared memory, bfloat16 over gloo.
         transport: how gradients travel between ranks: ``"auto"`` (shared memory when every
-            rank is on this host, else gloo), ``"shared"`` or ``"gloo"``. Every rank must
-            construct the optimiser at the same point: choosing is a collective.
+            rank is on this host and ``/dev/shm`` has room, else gloo), ``"shared"`` or
+            ``"gloo"``; None: the ``FUNNEL_GRAD_TRANSPORT`` environment variable, else
+            ``"auto"``. Every rank must construct the optimiser at the same point:
+            choosing is a collective.
     """
 
     def __init__(
@@ -136,12 +139,13 @@ class SparseTableOptimizer:
         weight_decay: float,
         world: distributed.World = distributed.World(),
         exchange: str = "float32",
-        transport: str = "auto",
+        transport: str | None = None,
     ):
+        transport = transport or os.environ.get(TRANSPORT_ENV) or "auto"
         if exchange != "auto" and exchange not in distributed.EXCHANGE_DTYPES:
             raise ValueError(f"exchange must be 'auto' or one of {sorted(distributed.EXCHANGE_DTYPES)}, not {exchange!r}")
         if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
+            raise ValueError(f"transport (or {TRANSPORT_ENV}) must be one of {TRANSPORTS}, not {transport!r}")
         self.tables = tables
         self.world = world
         self.exchange = exchange
@@ -159,6 +163,9 @@ class SparseTableOptimizer:
         if exchange == "auto":
             self.exchange = "float32" if shared else "bfloat16"
         self.shared = SharedMemoryExchange(world, self.exchange) if shared else None
+        if world.distributed and world.main and tables:
+            how = "one shared-memory exchange a step" if shared else "DDP all-reduce and a gloo all-gather"
+            log.info("gradients averaged across %d processes by %s (table rows as %s)", world.size, how, self.exchange)
 
     @property
     def comm_hook(self):

@@ -96,10 +96,23 @@ def test_a_world_of_one_needs_no_shared_memory():
     assert not shm.shared_memory_usable(World())
 
 
-@pytest.mark.parametrize("transport", ["shm", ""])
-def test_an_unknown_transport_is_refused(transport):
+def test_an_unknown_transport_is_refused(monkeypatch):
     from funnel.recall.loop import SparseTableOptimizer
 
     model = torch.nn.Embedding(4, 2)
     with pytest.raises(ValueError, match="transport"):
-        SparseTableOptimizer(model, [model], lr=0.1, weight_decay=0.0, transport=transport)
+        SparseTableOptimizer(model, [model], lr=0.1, weight_decay=0.0, transport="shm")
+    monkeypatch.setenv(shm.TRANSPORT_ENV, "tcp")
+    with pytest.raises(ValueError, match=shm.TRANSPORT_ENV):
+        SparseTableOptimizer(model, [model], lr=0.1, weight_decay=0.0)
+
+
+def test_a_full_directory_is_an_error_that_says_what_to_do(tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shm.os, "posix_fallocate", full)
+    ex = object.__new__(shm.SharedMemoryExchange)
+    ex.world, ex._own, ex._fresh, ex._prefix = World(0, 2), None, [], str(tmp_path / "funnel-grad-x")
+    with pytest.raises(RuntimeError, match=f"No space left on device.*--shm-size.*{shm.TRANSPORT_ENV}=gloo"):
+        ex._grow(10)
