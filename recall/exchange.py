@@ -16,7 +16,8 @@ took about 53 ms. When every rank runs on one host, this exchange replaces both:
 
 Each rank's file holds two message slots used in turn, so a rank may write its next
 message while a slower one still reads the last. A file's name is removed one exchange
-after it appears (every rank has mapped it by then), so a killed run leaves nothing behind.
+after it appears (every rank has mapped it by then): a finished run leaves no file, a
+killed one at most the file of its latest growth per rank.
 """
 
 import mmap
@@ -36,6 +37,7 @@ SHM_DIR = "/dev/shm"
 """Where the message files live: a memory-backed file system on Linux."""
 
 MIN_SLOT_BYTES = 1 << 20
+"""Smallest message slot: small models' messages never make the file grow."""
 
 MIN_FREE_BYTES = 64 << 20
 """Free space ``directory`` must have per rank for the exchange to be chosen: a two-tower step
@@ -47,7 +49,7 @@ TRANSPORT_ENV = "FUNNEL_GRAD_TRANSPORT"
 
 
 def shared_memory_usable(world: World, directory: str = SHM_DIR) -> bool:
-    """Whether every rank runs on this host, over gloo, with ``directory`` writable (a collective: every rank must call it).
+    """Whether every rank runs on this host, over gloo, with :data:`MIN_FREE_BYTES` per rank free in ``directory`` (a collective: every rank must call it).
 
     Args:
         world: the distributed setting (a world of one needs no exchange: False).
