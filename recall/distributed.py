@@ -4,9 +4,9 @@ Every process reads the log and builds the same arrays; each trains on its own e
 share of every epoch's examples, and the gradients are averaged (DistributedDataParallel
 for the dense parameters, :func:`average_sparse_gradient` for sparse id tables; both in
 one exchange through shared memory when every process runs on one host,
-:mod:`recall.exchange`), so N processes see N times the samples in the same time. Decisions that end a loop
-(budget, early stopping) are taken once for all ranks, so no rank waits for a
-collective the others skipped. Outside ``torchrun`` this is a world of one and every
+:mod:`recall.exchange`), so N processes see N times the samples in the same time.
+Decisions that end a loop (budget, early stopping) are taken once for all ranks, so no
+rank waits for a collective the others skipped. Outside ``torchrun`` this is a world of one and every
 helper is a no-op.
 """
 
