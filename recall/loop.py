@@ -7,9 +7,11 @@ behave the same for every model.
 """
 
 import copy
+import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -62,7 +64,12 @@ class Validation:
 
 
 class Task(Protocol):
-    """What a model supplies to :func:`train_loop`."""
+    """What a model supplies to :func:`train_loop`.
+
+    A task may also have ``prefetch(idx)``: build the inputs of the batch ``idx`` ahead,
+    for its next ``loss(idx)``. The loop calls it with the next batch while the ranks
+    exchange gradients (:meth:`SparseTableOptimizer.reduce_gradients`).
+    """
 
     def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
         """Example indices of the next epoch, in order (the same on every rank; the loop shards them)."""
@@ -181,14 +188,19 @@ class SparseTableOptimizer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
-    def reduce_gradients(self) -> None:
+    def reduce_gradients(self, while_waiting: Callable[[], None] | None = None) -> None:
         """After the backward pass: sum each table gradient's repeated rows, and under DDP average it across ranks
-        (with DDP's dense buckets, when they travel through shared memory)."""
+        (with DDP's dense buckets, when they travel through shared memory).
+
+        Args:
+            while_waiting: work that needs no gradient (the next batch's inputs), done while
+                this rank waits for the others' messages (shared-memory exchange only).
+        """
         for p in self.sparse_parameters:
             if p.grad is not None:
                 self.lazy.coalesce_grad(p)  # one value per row travels
         if self.shared is not None:
-            self.shared.average(self.sparse_parameters)
+            self.shared.average(self.sparse_parameters, while_waiting)
         elif self.world.distributed:
             for p in self.sparse_parameters:
                 if p.grad is not None:
@@ -332,12 +344,14 @@ def train_loop(
         order = distributed.shard(task.epoch_order(rng), world)
         total, steps, seen = 0.0, 0, 0
         clock.start_epoch()
+        prefetch = getattr(task, "prefetch", None)
+        nxt = order[: cfg.batch_size]
         for lo in tqdm(range(0, len(order), cfg.batch_size), desc=f"{cfg.name} epoch {epoch + 1}", disable=not progress, leave=False):
-            idx = order[lo : lo + cfg.batch_size]
+            idx, nxt = nxt, order[lo + cfg.batch_size : lo + 2 * cfg.batch_size]
             loss = task.loss(idx)
             opt.zero_grad()
             loss.backward()
-            opt.reduce_gradients()
+            opt.reduce_gradients(while_waiting=functools.partial(prefetch, nxt) if prefetch is not None and len(nxt) else None)
             if cfg.grad_clip:
                 opt.clip_grad_norm(cfg.grad_clip)
             opt.step()

@@ -287,14 +287,25 @@ class _NextItemTask:
     device: torch.device
     samples_per_epoch: int
     validate: Callable[[], Validation]
+    _ready: tuple | None = None  # (idx, inputs) that prefetch prepared for the next loss
 
     def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
         return epoch_sample(rng, len(self.users), self.samples_per_epoch)
 
+    def prefetch(self, idx: np.ndarray) -> None:
+        """Build the inputs of ``idx`` now (the loop calls it while the ranks exchange gradients)."""
+        self._ready = (idx, self._inputs(idx))
+
     def loss(self, idx: np.ndarray) -> torch.Tensor:
+        ready, self._ready = self._ready, None
+        inputs = ready[1] if ready is not None and ready[0] is idx else self._inputs(idx)
+        return self.trainer(*inputs)
+
+    def _inputs(self, idx: np.ndarray) -> tuple:
+        """The user windows as tensors and the targets of examples ``idx``."""
         seqs = self.data.seqs
         w = seqs.window(self.positions[idx], self.history, seqs.offsets[self.users[idx]])
-        return self.trainer(user_tensors(w, seqs.ts[self.positions[idx]], self.device), torch.from_numpy(self.targets[idx]).to(self.device))
+        return user_tensors(w, seqs.ts[self.positions[idx]], self.device), torch.from_numpy(self.targets[idx]).to(self.device)
 
 
 def _validate(model: TwoTower, data: Dataset, users: np.ndarray, positions: np.ndarray, known: np.ndarray) -> Validation:

@@ -55,13 +55,15 @@ def _exchange_rank(rank: int, init: str, directory: str, out: str) -> None:
         ex = shm.SharedMemoryExchange(World(rank, 2), "float32", directory=directory)
         table = torch.nn.Parameter(torch.zeros(ROWS, DIM))
         results = []
+        waited = []
         for step in range(4):
             rows, values, bucket = _rank_inputs(rank, step)
             dense = torch.from_numpy(bucket.copy())
             ex.defer(None, _Bucket(dense)).wait()
             table.grad = _sparse(rows, values)
-            ex.average([table])
+            ex.average([table], while_waiting=lambda: waited.append(step))
             results.append((table.grad.indices()[0].tolist(), table.grad.values().numpy().copy(), dense.numpy().copy(), ex._own.generation))
+        assert waited == [0, 1, 2, 3]
         ex.close()
         torch.save(results, out)
     finally:

@@ -1,11 +1,13 @@
 import time
 
+import numpy as np
+
 import torch
 
 from funnel.events.split import leave_last_out
 from funnel.recall.loop import EpochClock, SparseTableOptimizer
 from funnel.recall.model import TwoTower, TwoTowerConfig, frozen_for_inference, masked_softmax, sampled_softmax_loss
-from funnel.recall.train import TwoTowerTrainConfig, evaluate_targets, known_items, train_two_tower
+from funnel.recall.train import TwoTowerTrainConfig, _NextItemTask, evaluate_targets, known_items, train_two_tower
 
 
 def test_sampled_softmax_masks_duplicate_targets():
@@ -75,6 +77,22 @@ def test_sampled_epochs_and_a_spent_budget_bound_the_samples(tiny_data):
     # A budget already spent: one epoch still runs (early stopping needs a model), cut after its first batch.
     model, spent = train_two_tower(tiny_data, split, train_config=TwoTowerTrainConfig(epochs=5, max_seconds=1e-9, **base), progress=False)
     assert [e["samples"] for e in spent["epochs"]] == [32] and model is not None
+
+
+def test_prefetched_inputs_serve_the_next_loss_of_the_same_batch_only(tiny_data):
+    users, positions = leave_last_out(tiny_data.seqs).train_targets(tiny_data.seqs)
+    targets = tiny_data.seqs.items[positions]
+    task = _NextItemTask(lambda *inputs: inputs, tiny_data, users, positions, targets, 5, torch.device("cpu"), 0, lambda: None)
+    idx, other = np.arange(8), np.arange(8)
+    task.prefetch(idx)
+    ready = task._ready[1]
+    used = task.loss(idx)
+    assert used[0] is ready[0] and used[1] is ready[1]  # built while the ranks exchanged gradients, not again
+    fresh = task.loss(idx)  # used once
+    assert fresh[0] is not ready[0] and all(torch.equal(a, b) for a, b in zip(fresh[0], ready[0]))
+    task.prefetch(idx)
+    ready = task._ready[1]
+    assert task.loss(other)[0] is not ready[0] and task._ready is None  # another batch: built anew, the prefetch dropped
 
 
 def test_sparse_table_clipping_matches_dense_clipping():
