@@ -45,8 +45,11 @@ MIN_FREE_BYTES = 64 << 20
 at 4M items writes about 5 MB, and each file holds two slots of twice the largest message.
 (Docker gives containers 64 MB of ``/dev/shm`` unless told otherwise.)"""
 
+TRANSPORTS = ("auto", "shared", "gloo")
+"""How gradients may travel between training processes (:class:`recall.loop.SparseTableOptimizer`)."""
+
 TRANSPORT_ENV = "FUNNEL_GRAD_TRANSPORT"
-"""Environment variable that picks how training processes exchange gradients: ``auto``, ``shared`` or ``gloo``."""
+"""Environment variable that picks one of :data:`TRANSPORTS` when the code does not."""
 
 
 def shared_memory_usable(world: World, directory: str = SHM_DIR) -> bool:

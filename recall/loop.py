@@ -21,13 +21,10 @@ from tqdm import tqdm
 
 from funnel.recall import distributed
 from funnel.recall.allocator import steady_steps
-from funnel.recall.exchange import TRANSPORT_ENV, SharedMemoryExchange, shared_memory_usable
+from funnel.recall.exchange import TRANSPORT_ENV, TRANSPORTS, SharedMemoryExchange, shared_memory_usable
 from funnel.recall.lazy_adam import LazyAdam
 
 log = logging.getLogger("funnel.train")
-
-TRANSPORTS = ("auto", "shared", "gloo")
-"""How gradients may travel between ranks (:class:`SparseTableOptimizer`)."""
 
 BUDGET_CHECK_STEPS = 16
 """Under DDP, steps between budget checks (each one waits for every rank)."""
