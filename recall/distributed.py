@@ -6,8 +6,8 @@ for the dense parameters, :func:`average_sparse_gradient` for sparse id tables; 
 one exchange through shared memory when every process runs on one host,
 :mod:`recall.exchange`), so N processes see N times the samples in the same time.
 Decisions that end a loop (budget, early stopping) are taken once for all ranks, so no
-rank waits for a collective the others skipped. Outside ``torchrun`` this is a world of one and every
-helper is a no-op.
+rank waits for a collective the others skipped. Outside ``torchrun`` this is a world of
+one and every helper is a no-op.
 """
 
 import datetime
