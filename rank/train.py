@@ -433,12 +433,18 @@ class _GroupTask:
     listwise_weight: float
     device: torch.device
     valid: "ValidationSet"
+    _ready: tuple | None = None  # (idx, batch) that prefetch gathered for the next loss
 
     def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
         return rng.permutation(len(self.labels))
 
+    def prefetch(self, idx: np.ndarray) -> None:
+        """Gather the features of ``idx`` now (the loop calls it while the ranks exchange gradients)."""
+        self._ready = (idx, self.feats.take(idx).to_torch(self.device))
+
     def loss(self, idx: np.ndarray) -> torch.Tensor:
-        batch = self.feats.take(idx).to_torch(self.device)
+        ready, self._ready = self._ready, None
+        batch = ready[1] if ready is not None and ready[0] is idx else self.feats.take(idx).to_torch(self.device)
         logits, _ = self.trainer(batch)  # [b, G, H]
         return ranking_loss(logits, torch.from_numpy(self.labels[idx]).to(self.device), batch["cand_items"] > 0, self.heads, self.listwise_weight)
 

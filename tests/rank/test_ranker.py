@@ -6,10 +6,10 @@ from funnel.events.sequences import Window
 from funnel.events.split import leave_last_out
 from funnel.events.timegap import gap_buckets
 from funnel.rank.business import BusinessTables
-from funnel.rank.features import FeatureTables, build_features, dense_names, recall_ranks
+from funnel.rank.features import FeatureTables, RankFeatures, build_features, dense_names, recall_ranks
 from funnel.rank.model import Ranker, RankerConfig, combine_heads, frozen_ranker, head_probabilities, ranking_loss
 from funnel.rank.pipeline import TwoStage
-from funnel.rank.train import RankerTrainConfig, head_labels, held_out_view, heads_for, make_groups, train_ranker
+from funnel.rank.train import RankerTrainConfig, _GroupTask, head_labels, held_out_view, heads_for, make_groups, train_ranker
 from funnel.recall.channels import CoVisitation, Popularity
 from funnel.recall.index import IndexSpec, build_index
 from funnel.recall.retriever import Retriever
@@ -208,6 +208,29 @@ def test_ranker_trains_multi_task_on_tiny_data(tiny_data, tiny_stages):
     assert ranked.history_behaviors.shape == ranked.history_items.shape == ranked.history_ts.shape
     buy_only = pipe.recommend(window, seqs.ts[pos[:8]], pos[:8] - seqs.offsets[users[:8]], seqs.history_matrix(users[:8], pos[:8], tiny_data.items.size), head_weights={"click": 0.0, "cart_fav": 0.0, "buy": 1.0}).ranked
     assert (np.diff(np.where(real, buy_only.head_scores["buy"], -1), axis=1) <= 0).all()  # per-call weights reorder the list
+
+
+def test_prefetched_features_serve_the_next_loss_of_the_same_batch_only():
+    rng = np.random.default_rng(0)
+    ids = ("hist_items", "hist_categories", "hist_behaviors", "hist_gaps", "cand_items", "cand_categories", "cand_channels")
+    feats = RankFeatures(**{name: rng.integers(1, 5, (16, 3)) for name in ids}, dense=rng.random((16, 3, 2), dtype=np.float32))  # 16 groups of 3
+    seen = []
+
+    def trainer(batch):
+        seen.append(batch)
+        return torch.zeros(len(batch["cand_items"]), 3, 1), None  # [b, G, H] logits, no attention
+
+    task = _GroupTask(trainer, feats, np.zeros((16, 3, 1), np.float32), ("click",), 1.0, torch.device("cpu"), None)
+    idx, other = np.arange(4), np.arange(4, 8)
+    task.prefetch(idx)
+    ready = task._ready[1]
+    task.loss(idx)
+    assert seen[-1] is ready  # gathered while the ranks exchanged gradients, not again
+    task.loss(idx)
+    assert seen[-1] is not ready and all(torch.equal(seen[-1][k], ready[k]) for k in ready)  # used once
+    task.prefetch(idx)
+    task.loss(other)
+    assert torch.equal(seen[-1]["cand_items"], torch.from_numpy(feats.cand_items[other])) and task._ready is None  # another batch: gathered anew
 
 
 def test_frozen_ranker_scores_like_the_module_at_any_shape():
