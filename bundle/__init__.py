@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from funnel.events.dataset import Dataset, file_sha256
+from funnel.events.dataset import Dataset, file_sha256, load_mapped
 from funnel.rank.business import BusinessTables
 from funnel.rank.contract import ranker_classes
 from funnel.rank.features import dense_names
@@ -468,7 +468,7 @@ def load_bundle(path: str, device: str = "cpu", candidates: dict[str, int] | Non
         two_tower = _load_model(join("recall", "two_tower.pt"), TwoTower, TwoTowerConfig).to(device)
         # Bundles written before the kind was recorded hold the DIN-style ranker.
         ranker = _load_model(join("rank", "ranker.pt"), *ranker_classes(manifest.get("ranker_kind", Ranker.kind))).to(device)
-        item_vecs = np.load(join(VECTORS_FILE), mmap_mode="r")  # shared by the server processes through the page cache
+        item_vecs = load_mapped(join(VECTORS_FILE))  # shared by the server processes through the page cache
         spec = IndexSpec.parse(manifest["index_spec"])
         index = load_index(join(INDEX_FILE), spec)
         # Bundles written before the channels were recorded hold the two built-in ones.

@@ -45,7 +45,11 @@ class UserHistory:
         user = int(data.users.encode([query.user_id])[0])
         lo, hi = (data.seqs.offsets[user], data.seqs.offsets[user + 1]) if user != PAD else (0, 0)
         recent = (*self._logged(query.user_id, lo, hi), *query.recent_events)
-        items = data.items.encode([e.item_id for e in recent]) if recent else np.zeros(0, np.int64)
+        seqs = data.seqs
+        if not recent:
+            # Nothing newer than the bundle: the user's part of it, already in time order, as read-only views.
+            return Sequences(np.array([0, hi - lo], np.int64), seqs.items[lo:hi], seqs.categories[lo:hi], seqs.behaviors[lo:hi], seqs.ts[lo:hi])
+        items = data.items.encode([e.item_id for e in recent])
         known = items != PAD
         if not known.all():
             # Items newer than the bundle cannot be embedded yet; they count once a rebuild includes them.
@@ -56,10 +60,10 @@ class UserHistory:
         n = hi - lo + len(items)
         return Sequences.from_encoded(
             np.zeros(n, np.int64),
-            np.concatenate([data.seqs.items[lo:hi], items]),
-            np.concatenate([data.seqs.categories[lo:hi], data.item_category[items]]),
-            np.concatenate([data.seqs.behaviors[lo:hi], behaviors]),
-            np.concatenate([data.seqs.ts[lo:hi], ts]),
+            np.concatenate([seqs.items[lo:hi], items]),
+            np.concatenate([seqs.categories[lo:hi], data.item_category[items]]),
+            np.concatenate([seqs.behaviors[lo:hi], behaviors]),
+            np.concatenate([seqs.ts[lo:hi], ts]),
             1,
         )
 
