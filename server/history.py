@@ -47,7 +47,7 @@ class UserHistory:
         recent = (*self._logged(query.user_id, lo, hi), *query.recent_events)
         seqs = data.seqs
         if not recent:
-            # Nothing newer than the bundle: the user's part of it, already in time order, as read-only views.
+            # Nothing newer than the bundle: the user's part of it, already in time order, as views (nothing downstream writes to them).
             return Sequences(np.array([0, hi - lo], np.int64), seqs.items[lo:hi], seqs.categories[lo:hi], seqs.behaviors[lo:hi], seqs.ts[lo:hi])
         items = data.items.encode([e.item_id for e in recent])
         known = items != PAD
