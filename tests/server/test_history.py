@@ -31,4 +31,6 @@ def test_recent_events_merge_into_the_bundle_history_in_time_order(tiny_data):
     middle = int(seqs.ts[lo:hi][len(seqs.ts[lo:hi]) // 2])
     got = history.sequence(RecommendQuery(user_id=str(tiny_data.users.decode([user])[0]), k=5, recent_events=(Event(item, "buy", middle),)))
     assert len(got) == hi - lo + 1 and (np.diff(got.ts) >= 0).all()
+    at = np.searchsorted(seqs.ts[lo:hi], middle, side="right")  # after the bundle's events of the same second
+    np.testing.assert_array_equal(got.items, np.insert(seqs.items[lo:hi], at, seqs.items[lo]))
     assert not np.shares_memory(got.items, seqs.items)
