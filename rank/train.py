@@ -18,7 +18,7 @@ the validation target; the test target is never read.
 
 import dataclasses
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from funnel.rank.model import HEAD_BEHAVIORS, HEADS, Ranker, RankerConfig, ranki
 from funnel.rank.pipeline import TwoStage
 from funnel.rank.schema import fit_feature_tables
 from funnel.recall import distributed
-from funnel.recall.loop import EpochClock, LoopConfig, SparseTableOptimizer, Validation, pick_device, train_loop
+from funnel.recall.loop import EpochClock, LoopConfig, Prefetched, SparseTableOptimizer, Validation, pick_device, train_loop
 from funnel.recall.plugin import fit_channels
 from funnel.recall.retriever import Candidates, Retriever
 from funnel.recall.warm import grown
@@ -433,20 +433,22 @@ class _GroupTask:
     listwise_weight: float
     device: torch.device
     valid: "ValidationSet"
-    _ready: tuple | None = None  # (idx, batch) that prefetch gathered for the next loss
+    _ready: Prefetched = field(default_factory=Prefetched)
 
     def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
         return rng.permutation(len(self.labels))
 
     def prefetch(self, idx: np.ndarray) -> None:
         """Gather the features of ``idx`` now (the loop calls it while the ranks exchange gradients)."""
-        self._ready = (idx, self.feats.take(idx).to_torch(self.device))
+        self._ready.put(idx, self._batch(idx))
 
     def loss(self, idx: np.ndarray) -> torch.Tensor:
-        ready, self._ready = self._ready, None
-        batch = ready[1] if ready is not None and ready[0] is idx else self.feats.take(idx).to_torch(self.device)
+        batch = self._ready.take(idx, self._batch)
         logits, _ = self.trainer(batch)  # [b, G, H]
         return ranking_loss(logits, torch.from_numpy(self.labels[idx]).to(self.device), batch["cand_items"] > 0, self.heads, self.listwise_weight)
+
+    def _batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        return self.feats.take(idx).to_torch(self.device)
 
     def validate(self) -> Validation:
         metrics = self.valid.evaluate() if len(self.valid) else {}

@@ -78,6 +78,28 @@ class Task(Protocol):
         """Validation of the model as it stands (eval mode)."""
 
 
+class Prefetched:
+    """The inputs of one batch, built ahead of its loss by a task's ``prefetch`` (see :class:`Task`).
+
+    They serve the next loss only, and only if it is for that same batch (the same index
+    array); any other loss builds its own.
+
+    Attributes:
+        held: ``(idx, inputs)`` waiting for the next loss, or None.
+    """
+
+    def __init__(self):
+        self.held: tuple | None = None
+
+    def put(self, idx: np.ndarray, inputs) -> None:
+        self.held = (idx, inputs)
+
+    def take(self, idx: np.ndarray, build: Callable[[np.ndarray], object]):
+        """The held inputs when they are ``idx``'s, else ``build(idx)``; nothing stays held."""
+        held, self.held = self.held, None
+        return held[1] if held is not None and held[0] is idx else build(idx)
+
+
 class EarlyStopping:
     """Keeps the best weights by a validation score and says when to stop.
 

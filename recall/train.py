@@ -4,7 +4,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from funnel.evaluation.metrics import summarize, target_ranks
 from funnel.events.dataset import Dataset
 from funnel.events.split import Split, subsample
 from funnel.recall import distributed
-from funnel.recall.loop import EpochClock, LoopConfig, SparseTableOptimizer, Validation, pick_device, train_loop
+from funnel.recall.loop import EpochClock, LoopConfig, Prefetched, SparseTableOptimizer, Validation, pick_device, train_loop
 from funnel.recall.model import TwoTower, TwoTowerConfig, sampled_softmax_loss, user_tensors
 from funnel.recall.scoring import exact_topk
 from funnel.recall.warm import freeze_rows, grown
@@ -287,19 +287,17 @@ class _NextItemTask:
     device: torch.device
     samples_per_epoch: int
     validate: Callable[[], Validation]
-    _ready: tuple | None = None  # (idx, inputs) that prefetch prepared for the next loss
+    _ready: Prefetched = field(default_factory=Prefetched)
 
     def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
         return epoch_sample(rng, len(self.users), self.samples_per_epoch)
 
     def prefetch(self, idx: np.ndarray) -> None:
         """Build the inputs of ``idx`` now (the loop calls it while the ranks exchange gradients)."""
-        self._ready = (idx, self._inputs(idx))
+        self._ready.put(idx, self._inputs(idx))
 
     def loss(self, idx: np.ndarray) -> torch.Tensor:
-        ready, self._ready = self._ready, None
-        inputs = ready[1] if ready is not None and ready[0] is idx else self._inputs(idx)
-        return self.trainer(*inputs)
+        return self.trainer(*self._ready.take(idx, self._inputs))
 
     def _inputs(self, idx: np.ndarray) -> tuple:
         """The user windows as tensors and the targets of examples ``idx``."""

@@ -41,11 +41,10 @@ class UserHistory:
         Returns:
             A one-user :class:`Sequences`.
         """
-        data = self.data
+        data, seqs = self.data, self.data.seqs
         user = int(data.users.encode([query.user_id])[0])
-        lo, hi = (data.seqs.offsets[user], data.seqs.offsets[user + 1]) if user != PAD else (0, 0)
+        lo, hi = (seqs.offsets[user], seqs.offsets[user + 1]) if user != PAD else (0, 0)
         recent = (*self._logged(query.user_id, lo, hi), *query.recent_events)
-        seqs = data.seqs
         if not recent:
             # Nothing newer than the bundle: the user's part of it, already in time order, as views (nothing downstream writes to them).
             return Sequences(np.array([0, hi - lo], np.int64), seqs.items[lo:hi], seqs.categories[lo:hi], seqs.behaviors[lo:hi], seqs.ts[lo:hi])

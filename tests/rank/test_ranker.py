@@ -223,14 +223,14 @@ def test_prefetched_features_serve_the_next_loss_of_the_same_batch_only():
     task = _GroupTask(trainer, feats, np.zeros((16, 3, 1), np.float32), ("click",), 1.0, torch.device("cpu"), None)
     idx, other = np.arange(4), np.arange(4, 8)
     task.prefetch(idx)
-    ready = task._ready[1]
+    ready = task._ready.held[1]
     task.loss(idx)
     assert seen[-1] is ready  # gathered while the ranks exchanged gradients, not again
     task.loss(idx)
     assert seen[-1] is not ready and all(torch.equal(seen[-1][k], ready[k]) for k in ready)  # used once
     task.prefetch(idx)
     task.loss(other)
-    assert torch.equal(seen[-1]["cand_items"], torch.from_numpy(feats.cand_items[other])) and task._ready is None  # another batch: gathered anew
+    assert torch.equal(seen[-1]["cand_items"], torch.from_numpy(feats.cand_items[other])) and task._ready.held is None  # another batch: gathered anew
 
 
 def test_frozen_ranker_scores_like_the_module_at_any_shape():

@@ -85,14 +85,14 @@ def test_prefetched_inputs_serve_the_next_loss_of_the_same_batch_only(tiny_data)
     task = _NextItemTask(lambda *inputs: inputs, tiny_data, users, positions, targets, 5, torch.device("cpu"), 0, lambda: None)
     idx, other = np.arange(8), np.arange(8)
     task.prefetch(idx)
-    ready = task._ready[1]
+    ready = task._ready.held[1]
     used = task.loss(idx)
     assert used[0] is ready[0] and used[1] is ready[1]  # built while the ranks exchanged gradients, not again
     fresh = task.loss(idx)  # used once
     assert fresh[0] is not ready[0] and all(torch.equal(a, b) for a, b in zip(fresh[0], ready[0]))
     task.prefetch(idx)
-    ready = task._ready[1]
-    assert task.loss(other)[0] is not ready[0] and task._ready is None  # another batch: built anew, the prefetch dropped
+    ready = task._ready.held[1]
+    assert task.loss(other)[0] is not ready[0] and task._ready.held is None  # another batch: built anew, the prefetch dropped
 
 
 def test_sparse_table_clipping_matches_dense_clipping():
