@@ -3,7 +3,7 @@
 Every process reads the log and builds the same arrays; each trains on its own equal
 share of every epoch's examples, and the gradients are averaged (DistributedDataParallel
 for the dense parameters, :func:`average_sparse_gradient` for sparse id tables; both in
-one exchange through shared memory when every process runs on one host,
+one exchange through shared memory, a step late, when every process runs on one host:
 :mod:`recall.exchange`), so N processes see N times the samples in the same time.
 Decisions that end a loop (budget, early stopping) are taken once for all ranks, so no
 rank waits for a collective the others skipped. Outside ``torchrun`` this is a world of
@@ -97,7 +97,8 @@ def wrap(module: torch.nn.Module, world: World, ignore: list[torch.Tensor] | Non
             another way (:func:`average_sparse_gradient`). They are copied from rank 0 here,
             as DDP copies the others.
         comm_hook: a DDP communication hook ``(state, bucket) -> Future`` to average the
-            buckets with (e.g. :meth:`recall.exchange.SharedMemoryExchange.defer`); None: DDP's all-reduce.
+            buckets with, or to leave them to another exchange
+            (:meth:`recall.exchange.SharedMemoryExchange.defer`); None: DDP's all-reduce.
     """
     if not world.distributed:
         return module

@@ -138,9 +138,11 @@ class SparseTableOptimizer:
 
     Under DDP the tables' gradients are averaged by :meth:`reduce_gradients`, not by DDP
     (wrap the model with ``distributed.wrap(..., ignore=opt.sparse_parameters, comm_hook=opt.comm_hook)``).
-    When every rank runs on one host, :meth:`reduce_gradients` averages DDP's dense
-    buckets too, in the same exchange through shared memory (:mod:`recall.exchange`);
-    otherwise DDP all-reduces them and the tables' rows travel by gloo.
+    When every rank runs on one host, :meth:`reduce_gradients` averages the dense
+    gradients too, in the same exchange through shared memory (:mod:`recall.exchange`),
+    one step late: each step applies the previous step's mean, and
+    :meth:`flush_gradients` brings the last one after an epoch's steps. Otherwise DDP
+    all-reduces the dense gradients and the tables' rows travel by gloo, in step.
 
     Args:
         model: the module being trained.
@@ -179,8 +181,9 @@ class SparseTableOptimizer:
         for table in tables:
             table.sparse = True
         self.params = list(model.parameters())
+        self.dense = [p for p in self.params if id(p) not in sparse]
         self.optimizers: list[torch.optim.Optimizer] = [
-            torch.optim.AdamW([p for p in self.params if id(p) not in sparse], lr=lr, weight_decay=weight_decay)
+            torch.optim.AdamW(self.dense, lr=lr, weight_decay=weight_decay)
         ]
         self.lazy = LazyAdam([t.weight for t in tables], lr=lr) if tables else None
         if self.lazy is not None:
@@ -190,7 +193,7 @@ class SparseTableOptimizer:
             self.exchange = "float32" if shared else "bfloat16"
         self.shared = SharedMemoryExchange(world, self.exchange) if shared else None
         if world.distributed and world.main and tables:
-            how = "one shared-memory exchange a step" if shared else "DDP all-reduce and a gloo all-gather"
+            how = "one shared-memory exchange a step, a step late" if shared else "DDP all-reduce and a gloo all-gather"
             log.info("gradients averaged across %d processes by %s (table rows as %s)", world.size, how, self.exchange)
 
     @property
@@ -209,7 +212,8 @@ class SparseTableOptimizer:
 
     def reduce_gradients(self, while_waiting: Callable[[], None] | None = None) -> None:
         """After the backward pass: sum each table gradient's repeated rows, and under DDP average it across ranks
-        (with DDP's dense buckets, when they travel through shared memory).
+        (with the dense gradients, when they travel through shared memory: then the
+        gradients left are the previous step's means, or None at an epoch's first step).
 
         Args:
             while_waiting: work that needs no gradient (the next batch's inputs), done while
@@ -219,11 +223,19 @@ class SparseTableOptimizer:
             if p.grad is not None:
                 self.lazy.coalesce_grad(p)  # one value per row travels
         if self.shared is not None:
-            self.shared.average(self.sparse_parameters, while_waiting)
+            self.shared.exchange(self.dense, self.sparse_parameters, while_waiting)
         elif self.world.distributed:
             for p in self.sparse_parameters:
                 if p.grad is not None:
                     p.grad = distributed.average_sparse_gradient(p.grad, self.world, self.exchange)
+
+    def flush_gradients(self) -> bool:
+        """After an epoch's last step: the mean of that step's gradients, which the shared-memory exchange holds back a step.
+
+        Returns:
+            Whether gradients are waiting to be applied (clip and :meth:`step` them).
+        """
+        return self.shared is not None and self.shared.flush(self.sparse_parameters)
 
     def clip_grad_norm(self, max_norm: float) -> None:
         """Scale every gradient, sparse ones included, so their joint L2 norm is at most ``max_norm``."""
@@ -323,6 +335,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _apply(opt: SparseTableOptimizer, cfg: LoopConfig) -> None:
+    """Clip (when configured) and apply the gradients the parameters hold."""
+    if cfg.grad_clip:
+        opt.clip_grad_norm(cfg.grad_clip)
+    opt.step()
+
+
 @steady_steps()  # a step's freed buffers serve the next step (recall.allocator)
 def train_loop(
     model: torch.nn.Module,
@@ -371,14 +390,14 @@ def train_loop(
             opt.zero_grad()
             loss.backward()
             opt.reduce_gradients(while_waiting=functools.partial(prefetch, nxt) if prefetch is not None and len(nxt) else None)
-            if cfg.grad_clip:
-                opt.clip_grad_norm(cfg.grad_clip)
-            opt.step()
+            _apply(opt, cfg)
             total += loss.item()
             steps += 1
             seen += len(idx) * world.size
             if clock.max_seconds and steps % check_every == 0 and distributed.any_rank(clock.epoch_over(), world):
                 break
+        if opt.flush_gradients():  # the epoch's last step, held back by the exchange, lands before validation
+            _apply(opt, cfg)
         train_seconds = clock.epoch_seconds()
         model.eval()
         valid = task.validate()

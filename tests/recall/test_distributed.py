@@ -75,25 +75,41 @@ def _trained_on_rank(world: World, clip: float, exchange: str, transport: str) -
     assert (opt.shared is not None) == (transport == "shared")
     trainer = distributed.wrap(model, world, ignore=opt.sparse_parameters, comm_hook=opt.comm_hook)
     for history, targets in _batches(world.rank):
-        _step(opt, trainer(history, targets), clip)
+        opt.zero_grad()
+        trainer(history, targets).backward()
+        opt.reduce_gradients()
+        _apply(opt, clip)
+    if opt.flush_gradients():
+        _apply(opt, clip)
     opt.finish()
     return model.state_dict()
 
 
-def _train_alone(clip: float) -> dict:
+def _train_alone(clip: float, late: bool) -> dict:
+    """One process on both ranks' batches; ``late``: each step applies the previous step's gradients, as the shared-memory exchange does."""
     model = _toy()
+    params = list(model.parameters())
     opt = SparseTableOptimizer(model, [model.table], lr=0.05, weight_decay=0.0)
+    held = [None] * len(params)
     for (h0, t0), (h1, t1) in zip(_batches(0), _batches(1)):
-        _step(opt, (model(h0, t0) + model(h1, t1)) / 2, clip)  # DDP's average of the two processes' losses
+        opt.zero_grad()
+        ((model(h0, t0) + model(h1, t1)) / 2).backward()  # DDP's average of the two processes' losses
+        opt.reduce_gradients()
+        if late:
+            held, grads = [p.grad for p in params], held
+            for p, g in zip(params, grads):
+                p.grad = g
+        _apply(opt, clip)
+    if late:
+        for p, g in zip(params, held):
+            p.grad = g
+        _apply(opt, clip)
     opt.finish()
     return model.state_dict()
 
 
-def _step(opt: SparseTableOptimizer, loss: torch.Tensor, clip: float) -> None:
-    """One training step as :func:`recall.loop.train_loop` takes it."""
-    opt.zero_grad()
-    loss.backward()
-    opt.reduce_gradients()
+def _apply(opt: SparseTableOptimizer, clip: float) -> None:
+    """Clip and step, as :func:`recall.loop.train_loop` does."""
     if clip:
         opt.clip_grad_norm(clip)
     opt.step()
@@ -111,12 +127,14 @@ def test_two_processes_take_the_single_process_steps(tmp_path, clip, exchange, a
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0]
     ranks = [torch.load(o) for o in outs]
-    alone = _train_alone(clip)
+    alone = _train_alone(clip, late=transport == "shared")
     for name, value in alone.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # every process ends with the same model
         # bfloat16 rounds the table's gradients, so its steps are close to the single process's, not equal.
         assert torch.allclose(ranks[0][name], value, atol=atol), name
     assert not torch.allclose(alone["table.weight"], _toy().table.weight)  # the steps did move the table
+    if transport == "shared":  # a step late is not the same training: the comparison can tell them apart
+        assert not torch.allclose(_train_alone(clip, late=False)["table.weight"], ranks[0]["table.weight"], atol=atol)
 
 
 def test_outside_torchrun_gradients_are_left_as_they_are():

@@ -1,5 +1,6 @@
 import multiprocessing
 import os
+import time
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch.distributed as dist
 from funnel.recall import exchange as shm
 from funnel.recall.distributed import World
 
-ROWS, DIM = 50, 3
+ROWS, DIM, STEPS = 50, 3, 6
 
 
 def _sparse(rows: list[int], values: np.ndarray) -> torch.Tensor:
@@ -19,7 +20,7 @@ def _sparse(rows: list[int], values: np.ndarray) -> torch.Tensor:
 def _rank_inputs(rank: int, step: int) -> tuple[list[int], np.ndarray, np.ndarray]:
     """What rank ``rank`` sends at ``step``: sorted distinct rows (more each step), their values, a dense bucket."""
     rng = np.random.default_rng(10 * step + rank)
-    rows = sorted(rng.choice(ROWS, 4 + 10 * step, replace=False).tolist())
+    rows = sorted(rng.choice(ROWS, 4 + 8 * step, replace=False).tolist())
     return rows, rng.normal(size=(len(rows), DIM)).astype(np.float32), rng.normal(size=7).astype(np.float32)
 
 
@@ -54,23 +55,36 @@ def _exchange_rank(rank: int, init: str, directory: str, out: str) -> None:
     try:
         ex = shm.SharedMemoryExchange(World(rank, 2), "float32", directory=directory)
         table = torch.nn.Parameter(torch.zeros(ROWS, DIM))
+        weight = torch.nn.Parameter(torch.zeros(7))
         results = []
         waited = []
-        for step in range(4):
-            rows, values, bucket = _rank_inputs(rank, step)
-            dense = torch.from_numpy(bucket.copy())
-            ex.defer(None, _Bucket(dense)).wait()
+
+        def record() -> None:
+            results.append((table.grad.indices()[0].tolist(), table.grad.values().numpy().copy(), weight.grad.numpy().copy(), ex._own.generation))
+
+        for step in range(STEPS):
+            rows, values, dense = _rank_inputs(rank, step)
+            if rank == 1 and step == 2:
+                time.sleep(0.3)  # rank 0 runs ahead into the next exchange and waits there
+            weight.grad = torch.from_numpy(dense.copy())
             table.grad = _sparse(rows, values)
-            ex.average([table], while_waiting=lambda: waited.append(step))
-            results.append((table.grad.indices()[0].tolist(), table.grad.values().numpy().copy(), dense.numpy().copy(), ex._own.generation))
-        assert waited == [0, 1, 2, 3]
+            averaged = ex.exchange([weight], [table], while_waiting=lambda: waited.append(step))
+            assert averaged == (step > 0)
+            if step == 0:
+                assert table.grad is None and weight.grad is None  # nothing to apply before a previous step
+            else:
+                record()  # the mean of the step before
+        assert waited == list(range(STEPS))
+        assert ex.flush([table])
+        record()
+        assert not ex.flush([table])
         ex.close()
         torch.save(results, out)
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ranks_get_the_mean_through_growing_files_and_leave_none(tmp_path):
+def test_two_ranks_get_each_steps_mean_a_step_late_through_growing_files_and_leave_none(tmp_path):
     ctx = multiprocessing.get_context("fork")
     directory = tmp_path / "shm"
     directory.mkdir()
@@ -82,7 +96,8 @@ def test_two_ranks_get_the_mean_through_growing_files_and_leave_none(tmp_path):
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
     ranks = [torch.load(o, weights_only=False) for o in outs]
-    for step in range(4):
+    assert len(ranks[0]) == STEPS
+    for step in range(STEPS):
         rows, dense = _expected(step)
         for got in ranks:
             got_rows, got_values, got_dense, _ = got[step]
@@ -92,6 +107,12 @@ def test_two_ranks_get_the_mean_through_growing_files_and_leave_none(tmp_path):
         assert np.array_equal(ranks[0][step][1], ranks[1][step][1]) and np.array_equal(ranks[0][step][2], ranks[1][step][2])  # the same bits on both
     assert ranks[0][-1][3] > 0  # the files were replaced as the messages grew
     assert os.listdir(directory) == []
+
+
+def test_the_ddp_hook_leaves_each_bucket_as_computed():
+    buffer = torch.arange(5.0)
+    assert shm.SharedMemoryExchange.defer(None, _Bucket(buffer)).wait() is buffer
+    assert torch.equal(buffer, torch.arange(5.0))
 
 
 def test_a_world_of_one_needs_no_shared_memory():
@@ -115,6 +136,6 @@ def test_a_full_directory_is_an_error_that_says_what_to_do(tmp_path, monkeypatch
 
     monkeypatch.setattr(shm.os, "posix_fallocate", full)
     ex = object.__new__(shm.SharedMemoryExchange)
-    ex.world, ex._own, ex._fresh, ex._prefix = World(0, 2), None, [], str(tmp_path / "funnel-grad-x")
+    ex.world, ex._own, ex._fresh, ex._fresh_at, ex._exchanges, ex._prefix = World(0, 2), None, [], [], 1, str(tmp_path / "funnel-grad-x")
     with pytest.raises(RuntimeError, match=f"No space left on device.*--shm-size.*{shm.TRANSPORT_ENV}=gloo"):
         ex._grow(10)
