@@ -18,8 +18,9 @@ took about 53 ms. When every rank runs on one host, this exchange replaces both:
 The exchange runs one step behind: step ``t`` writes its message, then averages the
 messages of step ``t - 1``, which the other ranks wrote a whole step ago. A rank waits
 only when another is more than a step behind, so the ranks no longer meet at every step
-and one CPU's hiccup is absorbed instead of stalling both (on a busy 2-core machine the
-two-tower trained 5-13% faster this way). Every rank still applies the same averaged
+and one CPU's hiccup is absorbed instead of stalling both (on a busy 2-core machine,
+in five pairs of runs taking turns, two processes trained the two-tower 1-14% faster
+this way, median 8%). Every rank still applies the same averaged
 gradient, one step late: the first step of an epoch applies none, and
 :meth:`SharedMemoryExchange.flush` averages the last one before validation.
 
