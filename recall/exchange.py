@@ -128,8 +128,7 @@ class SharedMemoryExchange:
         self._own_before: _Mapping | None = None  # the file before the latest growth: it may hold the message being averaged
         self._exchanges = 0
         self._sent: _Sent | None = None
-        self._fresh: list[str] = []  # own files whose names the other ranks may not have opened yet
-        self._fresh_at: list[int] = []  # the exchange each of them appeared in
+        self._fresh: list[tuple[int, str]] = []  # (exchange it appeared in, name) of own files the other ranks may not have opened yet
         self._cleanup = weakref.finalize(self, _unlink, self._fresh)
 
     @staticmethod
@@ -159,7 +158,7 @@ class SharedMemoryExchange:
         widths = [p.shape[1] for p in tables]
         step = self._exchanges
         self._exchanges += 1
-        size = self._write(step % SLOTS, [p.grad for p in dense], [p.grad for p in tables], widths)
+        size = self._write(step, [p.grad for p in dense], [p.grad for p in tables], widths)
         announced = torch.empty(self.world.size, 2, dtype=torch.long)
         gathering = dist.all_gather_single(announced, torch.tensor([[self._own.generation, size]]), async_op=True)
         before, self._sent = self._sent, _Sent(step, gathering, announced, dense, widths)
@@ -203,9 +202,8 @@ class SharedMemoryExchange:
         sent.gathering.wait()
         # Every rank has started exchange sent.step, so each has read the messages of
         # sent.step - 2 and before: it has mapped every file that appeared by then.
-        while self._fresh_at and self._fresh_at[0] <= sent.step - 2:
+        while self._fresh and self._fresh[0][0] <= sent.step - 2:
             _unlink([self._fresh.pop(0)])
-            self._fresh_at.pop(0)
         slot = sent.step % SLOTS
         messages = [self._read(rank, slot, gen, nbytes, sent.dense, sent.widths) for rank, (gen, nbytes) in enumerate(sent.announced.tolist())]
         for p in sent.dense:
@@ -228,13 +226,13 @@ class SharedMemoryExchange:
             at += _aligned(n * d * self.wire.itemsize)
         return at, offsets
 
-    def _write(self, slot: int, dense: list[torch.Tensor], grads: list[torch.Tensor | None], widths: list[int]) -> int:
-        """Write this rank's message (dense gradients ``dense``, table gradients ``grads``) into its slot ``slot``; returns its size in bytes."""
+    def _write(self, step: int, dense: list[torch.Tensor], grads: list[torch.Tensor | None], widths: list[int]) -> int:
+        """Write this rank's message of exchange ``step`` (dense gradients ``dense``, table gradients ``grads``) into its slot; returns its size in bytes."""
         counts = [0 if g is None else g._nnz() for g in grads]
         size, offsets = self._layout(dense, counts, widths)
         if self._own is None or size > self._own.slot_bytes:
-            self._grow(size)
-        base = slot * self._own.slot_bytes
+            self._grow(size, step)
+        base = step % SLOTS * self._own.slot_bytes
         buf = self._own.buffer
         np.frombuffer(buf, np.int64, len(counts), base)[:] = counts
         flat = np.frombuffer(buf, np.float32, sum(g.numel() for g in dense), base + offsets[0])
@@ -250,14 +248,13 @@ class SharedMemoryExchange:
             values.view(counts[t], widths[t]).copy_(g._values())
         return size
 
-    def _grow(self, size: int) -> None:
-        """Replace this rank's file by one whose slots hold ``size`` bytes (twice that, to grow rarely)."""
+    def _grow(self, size: int, step: int) -> None:
+        """Replace this rank's file by one whose slots hold ``size`` bytes (twice that, to grow rarely), for exchange ``step``'s message."""
         generation = 0 if self._own is None else self._own.generation + 1
         slot_bytes = max(MIN_SLOT_BYTES, 2 * size)
         name = f"{self._prefix}-r{self.world.rank}-g{generation}"
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        self._fresh.append(name)
-        self._fresh_at.append(self._exchanges - 1)
+        self._fresh.append((step, name))
         try:
             try:
                 # Reserved now: a memory file system that runs out later kills the writer with SIGBUS.
@@ -332,10 +329,11 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // 8) * 8
 
 
-def _unlink(names: list[str]) -> None:
-    for name in names:
+def _unlink(fresh: list[tuple[int, str]]) -> None:
+    """Remove the named files (``(exchange, name)`` pairs; a file already gone is fine) and empty the list."""
+    for _, name in fresh:
         try:
             os.unlink(name)
         except FileNotFoundError:
             pass
-    names.clear()
+    fresh.clear()

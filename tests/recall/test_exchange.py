@@ -136,6 +136,6 @@ def test_a_full_directory_is_an_error_that_says_what_to_do(tmp_path, monkeypatch
 
     monkeypatch.setattr(shm.os, "posix_fallocate", full)
     ex = object.__new__(shm.SharedMemoryExchange)
-    ex.world, ex._own, ex._fresh, ex._fresh_at, ex._exchanges, ex._prefix = World(0, 2), None, [], [], 1, str(tmp_path / "funnel-grad-x")
+    ex.world, ex._own, ex._fresh, ex._prefix = World(0, 2), None, [], str(tmp_path / "funnel-grad-x")
     with pytest.raises(RuntimeError, match=f"No space left on device.*--shm-size.*{shm.TRANSPORT_ENV}=gloo"):
-        ex._grow(10)
+        ex._grow(10, 0)
