@@ -48,6 +48,19 @@ class Excluded:
         self.most_per_row = int(per_row.max(initial=0))
         self.keys = np.sort(np.repeat(np.arange(len(per_row), dtype=np.int64), per_row) * self.width + cols)
 
+    @classmethod
+    def from_keys(cls, keys: np.ndarray, width: int, most_per_row: int) -> "Excluded":
+        """Keys built elsewhere (:meth:`server.history.UserHistory.assemble`).
+
+        Args:
+            keys: sorted int64 ``row * width + item``, one per excluded (row, item) pair.
+            width: the catalogue size.
+            most_per_row: the most keys of one row.
+        """
+        out = cls.__new__(cls)
+        out.keys, out.width, out.most_per_row = keys, width, most_per_row
+        return out
+
     def pairs(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """bool: whether item ``cols[i]`` is excluded for user ``rows[i]``."""
         if not len(self.keys):

@@ -9,11 +9,10 @@ import numpy as np
 from funnel.bundle import Bundle, load_bundle
 from funnel.events.eventlog import UserEvent
 from funnel.events.schema import BEHAVIORS
-from funnel.events.sequences import Sequences
 from funnel.events.vocab import PAD
 from funnel.rank.pipeline import Ranked
-from funnel.recall.retriever import TWO_TOWER, Excluded
-from funnel.server.history import UserHistory, stack
+from funnel.recall.retriever import TWO_TOWER
+from funnel.server.history import UserHistory
 from funnel.server.query import Attended, BadQuery, Recommendation, RecommendQuery, RecommendResult
 from funnel.server.state import StateUnavailable, UserState
 
@@ -40,10 +39,11 @@ class Engine:
     def __init__(self, bundle: Bundle, state: UserState | None = None, runtime: str = "onnx"):
         self.bundle = bundle
         self.state = state
-        self.history = UserHistory(bundle.data, state)
+        self.history = UserHistory(bundle.data, state, bundle.data_end)
         self.pipeline = bundle.pipeline(runtime)
         data = bundle.data
-        self._data_end = bundle.data_end
+        for vocab in (data.users, data.items, data.categories):
+            vocab.prepare_lookup()  # here, not in the first request
         self._titles = data.item_title
         self._category_names = data.categories.decode(data.item_category)
         self._channel_names = np.array(self.pipeline.retriever.channel_names, dtype=object)  # channel id -> name, gathered per answer
@@ -131,31 +131,21 @@ class Engine:
         self, queries: list[RecommendQuery], category: int | None, two_tower: int, head_weights: tuple[tuple[str, float], ...], explain: bool
     ) -> list[RecommendResult]:
         started = time.perf_counter()
-        user_seqs = [self.history.sequence(q) for q in queries]
-        seqs = stack(user_seqs)
-        window = seqs.user_window(np.arange(len(queries)), self.pipeline.history)
-        now = np.array([max(self._data_end, int(s.ts.max()) if len(s) else 0) for s in user_seqs])  # [B]
-        exclude = Excluded([self.history.excluded(q, s) for q, s in zip(queries, user_seqs)], width=self.bundle.data.items.size)
+        hist = self.history.assemble(queries, self.pipeline.history)
         assembled = time.perf_counter()
-        out = self.pipeline.recommend(
-            window, now, seqs.lengths, exclude, category, head_weights=dict(head_weights) or None, two_tower=two_tower, attention=explain
-        )
+        weights = dict(head_weights) or None
+        out = self.pipeline.recommend(hist.window, hist.now, hist.activity, hist.exclude, category, head_weights=weights, two_tower=two_tower, attention=explain)
         effects = None
         if explain:
-            effects = self.pipeline.event_effects(window, now, seqs.lengths, out.ranked, max(q.k for q in queries), dict(head_weights) or None)  # [B, k, L]
+            effects = self.pipeline.event_effects(hist.window, hist.now, hist.activity, out.ranked, max(q.k for q in queries), weights)  # [B, k, L]
         # Stage times are the group's: every query in it waited for the whole pass. Recall
         # includes assembling the users' histories.
         timings = {"recall": _us(assembled - started + out.recall_s), "rank": _us(out.rank_s), "total": _us(time.perf_counter() - started)}
+        bases = [_basis(user, activity) for user, activity in zip(hist.users.tolist(), hist.activity.tolist())]
         return [
-            self._result(query, out.ranked, row, timings, self._basis(query, s), None if effects is None else effects[row])
-            for row, (query, s) in enumerate(zip(queries, user_seqs))
+            self._result(query, out.ranked, row, timings, basis, None if effects is None else effects[row])
+            for row, (query, basis) in enumerate(zip(queries, bases))
         ]
-
-    def _basis(self, query: RecommendQuery, seq: Sequences) -> str:
-        """What ``query``'s list is built from: the bundle's history, only newer events, or nothing (:data:`server.query.BASES`)."""
-        if self.bundle.data.users.encode([query.user_id])[0] != PAD:
-            return "known"
-        return "recent_events" if len(seq) else "popularity"
 
     def _result(self, query: RecommendQuery, ranked: Ranked, row: int, timings: dict[str, int], basis: str, effects: np.ndarray | None) -> RecommendResult:
         """Row ``row`` of a ranked batch as one query's answer; ``effects`` [k, L] of its events on its first items explain them."""
@@ -229,6 +219,18 @@ class Engine:
         events = [e if e.category_id or not item else dataclasses.replace(e, category_id=str(name)) for e, item, name in zip(events, items, names)]
         self.state.append(events)
         return int((items == PAD).sum())
+
+
+def _basis(user: int, activity: int) -> str:
+    """What a list is built from (:data:`server.query.BASES`): the bundle's history, only newer events, or nothing.
+
+    Args:
+        user: the user's bundle id (:data:`PAD` if the bundle does not know the user).
+        activity: events in the user's merged history.
+    """
+    if user != PAD:
+        return "known"
+    return "recent_events" if activity else "popularity"
 
 
 def _us(seconds: float) -> int:

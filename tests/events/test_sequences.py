@@ -4,7 +4,6 @@ from funnel.events.dataset import Dataset
 from funnel.events.readers import EventLog, ReadReport
 from funnel.events.sequences import Sequences
 from funnel.events.split import leave_last_out, make_split, time_split
-from funnel.events.vocab import Vocab
 import pandas as pd
 import pytest
 
@@ -70,27 +69,6 @@ def test_dataset_round_trip(tmp_path):
     assert back.item_category.tolist() == data.item_category.tolist()
     z = data.items.encode(["a", "z"])
     assert [list(data.tags.decode(back.item_tags[i][back.item_tags[i] > 0])) for i in z] == [["x", "y"], ["y"]]
-
-
-def test_vocab_encode_decode_unknown_and_persistence(tmp_path):
-    v = Vocab.fit(pd.Series(["x", "y", "x", "z"]))
-    assert v.encode(["y", "nope", "x"]).tolist() == [2, 0, 1]
-    assert v.decode(np.array([3, 0])).tolist() == ["z", ""]
-    assert v.size == 4
-    v2 = v.extend(["z", "w"])
-    assert v2.encode(["x", "w"]).tolist() == [1, 4]
-    v.save(str(tmp_path / "v.parquet"))
-    assert Vocab.load(str(tmp_path / "v.parquet")).encode(["z"]).tolist() == [3]
-
-
-def test_vocab_encodes_few_and_many_ids_alike():
-    v = Vocab.fit(pd.Series([f"id{i}" for i in range(500)] + ["", "None"]))
-    many = [f"id{i}" for i in range(0, 1000, 3)] + ["", "None", "nope"]  # over the one-by-one limit
-    want = v.encode(many)
-    assert want[:3].tolist() == [1, 4, 7] and want[-1] == 0
-    for lo in range(0, len(many), 7):
-        assert v.encode(many[lo : lo + 7]).tolist() == want[lo : lo + 7].tolist()
-    assert v.encode(np.array(many[-3:], dtype=object)).tolist() == want[-3:].tolist()
 
 
 def test_dataset_grow_keeps_ids_and_marks_the_added_events():
