@@ -225,58 +225,48 @@ def graph_top(
 
 
 @numba.njit(cache=True, nogil=True)
-def first_per_row(ids: np.ndarray, tags: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each row's distinct non-zero ids, with the tag of each id's first occurrence.
+def merge_rows(ids: np.ndarray, tags: np.ndarray, user_vecs: np.ndarray, item_vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's distinct ids, tagged by their first occurrence and ordered by their inner product with the row's user vector.
+
+    One compiled pass for what would be a dozen numpy calls per request (de-duplicate,
+    gather both vectors, score, sort, lay out), each of which costs tens of microseconds
+    when a request finds the caches cold.
 
     Args:
-        ids: [B, T] ids, 0 = padding.
+        ids: [B, T] ids, 0 (or below) = padding; an id's first occurrence in a row keeps its tag.
         tags: int8 [B, T] a tag per entry (the recall channel that found it).
+        user_vecs: float32 [B, d].
+        item_vecs: float32 [M, d].
 
     Returns:
-        (rows, ids, tags), each [E]: one entry per (row, distinct id), by row, then ascending id.
+        (ids int64, scores float32, tags int8), each [B, W] with W the most distinct ids
+        of a row; each row best score first, ties by ascending id; padding: id 0, score
+        -inf, tag 0.
     """
     b, t = ids.shape
-    rows_out = np.empty(b * t, np.int64)
-    ids_out = np.empty(b * t, np.int64)
-    tags_out = np.empty(b * t, np.int8)
-    size = 0
+    found = np.zeros((b, t), np.int64)  # per row: its distinct ids, ascending
+    found_tags = np.zeros((b, t), np.int8)
+    counts = np.zeros(b, np.int64)
     for i in range(b):
         order = np.argsort(ids[i], kind="mergesort")  # stable: an id's first occurrence leads its run
         previous = 0
         for j in order:
             item = ids[i, j]
             if item > 0 and item != previous:
-                rows_out[size], ids_out[size], tags_out[size] = i, item, tags[i, j]
-                size += 1
+                found[i, counts[i]], found_tags[i, counts[i]] = item, tags[i, j]
+                counts[i] += 1
             previous = item
-    return rows_out[:size], ids_out[:size], tags_out[:size]
-
-
-@numba.njit(cache=True, nogil=True)
-def best_first_rows(rows: np.ndarray, ids: np.ndarray, tags: np.ndarray, scores: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lay out per-row entries as [B, W] arrays, each row's entries by descending score (ties keep their order).
-
-    Args:
-        rows, ids, tags, scores: [E] entries grouped by row (rows ascending).
-        b: B.
-
-    Returns:
-        (ids int64, scores float32, tags int8), each [B, W] with W the most entries of a
-        row; padding: id 0, score -inf, tag 0.
-    """
-    counts = np.zeros(b, np.int64)
-    for r in rows:
-        counts[r] += 1
     width = counts.max() if b else 0
     out_ids = np.zeros((b, width), np.int64)
     out_scores = np.full((b, width), -np.inf, np.float32)
     out_tags = np.zeros((b, width), np.int8)
-    start = 0
     for i in range(b):
-        end = start + counts[i]
-        order = np.argsort(-scores[start:end], kind="mergesort")
-        for slot in range(end - start):
-            e = start + order[slot]
-            out_ids[i, slot], out_scores[i, slot], out_tags[i, slot] = ids[e], scores[e], tags[e]
-        start = end
+        n = counts[i]
+        scores = np.empty(n, np.float32)
+        for e in range(n):
+            scores[e] = np.dot(user_vecs[i], item_vecs[found[i, e]])
+        best = np.argsort(-scores, kind="mergesort")
+        for slot in range(n):
+            e = best[slot]
+            out_ids[i, slot], out_scores[i, slot], out_tags[i, slot] = found[i, e], scores[e], found_tags[i, e]
     return out_ids, out_scores, out_tags
