@@ -69,6 +69,9 @@ class UserHistory:
         Args:
             queries: validated queries.
             n: window length.
+
+        Returns:
+            Row ``b`` describes ``queries[b]``'s user.
         """
         data = self.data
         users = data.users.encode([q.user_id for q in queries])
