@@ -13,6 +13,7 @@ from funnel.events.sequences import Window
 from funnel.rank.business import BusinessTables
 from funnel.rank.features import FeatureTables, RankFeatures, build_features
 from funnel.rank.model import Ranker, combine_heads, frozen_ranker, head_probabilities
+from funnel.recall.lookup import best_first_columns
 from funnel.recall.retriever import Candidates, Excluded, Retriever
 from funnel.recall.runtime import OnnxModel
 
@@ -180,17 +181,14 @@ class TwoStage:
         """
         logits, weights = self._score(feats, attention)  # [B, C, H], [B, C, L] or None
         probs, final = self._final(logits, head_weights)
-        real = candidates.items > 0
-        order = np.argsort(np.where(real, -final, np.inf), axis=1, kind="stable")
-        rows = np.arange(len(order))[:, None]
-        # The final score and the heads' in one array, so one mask and one gather order them all.
-        scores = np.where(real[..., None], np.stack([final, *probs.values()], axis=-1), 0.0).astype(np.float32, copy=False)[rows, order]  # [B, C, 1 + H]
+        heads = np.stack(list(probs.values()), axis=-1)  # [B, C, H]
+        order, items, recall_scores, channels, scores = best_first_columns(candidates.items, final, heads, candidates.scores, candidates.channels)  # scores [B, C, 1 + H]
         return Ranked(
-            items=candidates.items[rows, order],
+            items=items,
             scores=scores[..., 0],
-            recall_scores=candidates.scores[rows, order],
-            channels=candidates.channels[rows, order],
-            attention=None if weights is None else weights[rows, order],
+            recall_scores=recall_scores,
+            channels=channels,
+            attention=None if weights is None else np.take_along_axis(weights, order[..., None], axis=1),
             history_items=window.items,
             head_scores={h: scores[..., 1 + i] for i, h in enumerate(probs)},
             history_behaviors=window.behaviors,

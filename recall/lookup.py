@@ -270,3 +270,47 @@ def merge_rows(ids: np.ndarray, tags: np.ndarray, user_vecs: np.ndarray, item_ve
             e = best[slot]
             out_ids[i, slot], out_scores[i, slot], out_tags[i, slot] = found[i, e], scores[e], found_tags[i, e]
     return out_ids, out_scores, out_tags
+
+
+@numba.njit(cache=True, nogil=True)
+def best_first_columns(
+    items: np.ndarray, scores: np.ndarray, heads: np.ndarray, recall_scores: np.ndarray, channels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's candidates by descending final score, padding last, with their columns laid out in that order.
+
+    One compiled pass for the sort and the gathers that would otherwise be a dozen numpy
+    calls per request.
+
+    Args:
+        items: [B, C] ids, 0 = padding.
+        scores: [B, C] final scores.
+        heads: [B, C, H] per-head scores.
+        recall_scores: float32 [B, C].
+        channels: int8 [B, C].
+
+    Returns:
+        (order int64 [B, C]: the column in each slot, stable among equal scores; then in
+        that order: items, recall scores, channels, and float32 [B, C, 1 + H] the final
+        score followed by the heads', 0 for padding).
+    """
+    b, c = items.shape
+    h = heads.shape[2]
+    order = np.empty((b, c), np.int64)
+    out_items = np.zeros((b, c), np.int64)
+    out_recall = np.empty((b, c), np.float32)
+    out_channels = np.zeros((b, c), np.int8)
+    out_scores = np.zeros((b, c, 1 + h), np.float32)
+    key = np.empty(c, np.float64)
+    for i in range(b):
+        for j in range(c):
+            key[j] = -scores[i, j] if items[i, j] > 0 else np.inf
+        columns = np.argsort(key, kind="mergesort")
+        for slot in range(c):
+            j = columns[slot]
+            order[i, slot] = j
+            out_items[i, slot], out_recall[i, slot], out_channels[i, slot] = items[i, j], recall_scores[i, j], channels[i, j]
+            if items[i, j] > 0:
+                out_scores[i, slot, 0] = scores[i, j]
+                for k in range(h):
+                    out_scores[i, slot, 1 + k] = heads[i, j, k]
+    return order, out_items, out_recall, out_channels, out_scores
