@@ -26,7 +26,7 @@ class Vocab:
         if index.has_duplicates:
             raise ValueError("vocabulary ids must be unique")
         self._index = index
-        self._raw: np.ndarray | None = None  # object array of the ids, built on first decode
+        self._raw: np.ndarray | None = None  # object array of the ids, built on first decode or lookup
         self._ints: pd.Index | None | bool = None  # integer twin of _index; False when some id is not a canonical integer
         self._hashes: tuple[np.ndarray, np.ndarray] | None = None  # (sorted hash(id), their 0-based ids), built on first small encode
 

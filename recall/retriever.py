@@ -14,7 +14,7 @@ import torch
 
 from funnel.events.sequences import Window
 from funnel.recall.index import search
-from funnel.recall.lookup import merge_rows
+from funnel.recall.lookup import kernel_array, merge_rows
 from funnel.recall.model import USER_INPUTS, TwoTower, frozen_for_inference, user_arrays
 from funnel.recall.plugin import Channel, ChannelQuery, Excluded, find_channel, registered
 from funnel.recall.runtime import OnnxModel
@@ -234,5 +234,5 @@ class Retriever:
         ids = np.concatenate([p for p, _ in parts], axis=1)  # [B, total]
         chan = np.concatenate([np.full(p.shape, c, np.int8) for p, c in parts], axis=1)
         # First occurrence wins, so the earlier (higher-priority) channel keeps the item.
-        items, scores, channels = merge_rows(ids, chan, uv, self.item_vecs)
+        items, scores, channels = merge_rows(kernel_array(ids), chan, uv, self.item_vecs)
         return Candidates(items, scores, channels, uv)
