@@ -163,7 +163,7 @@ def _tie_aware_recall(queries: np.ndarray, vecs: np.ndarray, approx: np.ndarray,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", required=True, help="bundle root (with CURRENT); a new version with the new index is published there")
-    parser.add_argument("--index", required=True, help="index spec: flat | ivf:nlist=N,nprobe=P | ivfpq:nlist=N,m=M,nprobe=P | hnsw:m=M,ef_search=E; IVF settings left out are sized to the catalogue")
+    parser.add_argument("--index", required=True, help="index spec: flat | ivf:nlist=N,nprobe=P[,codes=f16|f32|sq8] | ivfpq:nlist=N,m=M,nprobe=P | hnsw:m=M,ef_search=E; IVF settings left out are sized to the catalogue; ivf stores vectors as 16-bit floats unless codes says otherwise")
     parser.add_argument("--min-recall", type=float, default=MIN_GATE_RECALL, help=f"publish only if recall@k against exact search reaches this (default: {MIN_GATE_RECALL})")
     parser.add_argument("-k", type=int, default=200, help="depth of the recall comparison (default: 200)")
     parser.add_argument("--sample-users", type=int, default=1000, help="users whose vectors validate the index (default: 1000)")

@@ -280,8 +280,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="bundle root; a new version is written under OUT/versions and OUT/CURRENT flips to it")
     parser.add_argument(
         "--index", default=AUTO_INDEX,
-        help="index spec: auto | flat | ivf:nlist=N,nprobe=P | ivfpq:nlist=N,m=M,nprobe=P | hnsw:m=M,ef_search=E; auto: exact search "
-        f"below {AUTO_IVF_MIN_ITEMS:,} items, above it an IVF index sized to the catalogue if its recall@{GATE_K} against exact search "
+        help="index spec: auto | flat | ivf:nlist=N,nprobe=P[,codes=f16|f32|sq8] | ivfpq:nlist=N,m=M,nprobe=P | hnsw:m=M,ef_search=E; auto: exact search "
+        f"below {AUTO_IVF_MIN_ITEMS:,} items, above it an IVF index sized to the catalogue (vectors stored as 16-bit floats) if its recall@{GATE_K} against exact search "
         f"on real user vectors reaches {MIN_GATE_RECALL} (else exact search) (default: auto)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed for both models (default: 0)")

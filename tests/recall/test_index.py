@@ -21,7 +21,14 @@ def overlap(a, b):
 
 @pytest.mark.parametrize(
     "text,min_recall",
-    [("flat", 1.0), ("ivf:nlist=32,nprobe=8", 0.9), ("ivfpq:nlist=32,m=8,nprobe=8", 0.5), ("hnsw:m=16,ef_search=64", 0.9)],
+    [
+        ("flat", 1.0),
+        ("ivf:nlist=32,nprobe=8", 0.9),
+        ("ivf:nlist=32,nprobe=8,codes=f32", 0.9),
+        ("ivf:nlist=32,nprobe=8,codes=sq8", 0.9),
+        ("ivfpq:nlist=32,m=8,nprobe=8", 0.5),
+        ("hnsw:m=16,ef_search=64", 0.9),
+    ],
 )
 def test_factory_matches_exact_search_within_tolerance(text, min_recall):
     x, q = clustered()
@@ -33,6 +40,21 @@ def test_factory_matches_exact_search_within_tolerance(text, min_recall):
     assert overlap(got, exact) >= min_recall
     if text == "flat":
         np.testing.assert_allclose(scores, exact_scores, rtol=1e-4, atol=1e-5)
+    if text.startswith("ivf:"):
+        # Each returned score is the item's inner product, to the precision its codes keep.
+        true = np.einsum("qd,qkd->qk", q, vecs[got])  # [q, 20]
+        tolerance = {"f32": 1e-5, "f16": 2e-3, "sq8": 5e-2}[IndexSpec.parse(text).codes]
+        np.testing.assert_allclose(scores, true, atol=tolerance)
+
+
+@pytest.mark.parametrize("text,stored", [("ivf:nlist=8", faiss.ScalarQuantizer.QT_fp16), ("ivf:nlist=8,codes=sq8", faiss.ScalarQuantizer.QT_8bit), ("ivf:nlist=8,codes=f32", None)])
+def test_ivf_stores_half_floats_unless_codes_says_otherwise(text, stored):
+    x, _ = clustered(n=500)
+    index = faiss.downcast_index(build_index(x, np.arange(500), IndexSpec.parse(text)))
+    if stored is None:
+        assert isinstance(index, faiss.IndexIVFFlat)
+    else:
+        assert isinstance(index, faiss.IndexIVFScalarQuantizer) and index.sq.qtype == stored
 
 
 def test_spec_parse_round_trip_and_errors():
@@ -45,6 +67,10 @@ def test_spec_parse_round_trip_and_errors():
         IndexSpec.parse("ivf:probes=3")
     with pytest.raises(ValueError, match="needs an integer"):
         IndexSpec.parse("ivf:nlist=many")
+    with pytest.raises(ValueError, match="codes must be one of f16, f32, sq8"):
+        IndexSpec.parse("ivf:codes=f8")
+    sq8 = IndexSpec.parse("ivf:nlist=64,codes=sq8")
+    assert sq8.codes == "sq8" and IndexSpec.parse(str(sq8)) == sq8 and str(IndexSpec.parse("ivf")) == "ivf"
     assert resolve(IndexSpec.parse("ivf"), 10_000).nlist == 256
 
 
