@@ -141,7 +141,9 @@ def to_response(result: RecommendResult, request_id: str) -> recommender_pb2.Rec
                 channel=r.channel,
                 title=r.title,
                 category=r.category,
-                because=[recommender_pb2.AttendedBehavior(item_id=a.item_id, behavior=a.behavior, timestamp=a.timestamp, weight=a.weight, effect=a.effect) for a in r.because],
+                because=[recommender_pb2.AttendedBehavior(item_id=a.item_id, behavior=a.behavior, timestamp=a.timestamp, weight=a.weight, effect=a.effect) for a in r.because]
+                if r.because
+                else None,
                 head_scores=r.head_scores,
             )
             for r in result.items
