@@ -84,8 +84,9 @@ class BusinessTables:
             and the log count of all earlier events; zeros for padding and unknown ids.
         """
         items = _clip(items, len(self.item)).astype(np.int64)
-        if self._fixed is not None and (np.asarray(now) == self._fixed[0]).all():
-            return self._fixed[1][items]  # float32, and row 0 (padding, unknown ids) is zero
+        fixed = self.fixed_popularity(now)
+        if fixed is not None:
+            return fixed[items]  # float32, and row 0 (padding, unknown ids) is zero
         hi = np.clip(np.asarray(now, np.int64), 0, (1 << _SHIFT) - 1)[:, None]  # [B, 1]
         keys = items << _SHIFT
         end_item = self._before(keys, hi)  # [B, C]: item events before now
@@ -109,6 +110,12 @@ class BusinessTables:
         self._fixed = None
         table = self.popularity(np.arange(len(self.item))[None, :], np.array([now]))[0]  # [M, windows + 1]
         self._fixed = (int(now), table)
+
+    def fixed_popularity(self, now: np.ndarray) -> np.ndarray | None:
+        """The table :meth:`fix_time` made, float32 [M, len(POPULARITY_WINDOWS_S) + 1], when every time in ``now`` is its time; else None."""
+        if self._fixed is None or not (np.asarray(now) == self._fixed[0]).all():
+            return None
+        return self._fixed[1]
 
     def _before(self, keys: np.ndarray, before: np.ndarray | int) -> np.ndarray:
         """How many event keys sort before ``keys | before`` (differences of two calls count an item's events in a time range)."""

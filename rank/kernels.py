@@ -18,6 +18,7 @@ import numba
 import numpy as np
 
 from funnel.events.schema import BEHAVIOR_CODE
+from funnel.recall.lookup import csr_pair_weights
 
 PV, CART, FAV, BUY = (BEHAVIOR_CODE[b] for b in ("pv", "cart", "fav", "buy"))
 
@@ -111,6 +112,77 @@ def candidate_columns(
             row[8] = np.log1p(max(now[i] - last_seen, 0) / 3600.0) / 10.0 if seen else 0.0
             row[9] = cart_fav
             row[10] = bought
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def builtin_dense(
+    hist_items: np.ndarray,
+    hist_categories: np.ndarray,
+    hist_behaviors: np.ndarray,
+    hist_ts: np.ndarray,
+    now: np.ndarray,
+    cand_items: np.ndarray,
+    cand_categories: np.ndarray,
+    cand_scores: np.ndarray,
+    cand_ranks: np.ndarray,
+    item_counts: np.ndarray,
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    recency: np.ndarray,
+    popularity: np.ndarray,
+    item_rows: np.ndarray,
+    user_rows: np.ndarray,
+    short: int,
+    max_rank: float,
+) -> np.ndarray:
+    """Every built-in dense column in one pass, as float32, for requests at the bundle's fixed time.
+
+    The same numbers as the registered groups of :mod:`rank.features` computed one by one
+    and concatenated: :func:`candidate_columns` (its co-visitation weights looked up here
+    too), then each candidate's row of the fixed-time popularity table and of the item
+    table, then its user's row.
+
+    Args:
+        hist_items, hist_categories, hist_behaviors, hist_ts, now, cand_items,
+            cand_categories, cand_scores, cand_ranks, item_counts, short, max_rank: as
+            for :func:`candidate_columns`.
+        indptr, indices, data: the co-visitation graph (CSR, columns ascending in each row).
+        recency: [n] weights of the window's latest ``n`` events, oldest first.
+        popularity: float32 [M, P] popularity per item id at the fixed time (row 0 zero).
+        item_rows: float32 [M, I] business features per item id (row 0 zero).
+        user_rows: float32 [B, U] the users' columns.
+
+    Returns:
+        float32 [B, C, 11 + P + I + U]; 0 for padding candidates. Ids past the tables
+        read row 0.
+    """
+    b, length = hist_items.shape
+    c = cand_items.shape[1]
+    n = min(len(recency), length)
+    covisit = csr_pair_weights(indptr, indices, data, hist_items[:, length - n :], cand_items)  # [B, C, n]
+    columns = candidate_columns(
+        hist_items, hist_categories, hist_behaviors, hist_ts, now, cand_items, cand_categories, cand_scores, cand_ranks, item_counts, covisit, recency[len(recency) - n :], short, max_rank
+    )  # [B, C, 11]
+    p, q, u = popularity.shape[1], item_rows.shape[1], user_rows.shape[1]
+    out = np.zeros((b, c, 11 + p + q + u), np.float32)
+    for i in range(b):
+        for j in range(c):
+            item = cand_items[i, j]
+            if item <= 0:
+                continue
+            row = out[i, j]
+            for k in range(11):
+                row[k] = columns[i, j, k]
+            at = item if item < len(popularity) else 0
+            for k in range(p):
+                row[11 + k] = popularity[at, k]
+            at = item if item < len(item_rows) else 0
+            for k in range(q):
+                row[11 + p + k] = item_rows[at, k]
+            for k in range(u):
+                row[11 + p + q + k] = user_rows[i, k]
     return out
 
 
