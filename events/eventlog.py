@@ -9,8 +9,11 @@ Events are stored raw (string ids, behaviour names), never as bundle ids, so the
 stay meaningful across bundle versions and keep items no bundle knows yet.
 """
 
+import fcntl
+import mmap
 import os
 import sqlite3
+import struct
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -105,6 +108,9 @@ class EventStore:
         # Reads on their own connection: in WAL mode they neither wait for nor block a commit's fsync.
         self._reader = sqlite3.connect(path, check_same_thread=False)
         self._read_lock = threading.Lock()
+        # Raised to what is stored already: the store may predate its mark, or have lost it.
+        self._mark = CommitMark(path + "-mark")
+        self._mark.raise_to(self._reader.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
 
     def append(self, events: Sequence[UserEvent]) -> None:
         """Store a batch atomically; returns once it is committed to disk.
@@ -124,7 +130,8 @@ class EventStore:
             raise mine.error
 
     def _commit(self, group: list[_Pending]) -> None:
-        """One transaction for several callers' batches; marks each done or failed."""
+        """One transaction for several callers' batches; marks each done or failed, then raises the commit mark."""
+        last = None
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             for pending in group:
@@ -136,15 +143,31 @@ class EventStore:
                     self._conn.execute("ROLLBACK TO batch")
                     self._conn.execute("RELEASE batch")
                     pending.error = err
+            last = self._conn.execute("SELECT max(seq) FROM events").fetchone()[0]
             self._conn.execute("COMMIT")
         except BaseException as err:
+            last = None
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
             for pending in group:
                 pending.error = pending.error or err
         finally:
+            if last is not None:
+                self._mark.raise_to(last)
             for pending in group:
                 pending.done = True
+
+    def committed_after(self, seq: int) -> bool:
+        """Whether any process may have committed events after sequence number ``seq``: no SQLite call, one shared memory read.
+
+        False means :meth:`since` would return nothing. True usually means it returns
+        something; it returns nothing only when the mark was left higher than this store's
+        events (the store file was replaced, its mark was not).
+        """
+        try:
+            return self._mark.read() > seq
+        except ValueError:  # the mark's map is closed: report it as SQLite reports a closed store
+            raise sqlite3.ProgrammingError(f"{self.path}: the event store is closed") from None
 
     def count(self) -> int:
         """Number of stored events."""
@@ -177,6 +200,62 @@ class EventStore:
         with self._lock, self._read_lock:
             self._conn.close()
             self._reader.close()
+            self._mark.close()
+
+
+class CommitMark:
+    """The highest sequence number committed to an event store, in an 8-byte file every process maps.
+
+    A writer raises it after each commit, under a file lock, so it only goes up. Readers
+    compare it with the last sequence number they read instead of querying SQLite:
+    before each ``Recommend`` that query cost 0.12-0.14 ms with cold caches, the mark's
+    read costs a memory load. Like SQLite's own WAL index, it needs the processes on one
+    machine (a local file system).
+
+    Args:
+        path: the mark's file, created (as 0) when missing.
+    """
+
+    def __init__(self, path: str):
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            with _locked(self._fd):
+                if os.fstat(self._fd).st_size < _MARK.size:
+                    os.ftruncate(self._fd, _MARK.size)
+            self._map = mmap.mmap(self._fd, _MARK.size)
+        except OSError:
+            os.close(self._fd)
+            raise
+
+    def read(self) -> int:
+        """The mark: at least the highest committed sequence number."""
+        return _MARK.unpack_from(self._map)[0]
+
+    def raise_to(self, seq: int) -> None:
+        """Set the mark to ``seq`` unless it is already higher."""
+        with _locked(self._fd):
+            if seq > self.read():
+                _MARK.pack_into(self._map, 0, seq)
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self._fd)
+
+
+_MARK = struct.Struct("<q")
+
+
+class _locked:
+    """An exclusive ``flock`` on a file descriptor for the ``with`` block (between processes and threads alike)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __enter__(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
 def read_event_store(path: str, after: int = 0) -> EventLog:

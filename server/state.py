@@ -230,12 +230,13 @@ class SharedLogState(UserState):
         """Take in the events committed since the last call; returns how many."""
         taken = 0
         with self._lock:
-            while True:
+            while self.store.committed_after(self._seen):
                 last, events = self.store.since(self._seen)
                 if not events:
                     return taken
                 self.inner.append(events)
                 self._seen, taken = last, taken + len(events)
+        return taken
 
     def close(self) -> None:
         self.store.close()

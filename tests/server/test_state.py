@@ -1,5 +1,6 @@
 """User state: in-memory state, the durable event store, replay, folding into training, and the engine reading it."""
 
+import os
 import sqlite3
 import threading
 
@@ -133,6 +134,44 @@ def test_states_sharing_an_event_log_see_each_others_events(tmp_path):
     # An unreadable store is the state being unavailable (Recommend then serves without live behaviour).
     with pytest.raises(StateUnavailable, match="cannot be read"):
         a.recent("u")
+
+
+def test_the_commit_mark_spares_the_query_until_another_store_commits(tmp_path, monkeypatch):
+    path = str(tmp_path / "events.db")
+    writer, reader = EventStore(path), EventStore(path)
+    writer.append([ev("u", "x", 1), ev("u", "y", 2)])
+    last, _ = reader.since(0)
+    assert last == 2 and reader.committed_after(1) and not reader.committed_after(2)
+    state = SharedLogState(reader)
+    queries = []
+    since = reader.since
+    monkeypatch.setattr(reader, "since", lambda *a: queries.append(a) or since(*a))
+    for _ in range(3):
+        assert [e.item_id for e in state.recent("u")] == ["x", "y"]
+    assert queries == []  # nothing new: no SQLite read
+    writer.append([ev("u", "z", 3)])
+    assert [e.item_id for e in state.recent("u")] == ["x", "y", "z"] and queries == [(2,)]  # one read: the new batch
+    writer.close()
+    state.close()
+
+
+def test_a_store_without_its_mark_is_replayed_and_a_stale_mark_costs_only_queries(tmp_path):
+    path = str(tmp_path / "events.db")
+    store = EventStore(path)
+    store.append([ev("u", "x", 1), ev("u", "y", 2), ev("u", "z", 3)])
+    store.close()
+    os.remove(path + "-mark")  # a store written before marks existed
+    state = open_state("memory", event_log=path)
+    assert [e.item_id for e in state.recent("u")] == ["x", "y", "z"]
+    state.close()
+    for suffix in ("", "-wal", "-shm"):  # the store replaced, its mark (3) left behind
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+    a, b = open_state("memory", event_log=path), open_state("memory", event_log=path)
+    a.append([ev("v", "w", 4)])
+    assert [e.item_id for e in b.recent("v")] == ["w"] and b.recent("u") == ()
+    a.close()
+    b.close()
 
 
 def test_read_event_store_and_fold_into_a_log(tmp_path):
