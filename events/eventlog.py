@@ -206,7 +206,9 @@ class EventStore:
 class CommitMark:
     """The highest sequence number committed to an event store, in an 8-byte file every process maps.
 
-    A writer raises it after each commit, under a file lock, so it only goes up. Readers
+    A writer raises it after each commit, under a file lock (which orders the processes
+    and the stores of one process; a store's own commits are ordered by its lock), so it
+    only goes up. Readers
     compare it with the last sequence number they read instead of querying SQLite:
     before each ``Recommend`` that query cost 0.12-0.14 ms with cold caches, the mark's
     read costs a memory load. Like SQLite's own WAL index, it needs the processes on one
@@ -246,7 +248,7 @@ _MARK = struct.Struct("<q")
 
 
 class _locked:
-    """An exclusive ``flock`` on a file descriptor for the ``with`` block (between processes and threads alike)."""
+    """An exclusive ``flock`` on a file descriptor for the ``with`` block: it excludes other open descriptions of the file, not other threads on this one."""
 
     def __init__(self, fd: int):
         self.fd = fd
