@@ -173,18 +173,10 @@ def _builtin_dense(batch: FeatureBatch, popularity: np.ndarray) -> np.ndarray:
         batch: the batch, its request times all the business tables' fixed time.
         popularity: the popularity table at that time (:meth:`BusinessTables.fixed_popularity`).
     """
-    window, tables = batch.window, batch.tables
+    tables = batch.tables
     graph = tables.covisit.graph
     return builtin_dense(
-        kernel_array(window.items),
-        kernel_array(window.categories),
-        kernel_array(window.behaviors),
-        kernel_array(window.ts),
-        kernel_array(batch.now),
-        kernel_array(batch.cand_items),
-        kernel_array(batch.cand_categories),
-        kernel_array(batch.cand_scores, np.float32),
-        kernel_array(batch.cand_ranks),
+        _kernel_inputs(batch),
         tables.item_counts,
         graph.indptr,
         graph.indices,
@@ -202,22 +194,18 @@ def _candidate_columns(batch: FeatureBatch) -> np.ndarray:
     """[B, C, len(CANDIDATE_COLUMNS)]: recall score and rank, popularity, category shares, co-visitation, what the user did with the item."""
     window, tables = batch.window, batch.tables
     covisit = tables.covisit.pair_scores(window.items[:, -COVISIT_RECENT:], batch.cand_items)  # [B, C, n]
-    return candidate_columns(
-        kernel_array(window.items),
-        kernel_array(window.categories),
-        kernel_array(window.behaviors),
-        kernel_array(window.ts),
-        kernel_array(batch.now),
-        kernel_array(batch.cand_items),
-        kernel_array(batch.cand_categories),
-        kernel_array(batch.cand_scores, np.float32),
-        kernel_array(batch.cand_ranks),
-        tables.item_counts,
-        covisit,
-        recency_weights(covisit.shape[-1]),
-        SHORT_SCALE,
-        _MAX_RANK,
-    )  # [B, C, 11]
+    return candidate_columns(*_kernel_inputs(batch), tables.item_counts, covisit, recency_weights(covisit.shape[-1]), SHORT_SCALE, _MAX_RANK)  # [B, C, 11]
+
+
+def _kernel_inputs(batch: FeatureBatch) -> tuple[np.ndarray, ...]:
+    """What the compiled feature passes read of a batch, in their one layout (:func:`recall.lookup.kernel_array`).
+
+    The window's items, categories, behaviours and times, the request times, then the
+    candidates' items, categories, recall scores (float32) and recall ranks.
+    """
+    window = batch.window
+    ids = (window.items, window.categories, window.behaviors, window.ts, batch.now, batch.cand_items, batch.cand_categories)
+    return (*(kernel_array(a) for a in ids), kernel_array(batch.cand_scores, np.float32), kernel_array(batch.cand_ranks))
 
 
 def _user_columns(batch: FeatureBatch) -> np.ndarray:

@@ -117,15 +117,7 @@ def candidate_columns(
 
 @numba.njit(cache=True, nogil=True)
 def builtin_dense(
-    hist_items: np.ndarray,
-    hist_categories: np.ndarray,
-    hist_behaviors: np.ndarray,
-    hist_ts: np.ndarray,
-    now: np.ndarray,
-    cand_items: np.ndarray,
-    cand_categories: np.ndarray,
-    cand_scores: np.ndarray,
-    cand_ranks: np.ndarray,
+    inputs: tuple,
     item_counts: np.ndarray,
     indptr: np.ndarray,
     indices: np.ndarray,
@@ -145,9 +137,9 @@ def builtin_dense(
     table, then its user's row.
 
     Args:
-        hist_items, hist_categories, hist_behaviors, hist_ts, now, cand_items,
-            cand_categories, cand_scores, cand_ranks, item_counts, short, max_rank: as
-            for :func:`candidate_columns`.
+        inputs: :func:`candidate_columns`' first nine arguments (the window, the request
+            times and the candidates), in its order.
+        item_counts, short, max_rank: as for :func:`candidate_columns`.
         indptr, indices, data: the co-visitation graph (CSR, columns ascending in each row).
         recency: [n] weights of the window's latest ``n`` events, oldest first.
         popularity: float32 [M, P] popularity per item id at the fixed time (row 0 zero).
@@ -158,13 +150,12 @@ def builtin_dense(
         float32 [B, C, 11 + P + I + U]; 0 for padding candidates. Ids past the tables
         read row 0.
     """
+    hist_items, cand_items = inputs[0], inputs[5]
     b, length = hist_items.shape
     c = cand_items.shape[1]
     n = min(len(recency), length)
     covisit = csr_pair_weights(indptr, indices, data, hist_items[:, length - n :], cand_items)  # [B, C, n]
-    columns = candidate_columns(
-        hist_items, hist_categories, hist_behaviors, hist_ts, now, cand_items, cand_categories, cand_scores, cand_ranks, item_counts, covisit, recency[len(recency) - n :], short, max_rank
-    )  # [B, C, 11]
+    columns = candidate_columns(*inputs, item_counts, covisit, recency[len(recency) - n :], short, max_rank)  # [B, C, 11]
     p, q, u = popularity.shape[1], item_rows.shape[1], user_rows.shape[1]
     out = np.zeros((b, c, 11 + p + q + u), np.float32)
     for i in range(b):
