@@ -108,8 +108,11 @@ class EventStore:
         # Reads on their own connection: in WAL mode they neither wait for nor block a commit's fsync.
         self._reader = sqlite3.connect(path, check_same_thread=False)
         self._read_lock = threading.Lock()
+        try:
+            self._mark = CommitMark(path + "-mark")
+        except OSError as err:
+            raise EventStoreError(f"{path}-mark: cannot open the store's commit mark ({err})") from err
         # Raised to what is stored already: the store may predate its mark, or have lost it.
-        self._mark = CommitMark(path + "-mark")
         self._mark.raise_to(self._reader.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
 
     def append(self, events: Sequence[UserEvent]) -> None:

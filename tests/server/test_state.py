@@ -174,6 +174,13 @@ def test_a_store_without_its_mark_is_replayed_and_a_stale_mark_costs_only_querie
     b.close()
 
 
+def test_an_unopenable_commit_mark_is_an_event_store_error(tmp_path):
+    path = str(tmp_path / "events.db")
+    os.mkdir(path + "-mark")
+    with pytest.raises(EventStoreError, match="events.db-mark: cannot open the store's commit mark"):
+        EventStore(path)
+
+
 def test_read_event_store_and_fold_into_a_log(tmp_path):
     path = str(tmp_path / "events.db")
     store = EventStore(path)
