@@ -211,10 +211,9 @@ class CommitMark:
 
     A writer raises it after each commit, under a file lock (which orders the processes
     and the stores of one process; a store's own commits are ordered by its lock), so it
-    only goes up. Readers
-    compare it with the last sequence number they read instead of querying SQLite:
-    before each ``Recommend`` that query cost 0.12-0.14 ms with cold caches, the mark's
-    read costs a memory load. Like SQLite's own WAL index, it needs the processes on one
+    only goes up. Readers compare it with the last sequence number they read instead of
+    querying SQLite: before each ``Recommend`` that query cost 0.12-0.14 ms with cold
+    caches, the mark's read costs a memory load. Like SQLite's own WAL index, it needs the processes on one
     machine (a local file system).
 
     Args:

@@ -42,6 +42,7 @@ SHORT_SCALE = 10
 COVISIT_RECENT = 5
 """Recent events the co-visitation feature looks at (the latest weighs most)."""
 _MAX_RANK = 1024.0
+_RECENCY = recency_weights(COVISIT_RECENT)  # the compiled pass reads its last n weights; built once, not per request
 
 
 @dataclass
@@ -181,7 +182,7 @@ def _builtin_dense(batch: FeatureBatch, popularity: np.ndarray) -> np.ndarray:
         graph.indptr,
         graph.indices,
         graph.data,
-        recency_weights(COVISIT_RECENT),
+        _RECENCY,
         popularity,
         tables.business.item,
         kernel_array(_user_columns(batch), np.float32),
