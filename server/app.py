@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -146,8 +147,12 @@ def build_server(addr: str, *, holder: EngineHolder, options: ServerOptions | No
     holder.on_refuse = lambda reason: metrics.reloads.labels("refused").inc()
     if holder.fallback_from is not None:
         metrics.reloads.labels("fallback").inc()
+    # The threads that run the engine take this thread's OpenMP limit (configure_threads).
+    settings = thread_settings()
     batcher = (
-        recommend_batcher(holder, metrics, max_batch=options.max_batch, max_wait_s=options.batch_wait_ms / 1e3) if options.max_batch > 1 else None
+        recommend_batcher(holder, metrics, max_batch=options.max_batch, max_wait_s=options.batch_wait_ms / 1e3, initializer=settings)
+        if options.max_batch > 1
+        else None
     )
     interceptor = ServerInterceptor(metrics, token=options.token, protected=PROTECTED, max_request_bytes=options.max_message_bytes)
     transport_limit = options.max_message_bytes * TRANSPORT_SLACK
@@ -159,7 +164,7 @@ def build_server(addr: str, *, holder: EngineHolder, options: ServerOptions | No
             ("grpc.so_reuseport", int(options.reuse_port)),
         ],
     )
-    executor = futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="rpc-blocking")
+    executor = futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="rpc-blocking", initializer=settings)
     servicer = RecommenderServicer(holder=holder, batcher=batcher, metrics=metrics, executor=executor)
     health_servicer = health.aio.HealthServicer()
 
@@ -185,11 +190,14 @@ def build_server(addr: str, *, holder: EngineHolder, options: ServerOptions | No
     return Server(server, port, holder, servicer, health_servicer, metrics, batcher, executor)
 
 
-def recommend_batcher(holder: EngineHolder, metrics: Metrics, *, max_batch: int, max_wait_s: float) -> MicroBatcher:
+def recommend_batcher(
+    holder: EngineHolder, metrics: Metrics, *, max_batch: int, max_wait_s: float, initializer: Callable[[], None] | None = None
+) -> MicroBatcher:
     """A micro-batcher that runs each batch of queries on the engine held at that moment.
 
     One engine per batch: a swap never splits a batch, and a batch already running
-    finishes on the engine it started with.
+    finishes on the engine it started with. ``initializer`` runs first on its thread
+    (:func:`thread_settings`).
     """
 
     def run(queries: list) -> list:
@@ -206,7 +214,7 @@ def recommend_batcher(holder: EngineHolder, metrics: Metrics, *, max_batch: int,
         if stats.expired:
             metrics.expired.inc(stats.expired)
 
-    return MicroBatcher(run, max_batch=max_batch, max_wait_s=max_wait_s, on_batch=observe)
+    return MicroBatcher(run, max_batch=max_batch, max_wait_s=max_wait_s, on_batch=observe, initializer=initializer)
 
 
 def _one(engine, query):
@@ -242,6 +250,21 @@ def configure_threads(threads: int | None = None) -> int:
         pass  # already fixed once torch ran parallel work; intra-op threads are what matters
     faiss.omp_set_num_threads(n)
     return n
+
+
+def thread_settings() -> Callable[[], None]:
+    """The calling thread's OpenMP thread count, as a function that gives it to the thread that calls it.
+
+    OpenMP keeps the count per thread: :func:`configure_threads` on the main thread
+    leaves every thread started afterwards at the default of one per core. faiss then
+    searches a batch of queries on the batcher's thread with a second OpenMP worker,
+    and that worker spins between batches: under load it took as much CPU as the
+    engine itself. Threads that run the engine call this first.
+    """
+    import faiss
+
+    n = faiss.omp_get_max_threads()
+    return lambda: faiss.omp_set_num_threads(n)
 
 
 def is_loopback(host: str) -> bool:

@@ -73,6 +73,9 @@ class MicroBatcher:
             takes only what is already waiting.
         on_batch: called with a :class:`BatchStats` after every batch (metrics).
         max_queue: most items waiting; more are refused with :class:`Overloaded`.
+        initializer: called once on the worker thread before its first batch, for the
+            settings a library keeps per thread (OpenMP's thread count: see
+            :func:`server.app.thread_settings`).
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class MicroBatcher:
         max_wait_s: float = 0.002,
         on_batch: Callable[[BatchStats], None] | None = None,
         max_queue: int = 1024,
+        initializer: Callable[[], None] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -93,6 +97,7 @@ class MicroBatcher:
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
         self.max_queue = max_queue
+        self._initializer = initializer
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._closed = False
         self._run_s = 0.0  # moving average of batch run times: how long a new batch will likely take
@@ -148,6 +153,11 @@ class MicroBatcher:
         return batch, False
 
     def _loop(self) -> None:
+        if self._initializer is not None:
+            try:
+                self._initializer()
+            except Exception:  # noqa: BLE001 - the worker still serves, with the library defaults
+                log.exception("micro-batcher initializer failed")
         stop = False
         while not stop:
             first = self._queue.get()

@@ -228,3 +228,39 @@ def test_one_stalled_batch_does_not_shed_requests_that_would_finish_in_time():
     futures = [batcher.submit(i, deadline=time.monotonic() + 0.5) for i in range(10)]
     assert [f.result(5) for f in futures] == list(range(10))
     batcher.close()
+
+
+class ThreadCountEngine:
+    """Answers with the OpenMP thread count of the thread it runs on, as the item's score."""
+
+    model_version, index_version = "m", "i"
+
+    def recommend(self, query: RecommendQuery) -> RecommendResult:
+        return self.recommend_batch([query])[0]
+
+    def recommend_batch(self, queries: list) -> list:
+        import faiss
+
+        n = float(faiss.omp_get_max_threads())
+        return [RecommendResult([Recommendation("i1", n, n, "popular")], self.model_version, self.index_version, {}) for _ in queries]
+
+
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_the_engine_runs_with_the_openmp_limit_of_the_thread_that_built_the_server(max_batch):
+    """OpenMP keeps its thread count per thread: without handing it on, the batcher's and
+    the blocking pool's threads would run faiss at one thread per core (a spinning worker)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        built = build_server("127.0.0.1:0", holder=EngineHolder(ThreadCountEngine()), options=ServerOptions(max_batch=max_batch))
+    finally:
+        faiss.omp_set_num_threads(before)
+    built.server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{built.port}") as ch:
+            reply = recommender_pb2_grpc.RecommenderStub(ch).Recommend(recommender_pb2.RecommendRequest(user_id="u", k=1), timeout=5)
+    finally:
+        built.stop(None)
+    assert reply.items[0].score == 1.0
