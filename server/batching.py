@@ -1,13 +1,15 @@
 """Micro-batching: gather concurrent requests into one call of a batch function.
 
-Request threads :meth:`MicroBatcher.submit` an item and wait on the returned future;
-one worker thread takes the first waiting item, keeps gathering until ``max_batch``
+Request threads :meth:`MicroBatcher.submit` an item and wait on the returned future
+(coroutines :meth:`MicroBatcher.submit_async` one and await it); one worker thread takes the first waiting item, keeps gathering until ``max_batch``
 items or ``max_wait_s`` after that first one, drops the items whose deadline would
 pass before the batch could finish (judged by recent batch times), and runs the
 batch function once for the rest. Under overload this keeps the worker on requests
 that can still be answered in time instead of on answers nobody waits for. While a batch
 computes, new requests queue up, so under load batches grow by themselves and an
-idle server adds at most ``max_wait_s`` to a lone request.
+idle server adds at most ``max_wait_s`` to a lone request. The results of a batch
+reach an event loop in one callback, so the worker wakes the loop (and hands it the
+GIL) once per batch, not once per request.
 
 Admission control: an item whose deadline the queued work would already overrun
 (judged by the recent cost per item) is refused at once with :class:`Overloaded`, as is
@@ -15,6 +17,7 @@ any item beyond ``max_queue``, so overload sheds the excess without delay instea
 building a queue that every later request must wait through.
 """
 
+import asyncio
 import logging
 import queue
 import threading
@@ -45,10 +48,19 @@ class Overloaded(Exception):
 
 @dataclass
 class _Pending:
+    """One queued item; ``loop`` is set when ``future`` is an ``asyncio.Future`` of that loop."""
+
     item: object
     deadline: float | None
+    future: "Future | asyncio.Future"
+    loop: asyncio.AbstractEventLoop | None = None
     enqueued: float = field(default_factory=time.monotonic)
-    future: Future = field(default_factory=Future)
+
+    def claim(self) -> bool:
+        """Whether the caller still waits: marks a thread future running; false once it (or the awaiting task) was cancelled."""
+        if self.loop is None:
+            return self.future.set_running_or_notify_cancel()
+        return not self.future.done()  # only the loop settles it, so done here means cancelled
 
 
 @dataclass
@@ -117,18 +129,34 @@ class MicroBatcher:
             RuntimeError: after :meth:`close`.
             Overloaded: the queued work would overrun ``deadline``, or ``max_queue`` items wait.
         """
+        return self._enqueue(_Pending(item, deadline, Future()))
+
+    def submit_async(self, item, deadline: float | None = None) -> asyncio.Future:
+        """As :meth:`submit`, from a coroutine: returns a future of the running loop.
+
+        Cancelling it (the awaiting task was cancelled) before its batch runs leaves the
+        item uncomputed.
+
+        Raises:
+            RuntimeError: no running event loop, or after :meth:`close`.
+            Overloaded: as :meth:`submit`.
+        """
+        loop = asyncio.get_running_loop()
+        return self._enqueue(_Pending(item, deadline, loop.create_future(), loop))
+
+    def _enqueue(self, pending: _Pending):
+        """Admission control (see the module docstring), then queue ``pending``; returns its future."""
         if self._closed:
             raise RuntimeError("micro-batcher is closed")
         waiting = self._queue.qsize()
         if waiting >= self.max_queue:
             raise Overloaded(f"{waiting} requests already queued (the most is {self.max_queue})")
-        if deadline is not None and self._item_s > 0:
+        if pending.deadline is not None and self._item_s > 0:
             # The batch now running, then every queued item and this one at the recent cost per item.
             expected = self._run_s + (waiting + 1) * self._item_s
-            left = deadline - time.monotonic()
+            left = pending.deadline - time.monotonic()
             if expected > left:
                 raise Overloaded(f"{waiting} requests queued ahead, about {expected * 1e3:.1f} ms of work, more than the {max(left, 0) * 1e3:.1f} ms left")
-        pending = _Pending(item, deadline)
         self._queue.put(pending)
         return pending.future
 
@@ -168,16 +196,17 @@ class MicroBatcher:
 
     def _run(self, batch: list[_Pending]) -> None:
         started = time.monotonic()
-        live, expired = [], 0
+        live, late, expired = [], [], 0
         finish_by = started + self._run_s
         for p in batch:
-            if not p.future.set_running_or_notify_cancel():
+            if not p.claim():
                 expired += 1  # its caller gave up waiting (deadline passed or cancelled)
             elif p.deadline is not None and p.deadline <= finish_by:
                 expired += 1
-                p.future.set_exception(DeadlineExpired(f"deadline {p.deadline - started:+.3f}s away when its batch (about {self._run_s:.3f}s) would start"))
+                late.append((p, DeadlineExpired(f"deadline {p.deadline - started:+.3f}s away when its batch (about {self._run_s:.3f}s) would start")))
             else:
                 live.append(p)
+        _settle(late)
         if live:
             try:
                 results = self.run_batch([p.item for p in live])
@@ -186,11 +215,7 @@ class MicroBatcher:
             except Exception as err:  # noqa: BLE001 - handed to every caller of the batch
                 log.exception("batch of %d failed", len(live))
                 results = [err] * len(live)
-            for p, result in zip(live, results):
-                if isinstance(result, Exception):
-                    p.future.set_exception(result)
-                else:
-                    p.future.set_result(result)
+            _settle(list(zip(live, results)))
         run_s = time.monotonic() - started
         if live:
             self._run_s = run_s if self._run_s == 0 else 0.8 * self._run_s + 0.2 * min(run_s, STALL_FACTOR * self._run_s)
@@ -202,3 +227,33 @@ class MicroBatcher:
                 self.on_batch(stats)
             except Exception:  # noqa: BLE001 - metrics must never stop serving
                 log.exception("on_batch callback failed")
+
+
+def _settle(outcomes: list[tuple[_Pending, object]]) -> None:
+    """Give each item its outcome (an ``Exception`` is raised to its caller): thread futures
+    here, each event loop's futures in one callback on that loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, object]]] = {}
+    for p, outcome in outcomes:
+        if p.loop is None:
+            _set(p.future, outcome)
+        else:
+            by_loop.setdefault(p.loop, []).append((p.future, outcome))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_set_all, items)
+        except RuntimeError:
+            pass  # the loop is closed: nobody awaits these futures any more
+
+
+def _set_all(items: list[tuple[asyncio.Future, object]]) -> None:
+    for future, outcome in items:
+        _set(future, outcome)
+
+
+def _set(future: "Future | asyncio.Future", outcome: object) -> None:
+    if future.done():
+        return  # an awaiting task was cancelled after its batch started
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

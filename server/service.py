@@ -212,7 +212,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             else:
                 remaining = context.time_remaining()
                 deadline = time.monotonic() + remaining if remaining is not None else None
-                result = await asyncio.wrap_future(self.batcher.submit(query, deadline))
+                result = await self.batcher.submit_async(query, deadline)
             self.metrics.stage.labels("recall").observe(result.timings_us.get("recall", 0) / 1e6)
             self.metrics.stage.labels("rank").observe(result.timings_us.get("rank", 0) / 1e6)
             return to_response(result, request.request_id)

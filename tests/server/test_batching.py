@@ -1,5 +1,6 @@
 """Micro-batching: gathering, per-item errors, deadlines; the engine's batch path equals one-at-a-time."""
 
+import asyncio
 import threading
 import time
 
@@ -7,6 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
+from funnel.server import batching
 from funnel.server.app import ServerOptions, build_server
 from funnel.server.batching import DeadlineExpired, MicroBatcher, Overloaded
 from funnel.server.engine import Engine
@@ -94,6 +96,53 @@ def test_expired_items_are_not_computed():
     assert gate.batches == [[0], [2]]
     assert [(s.size, s.expired) for s in stats] == [(1, 0), (1, 1)]
     batcher.close()
+
+
+def test_a_batch_reaches_an_event_loop_in_one_callback():
+    """Awaited items: each batch wakes the loop once, whatever its size; errors reach their own caller."""
+    gate = Gate(fail_on=2)
+    batcher = MicroBatcher(gate, max_batch=4, max_wait_s=0)
+
+    async def main() -> tuple[list, list]:
+        loop = asyncio.get_running_loop()
+        wakes = []
+        schedule = loop.call_soon_threadsafe
+
+        def counted(callback, *args, **kwargs):
+            if callback is batching._set_all:
+                wakes.append(len(args[0]))
+            return schedule(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counted
+        first = batcher.submit_async(0)
+        assert await asyncio.to_thread(gate.entered.wait, 5)
+        rest = [batcher.submit_async(i) for i in (1, 2, 3)]
+        gate.release.set()
+        return [await first, *await asyncio.gather(*rest, return_exceptions=True)], wakes
+
+    results, wakes = asyncio.run(main())
+    batcher.close()
+    assert results[:2] == [0, 10] and isinstance(results[2], ValueError) and results[3] == 30
+    assert wakes == [1, 3]
+
+
+def test_an_awaited_item_cancelled_before_its_batch_is_not_computed():
+    gate = Gate()
+    stats = []
+    batcher = MicroBatcher(gate, max_batch=4, max_wait_s=0, on_batch=stats.append)
+
+    async def main():
+        first = batcher.submit_async(0)
+        assert await asyncio.to_thread(gate.entered.wait, 5)
+        doomed, kept = batcher.submit_async(1), batcher.submit_async(2)
+        doomed.cancel()
+        gate.release.set()
+        return await first, await kept
+
+    assert asyncio.run(main()) == (0, 20)
+    batcher.close()
+    assert gate.batches == [[0], [2]]
+    assert [s.expired for s in stats] == [0, 1]
 
 
 def test_bad_settings_and_closed_batcher_are_refused():
