@@ -11,6 +11,11 @@ can be read as a ratio to it.
 ``--ramp`` steps the offered rate instead (one open-loop run per step, no floor) until
 p99 passes ``--p99-limit-ms`` or errors appear, and reports the highest rate that held.
 
+``--one-at-a-time N`` measures a lone request instead: N blocking Recommend calls, each
+sent ``--gap-ms`` after the previous one answered, then N health checks the same way;
+it reports the client's percentiles, the engine's own time from the responses, and the
+health-check floor (see :func:`one_at_a_time`).
+
 The JSON report: ``achieved_qps``, ``p50_ms``, ``p90_ms``, ``p99_ms``, ``max_ms``,
 ``errors`` (status name -> count), ``model_versions`` (model_version -> responses)
 and ``model_version_spans`` (model_version -> [first, last] due time in seconds
@@ -316,6 +321,123 @@ def loadtest(
     return report
 
 
+WARMUP_CALLS = 20
+"""Calls sent before a one-at-a-time run is measured (first connections, lazy imports, caches)."""
+
+
+def one_at_a_time(
+    *,
+    addr: str,
+    calls: int = 500,
+    gap_ms: float = 10.0,
+    users_from: str | None = None,
+    fmt: str = "taobao",
+    users: list[str] | None = None,
+    k: int = 10,
+    timeout: float = 2.0,
+    tls_ca: str | None = None,
+    seed: int = 0,
+    json_out: str | None = None,
+) -> dict:
+    """A lone request's latency: blocking Recommend calls one after another, then health checks the same way.
+
+    Each call is sent ``gap_ms`` after the previous one answered, so the server is idle
+    when it arrives, as a request from a lightly loaded caller would find it. The health
+    checks (no work behind them) measure the transport and this client on this machine.
+    ``WARMUP_CALLS`` calls go first and are not counted.
+
+    Args:
+        addr: the server, ``host:port``.
+        calls: measured Recommend calls, and as many health checks.
+        gap_ms: idle time between an answer and the next call.
+        users_from, fmt, users: where the request users come from (as :func:`loadtest`).
+        k: items per Recommend.
+        timeout: deadline of every call, seconds.
+        tls_ca: CA certificate (PEM) for a TLS server.
+        seed: seed for the user draws.
+        json_out: write the report here (atomically) as well.
+
+    Returns:
+        ``sent``, ``ok``, ``p50_ms``, ``p90_ms``, ``p99_ms``, ``max_ms`` and ``errors``
+        (as :func:`summarize`); ``engine_ms`` (``total``, ``recall``, ``rank``: medians of
+        the stage timings the responses report); ``floor`` (the health checks' figures);
+        ``p50_over_floor_p50``; the settings under ``load``.
+
+    Raises:
+        ValueError: bad settings, or no users.
+        Unreachable: nothing answers at ``addr``.
+    """
+    if calls < 1 or gap_ms < 0:
+        raise ValueError(f"calls must be >= 1 and gap_ms >= 0, got {calls}, {gap_ms}")
+    if users is None:
+        if users_from is None:
+            raise ValueError("give --users-from EVENTS (or users=) to draw request users from")
+        users, _ = load_users(users_from, fmt, seed=seed)
+    if not users:
+        raise ValueError("no users to send requests for")
+    draw = np.random.default_rng(seed).integers(len(users), size=calls + WARMUP_CALLS)
+    channel = _channel(addr, tls_ca, 0)
+    try:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT_S)
+        except grpc.FutureTimeoutError:
+            raise Unreachable(f"nothing answered at {addr} within {CONNECT_TIMEOUT_S:.0f} s: is 'funnel serve' running there?") from None
+        stub, health = recommender_pb2_grpc.RecommenderStub(channel), health_pb2_grpc.HealthStub(channel)
+        check = health_pb2.HealthCheckRequest(service="")
+        stages = np.full((calls, 3), np.nan)  # [calls, (total, recall, rank)] microseconds
+
+        def recommend(i: int) -> None:
+            response = stub.Recommend(recommender_pb2.RecommendRequest(user_id=users[draw[i]], k=k), timeout=timeout)
+            if i >= WARMUP_CALLS:
+                t = response.timings
+                stages[i - WARMUP_CALLS] = (t.total_us, t.recall_us, t.rank_us)
+
+        for i in range(WARMUP_CALLS):
+            _blocking_call(lambda: recommend(i))
+        main = _sequence(lambda i: recommend(WARMUP_CALLS + i), calls, gap_ms / 1e3)
+        floor = _sequence(lambda i: health.Check(check, timeout=timeout), calls, gap_ms / 1e3)
+    finally:
+        channel.close()
+    report = summarize(*main)
+    del report["achieved_qps"]  # the calls are spaced on purpose: their rate says nothing
+    engine = np.nanmedian(stages, axis=0) / 1e3 if not np.isnan(stages).all() else [None] * 3
+    report["engine_ms"] = {name: None if v is None else round(float(v), 3) for name, v in zip(("total", "recall", "rank"), engine)}
+    report["floor"] = summarize(*floor)
+    del report["floor"]["achieved_qps"]
+    if report["p50_ms"] is not None and report["floor"]["p50_ms"]:
+        report["p50_over_floor_p50"] = round(report["p50_ms"] / report["floor"]["p50_ms"], 2)
+    report["load"] = {
+        "addr": addr, "calls": calls, "gap_ms": gap_ms, "k": k, "timeout_s": timeout, "users": len(users),
+        "cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
+    if json_out:
+        write_json(json_out, report)
+    return report
+
+
+def _blocking_call(call: Callable[[], object]) -> str:
+    """Run one blocking call; its status name (``OK``, or the error's)."""
+    try:
+        call()
+        return "OK"
+    except grpc.RpcError as err:
+        return err.code().name
+
+
+def _sequence(call: Callable[[int], object], n: int, gap_s: float) -> tuple[np.ndarray, list, float]:
+    """``n`` blocking calls, each ``gap_s`` after the previous one ended: [n] latencies (s) from each call's
+    own start, their status names, and the seconds the whole sequence took."""
+    latency, codes = np.full(n, np.nan), [None] * n
+    start = time.perf_counter()
+    for i in range(n):
+        if i:
+            time.sleep(gap_s)
+        sent = time.perf_counter()
+        codes[i] = _blocking_call(lambda: call(i))
+        latency[i] = time.perf_counter() - sent
+    return latency, codes, time.perf_counter() - start
+
+
 def ramp(
     *,
     start_qps: float = 100.0,
@@ -404,6 +526,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ramp-step", type=float, default=100.0, help="rate added per ramp step (default: 100)")
     parser.add_argument("--ramp-max", type=float, default=10_000.0, help="highest rate a ramp offers (default: 10000)")
     parser.add_argument("--p99-limit-ms", type=float, default=50.0, help="p99 a ramp step must hold (default: 50)")
+    parser.add_argument(
+        "--one-at-a-time", type=int, default=None, metavar="N",
+        help="measure a lone request instead of a load: N blocking Recommend calls, each --gap-ms after the previous answer, then N "
+        "health checks the same way; reports the client's percentiles, the engine's own time and the health-check floor "
+        "(ignores --qps, --duration, --concurrency)",
+    )
+    parser.add_argument("--gap-ms", type=float, default=10.0, help="with --one-at-a-time: idle milliseconds between an answer and the next call (default: 10)")
 
 
 def human_summary(report: dict) -> str:
@@ -433,6 +562,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.one_at_a_time is not None:
+        if args.ramp:
+            print("error: --one-at-a-time and --ramp are two different measurements; give one", file=sys.stderr)
+            return 2
+        report = one_at_a_time(
+            addr=args.addr, calls=args.one_at_a_time, gap_ms=args.gap_ms, users_from=args.users_from, fmt=args.fmt, k=args.k,
+            timeout=args.timeout, tls_ca=args.tls_ca, seed=args.seed, json_out=args.json_out,
+        )
+        print(json.dumps(report, indent=2))
+        engine, floor = report["engine_ms"], report["floor"]
+        print(
+            f"one at a time, {report['ok']:,} of {report['sent']:,} answered: p50 {report['p50_ms']} ms, p90 {report['p90_ms']} ms "
+            f"(engine {engine['total']} ms: recall {engine['recall']}, rank {engine['rank']}); health check p50 {floor['p50_ms']} ms",
+            file=sys.stderr,
+        )
+        return 0 if not report["errors"] else 1
     if args.ramp:
         report = ramp(
             start_qps=args.qps, step_qps=args.ramp_step, max_qps=args.ramp_max, step_duration=args.duration, p99_limit_ms=args.p99_limit_ms,

@@ -11,7 +11,7 @@ from funnel.server.app import ServerOptions, build_server
 from funnel.server.holder import EngineHolder
 from funnel.server.query import RecommendResult, Recommendation
 from funnel.tools.cli import build_parser
-from funnel.tools.loadtest import human_summary, loadtest, ramp, summarize, version_report
+from funnel.tools.loadtest import WARMUP_CALLS, human_summary, loadtest, one_at_a_time, ramp, summarize, version_report
 
 
 def test_summarize_on_hand_computed_latencies():
@@ -101,6 +101,45 @@ def test_ramp_stops_at_the_first_rate_the_server_cannot_hold(tmp_path):
     held = [s["qps"] for s in report["steps"] if s["held"]]
     assert held == [10 * (i + 1) for i in range(len(held))] and report["highest_qps_held"] == held[-1]
     assert 20 <= report["highest_qps_held"] < 60 and not report["steps"][-1]["held"]
+
+
+class TimedEngine(SleepyEngine):
+    """Sleeps, reports fixed stage timings, and counts its calls."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.calls = 0
+
+    def recommend(self, query):
+        self.calls += 1
+        result = super().recommend(query)
+        return RecommendResult(result.items, self.model_version, self.index_version, {"total": 3000, "recall": 1000, "rank": 2000})
+
+
+def test_one_at_a_time_reports_the_client_the_engine_and_the_floor(tmp_path):
+    engine = TimedEngine(0.02)
+    built, addr = serve(engine)
+    out = tmp_path / "lone.json"
+    try:
+        report = one_at_a_time(addr=addr, calls=10, gap_ms=1, users=["u1", "u2"], json_out=str(out))
+    finally:
+        built.stop(None)
+    assert json.loads(out.read_text()) == report
+    assert engine.calls == 10 + WARMUP_CALLS  # one at a time, warm-up first
+    assert report["sent"] == report["ok"] == 10 and report["errors"] == {} and report["floor"]["ok"] == 10
+    assert report["engine_ms"] == {"total": 3.0, "recall": 1.0, "rank": 2.0}
+    assert 20 <= report["p50_ms"] <= report["p90_ms"] <= report["max_ms"]  # each call waits for the 20 ms engine
+    assert report["floor"]["p50_ms"] < report["p50_ms"] and report["p50_over_floor_p50"] > 1
+    with pytest.raises(ValueError, match="calls"):
+        one_at_a_time(addr=addr, calls=0, users=["u"])
+
+
+def test_one_at_a_time_and_ramp_are_refused_together(capsys):
+    from funnel.tools.loadtest import run
+
+    args = build_parser().parse_args(["loadtest", "--users-from", "e.csv", "--one-at-a-time", "5", "--gap-ms", "2", "--ramp"])
+    assert (args.one_at_a_time, args.gap_ms) == (5, 2.0)
+    assert run(args) == 2 and "two different measurements" in capsys.readouterr().err
 
 
 def test_cli_registers_loadtest_and_checks_its_inputs():
