@@ -182,6 +182,17 @@ def load_users(path: str, fmt: str = "taobao", limit: int = 100_000, seed: int =
     return pick(users), pick(items)
 
 
+def _request_ids(users: list[str] | None, items: list[str] | None, users_from: str | None, fmt: str, seed: int) -> tuple[list[str], list[str] | None]:
+    """The user (and item) ids requests draw from: as given, or sampled from ``users_from``."""
+    if users is None:
+        if users_from is None:
+            raise ValueError("give --users-from EVENTS (or users=) to draw request users from")
+        users, items = load_users(users_from, fmt, seed=seed)
+    if not users:
+        raise ValueError("no users to send requests for")
+    return users, items
+
+
 def _channel(addr: str, tls_ca: str | None, i: int) -> grpc.Channel:
     # A channel of its own per slot: the local subchannel pool gives each one its own connection.
     options = [("grpc.use_local_subchannel_pool", 1), ("funnel.loadtest.slot", i)]
@@ -252,12 +263,7 @@ def loadtest(
         raise ValueError(f"qps and duration must be > 0 and concurrency >= 1, got {qps}, {duration}, {concurrency}")
     if not 0 <= log_events_fraction < 1:
         raise ValueError(f"log_events_fraction must be in [0, 1), got {log_events_fraction}")
-    if users is None:
-        if users_from is None:
-            raise ValueError("give --users-from EVENTS (or users=) to draw request users from")
-        users, items = load_users(users_from, fmt, seed=seed)
-    if not users:
-        raise ValueError("no users to send requests for")
+    users, items = _request_ids(users, items, users_from, fmt, seed)
     rng = np.random.default_rng(seed)
     n = max(int(round(qps * duration)), 1)
     user_draw = rng.integers(len(users), size=n)
@@ -369,12 +375,7 @@ def one_at_a_time(
     """
     if calls < 1 or gap_ms < 0:
         raise ValueError(f"calls must be >= 1 and gap_ms >= 0, got {calls}, {gap_ms}")
-    if users is None:
-        if users_from is None:
-            raise ValueError("give --users-from EVENTS (or users=) to draw request users from")
-        users, _ = load_users(users_from, fmt, seed=seed)
-    if not users:
-        raise ValueError("no users to send requests for")
+    users, _ = _request_ids(users, None, users_from, fmt, seed)
     draw = np.random.default_rng(seed).integers(len(users), size=calls + WARMUP_CALLS)
     channel = _channel(addr, tls_ca, 0)
     try:
