@@ -1,8 +1,9 @@
 """Micro-batching: gather concurrent requests into one call of a batch function.
 
 Request threads :meth:`MicroBatcher.submit` an item and wait on the returned future
-(coroutines :meth:`MicroBatcher.submit_async` one and await it); one worker thread takes the first waiting item, keeps gathering until ``max_batch``
-items or ``max_wait_s`` after that first one, drops the items whose deadline would
+(coroutines :meth:`MicroBatcher.submit_async` one and await it); one worker thread
+takes the first waiting item, keeps gathering until ``max_batch`` items or
+``max_wait_s`` after that first one, drops the items whose deadline would
 pass before the batch could finish (judged by recent batch times), and runs the
 batch function once for the rest. Under overload this keeps the worker on requests
 that can still be answered in time instead of on answers nobody waits for. While a batch
