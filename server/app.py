@@ -6,7 +6,7 @@ import ipaddress
 import logging
 import os
 import signal
-import threading
+import socket
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -267,6 +267,38 @@ def thread_settings() -> Callable[[], None]:
     return lambda: faiss.omp_set_num_threads(n)
 
 
+def wait_for_stop(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> int:
+    """Block the main thread until one of ``signals`` arrives; returns its number.
+
+    The handlers do nothing: a handler that set a ``threading.Event`` deadlocked when a
+    second signal came while the first handler held the event's lock (a SIGTERM from
+    ``pkill`` and the same one relayed by the ``--processes`` parent: the server kept the
+    port and never stopped). The signal reaches this thread through the byte Python's own
+    C-level handler writes to the wakeup socket, which takes no lock. The do-nothing
+    handlers stay: a repeated signal must not cut short the drain that follows.
+
+    Args:
+        signals: the signals that ask to stop.
+
+    Returns:
+        The signal that arrived first.
+    """
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    for signum in signals:
+        signal.signal(signum, lambda *_: None)
+    try:
+        while True:
+            received = reader.recv(1)[0]
+            if received in signals:
+                return received
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        reader.close()
+        writer.close()
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` names this machine only (``localhost``, 127.0.0.0/8, ``::1``): nobody else can connect."""
     if host.strip("[]").lower() == "localhost":
@@ -354,11 +386,7 @@ def serve(
         http = metrics.serve(metrics_port, host)
         log.info("metrics on http://%s:%d/metrics", host, http.server_port)
 
-    stop_requested = threading.Event()
-    # The handler only flags; shutdown runs on the main thread, outside signal context.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop_requested.set())
-    stop_requested.wait()
+    wait_for_stop()
     log.info("shutting down: draining in-flight requests for up to %.0fs", SHUTDOWN_GRACE_S)
     holder.stop_watching()
     # Health pollers (load balancers) stop routing here while in-flight requests finish.

@@ -1,3 +1,9 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
 from funnel.server.app import ServerOptions, is_loopback, open_without_token
@@ -21,3 +27,30 @@ def test_serve_refuses_an_open_public_bind_before_loading_anything(tmp_path, mon
     assert main(["serve", "--bundle", str(tmp_path / "no-bundle"), "--host", "0.0.0.0", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "refusing to serve on 0.0.0.0 without a token" in err and "--insecure" in err
+
+CHILD = """
+import sys, time
+from funnel.server.app import wait_for_stop
+print("waiting", flush=True)
+wait_for_stop()
+print("stopping", flush=True)
+time.sleep(1.0)  # the drain: repeated signals must not cut it short
+print("drained", flush=True)
+"""
+
+
+def test_a_burst_of_stop_signals_stops_the_server_once_and_lets_it_drain():
+    """Two SIGTERMs close together (pkill, then the --processes parent relaying it) once
+    deadlocked a handler that set a threading.Event: the server never stopped."""
+    proc = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        assert proc.stdout.readline().strip() == "waiting"
+        for _ in range(200):
+            proc.send_signal(signal.SIGTERM)
+        for _ in range(100):  # and more during the drain
+            time.sleep(0.005)
+            proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)  # a deadlocked handler never gets here: TimeoutExpired
+    finally:
+        proc.kill()
+    assert out.split() == ["stopping", "drained"] and proc.returncode == 0
