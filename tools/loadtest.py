@@ -211,6 +211,17 @@ class Unreachable(ConnectionError):
     """No server answered at the load test's address."""
 
 
+def _await_ready(channel: grpc.Channel, addr: str, tls_ca: str | None) -> None:
+    """Wait for ``channel`` to connect; :class:`Unreachable`, with what to check, after ``CONNECT_TIMEOUT_S``."""
+    try:
+        grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT_S)
+    except grpc.FutureTimeoutError:
+        raise Unreachable(
+            f"nothing answered at {addr} within {CONNECT_TIMEOUT_S:.0f} s: is 'funnel serve' running there "
+            f"(check --addr{', and --tls-ca against a plaintext server' if tls_ca else ', and whether the server speaks TLS (--tls-ca)'})?"
+        ) from None
+
+
 def loadtest(
     *,
     addr: str,
@@ -274,13 +285,7 @@ def loadtest(
     channels = [_channel(addr, tls_ca, i) for i in range(concurrency)]
     try:
         for ch in channels:
-            try:
-                grpc.channel_ready_future(ch).result(timeout=CONNECT_TIMEOUT_S)
-            except grpc.FutureTimeoutError:
-                raise Unreachable(
-                    f"nothing answered at {addr} within {CONNECT_TIMEOUT_S:.0f} s: is 'funnel serve' running there "
-                    f"(check --addr{', and --tls-ca against a plaintext server' if tls_ca else ', and whether the server speaks TLS (--tls-ca)'})?"
-                ) from None
+            _await_ready(ch, addr, tls_ca)
         stubs = [recommender_pb2_grpc.RecommenderStub(ch) for ch in channels]
         health_stubs = [health_pb2_grpc.HealthStub(ch) for ch in channels]
 
@@ -379,10 +384,7 @@ def one_at_a_time(
     draw = np.random.default_rng(seed).integers(len(users), size=calls + WARMUP_CALLS)
     channel = _channel(addr, tls_ca, 0)
     try:
-        try:
-            grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT_S)
-        except grpc.FutureTimeoutError:
-            raise Unreachable(f"nothing answered at {addr} within {CONNECT_TIMEOUT_S:.0f} s: is 'funnel serve' running there?") from None
+        _await_ready(channel, addr, tls_ca)
         stub, health = recommender_pb2_grpc.RecommenderStub(channel), health_pb2_grpc.HealthStub(channel)
         check = health_pb2.HealthCheckRequest(service="")
         stages = np.full((calls, 3), np.nan)  # [calls, (total, recall, rank)] microseconds
