@@ -14,7 +14,7 @@ import pytest
 from funnel.server.app import BindError, ServerOptions, build_server, create_server
 from funnel.server.engine import Engine
 from funnel.server.holder import EngineHolder
-from funnel.server.processes import ProcessesError, serve_processes
+from funnel.server.processes import ProcessesError, core_groups, serve_processes
 from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
 from funnel.tools.recommend import wait_ready
 from tests.server.conftest import free_port
@@ -35,6 +35,14 @@ CONNECTIONS = 8
 def test_settings_several_processes_cannot_share_are_refused(processes, kwargs, message):
     with pytest.raises(ProcessesError, match=message):
         serve_processes(processes, {"bundle_dir": "unused", **kwargs})
+
+
+def test_core_groups_split_the_cores_between_the_processes():
+    assert core_groups([0, 1], 2) == [{0}, {1}]
+    assert core_groups([0, 1], 4) == [{0}, {1}, {0}, {1}]  # more processes than cores: round robin
+    assert core_groups([2, 3, 5, 7], 2) == [{2, 3}, {5, 7}]  # the cores allowed, not 0..n-1
+    assert core_groups(list(range(16)), 3) == [set(range(0, 5)), set(range(5, 11)), set(range(11, 16))]  # every core used
+    assert core_groups([0, 1, 2], 1) == [{0, 1, 2}]
 
 
 def test_one_process_does_not_share_its_port(tiny_bundle):
@@ -118,7 +126,12 @@ def test_processes_share_the_port_and_the_users_state(tiny_bundle, shared_state,
                 except OSError:
                     assert time.monotonic() < deadline, log_path.read_text()
                     time.sleep(0.2)
-        assert len(_children(proc.pid)) == 2
+        children = _children(proc.pid)
+        assert len(children) == 2
+        # Each process runs on cores of its own, every one of its threads included (they inherit the mask).
+        masks = [{frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")} for pid in children]
+        assert all(len(m) == 1 for m in masks), masks
+        assert sorted(sorted(next(iter(m))) for m in masks) == sorted(sorted(g) for g in core_groups(sorted(os.sched_getaffinity(0)), 2))
 
         engine = Engine.load(tiny_bundle)
         data = engine.bundle.data
@@ -148,12 +161,16 @@ def test_processes_share_the_port_and_the_users_state(tiny_bundle, shared_state,
 def test_servers_stop_when_their_parent_is_killed(tiny_bundle, unused_port, tmp_path):
     # kill -9 of `funnel serve` must not leave orphan servers holding the port.
     log_path = tmp_path / "serve.log"
-    args = ["--bundle", tiny_bundle, "--host", "127.0.0.1", "--port", str(unused_port), "--processes", "2", "--event-log", str(tmp_path / "events.db"), "--watch-interval", "0"]
+    args = [
+        "--bundle", tiny_bundle, "--host", "127.0.0.1", "--port", str(unused_port), "--processes", "2", "--event-log", str(tmp_path / "events.db"),
+        "--watch-interval", "0", "--no-pin-cores",
+    ]
     proc = _serve(args, log_path)
     try:
         _wait_serving(proc, f"127.0.0.1:{unused_port}", log_path)
         children = _children(proc.pid)
         assert len(children) == 2
+        assert all(os.sched_getaffinity(pid) == os.sched_getaffinity(0) for pid in children)  # --no-pin-cores: the scheduler places them
     finally:
         proc.kill()
         proc.wait(timeout=60)
