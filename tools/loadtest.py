@@ -19,8 +19,10 @@ health-check floor (see :func:`one_at_a_time`).
 The JSON report: ``achieved_qps``, ``p50_ms``, ``p90_ms``, ``p99_ms``, ``max_ms``,
 ``errors`` (status name -> count), ``model_versions`` (model_version -> responses)
 and ``model_version_spans`` (model_version -> [first, last] due time in seconds
-from the start), ``floor`` (the same latency keys for the health check), the load
-settings, and ``log_events`` for a mixed load.
+from the start), ``floor`` (the same latency keys for the health check),
+``client_lag_ms`` (how late this client sent its calls: ``p50_ms``, ``p99_ms``,
+``max_ms``; a client short of CPU falls behind and its latencies then include that
+delay, which the summary flags), the load settings, and ``log_events`` for a mixed load.
 """
 
 import argparse
@@ -58,6 +60,8 @@ class Phase:
         codes: status name per call (``None``: never completed).
         versions: model_version per successful Recommend call.
         elapsed_s: from the start to the last completion.
+        send_lag_s: [N] when each call was actually sent minus its due time (NaN: not
+            sent): how far this client fell behind its own schedule.
     """
 
     due_s: np.ndarray
@@ -65,6 +69,7 @@ class Phase:
     codes: list
     versions: list
     elapsed_s: float = 0.0
+    send_lag_s: np.ndarray | None = None
 
 
 def open_loop(start_call: Callable[[int], grpc.Future], *, qps: float, duration_s: float, timeout_s: float, version_of=None) -> Phase:
@@ -83,6 +88,7 @@ def open_loop(start_call: Callable[[int], grpc.Future], *, qps: float, duration_
     n = max(int(round(qps * duration_s)), 1)
     due = np.arange(n) / qps
     latency = np.full(n, np.nan)
+    sent = np.full(n, np.nan)
     codes: list = [None] * n
     versions: list = [None] * n
     pending = [n]
@@ -113,6 +119,7 @@ def open_loop(start_call: Callable[[int], grpc.Future], *, qps: float, duration_
         delay = start + due[i] - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
+        sent[i] = time.perf_counter() - start
         try:
             fut = start_call(i)
         except Exception as err:  # noqa: BLE001 - recorded as this call's error
@@ -124,7 +131,7 @@ def open_loop(start_call: Callable[[int], grpc.Future], *, qps: float, duration_
             continue
         fut.add_done_callback(lambda f, i=i: finished(i, f))
     all_done.wait(timeout_s + DRAIN_SLACK_S)
-    return Phase(due, latency, codes, versions, elapsed_s=last_done[0])
+    return Phase(due, latency, codes, versions, elapsed_s=last_done[0], send_lag_s=sent - due)
 
 
 def summarize(latency_s: np.ndarray, codes: list, elapsed_s: float) -> dict:
@@ -155,6 +162,25 @@ def summarize(latency_s: np.ndarray, codes: list, elapsed_s: float) -> dict:
         "max_ms": round(float(done.max()), 3) if len(done) else None,
         "errors": dict(sorted(errors.items())),
     }
+
+
+CLIENT_LAG_WARN_MS = 10.0
+"""A run whose calls left this much (p99) behind their schedule is flagged: its latencies
+include the client's own delay (a client short of CPU, e.g. on the server's cores)."""
+
+
+def lag_report(send_lag_s: np.ndarray) -> dict:
+    """``p50_ms``, ``p99_ms``, ``max_ms`` of how late calls were sent (see :attr:`Phase.send_lag_s`); ``None`` when none was sent."""
+    sent = send_lag_s[~np.isnan(send_lag_s)] * 1e3
+    if not len(sent):
+        return {"p50_ms": None, "p99_ms": None, "max_ms": None}
+    return {"p50_ms": round(float(np.percentile(sent, 50)), 3), "p99_ms": round(float(np.percentile(sent, 99)), 3), "max_ms": round(float(sent.max()), 3)}
+
+
+def client_behind(report: dict) -> bool:
+    """Whether the run's client fell behind its schedule by more than ``CLIENT_LAG_WARN_MS`` (p99)."""
+    lag = (report.get("client_lag_ms") or {}).get("p99_ms")
+    return lag is not None and lag > CLIENT_LAG_WARN_MS
 
 
 def version_report(due_s: np.ndarray, versions: list) -> tuple[dict, dict]:
@@ -318,6 +344,7 @@ def loadtest(
     rec = ~is_log
     report = summarize(main.latency_s[rec], [c for c, r in zip(main.codes, rec) if r], main.elapsed_s)
     report["model_versions"], report["model_version_spans"] = version_report(main.due_s[rec], [v for v, r in zip(main.versions, rec) if r])
+    report["client_lag_ms"] = lag_report(main.send_lag_s)
     if is_log.any():
         report["log_events"] = summarize(main.latency_s[is_log], [c for c, r in zip(main.codes, is_log) if r], main.elapsed_s)
     report["floor"] = summarize(floor.latency_s, floor.codes, floor.elapsed_s) if floor is not None else None
@@ -475,7 +502,10 @@ def ramp(
         error_share = sum(report["errors"].values()) / max(report["sent"], 1)
         ok = report["p99_ms"] is not None and report["p99_ms"] <= p99_limit_ms and error_share <= max_error_share
         steps.append({"qps": qps, "held": ok, "error_share": round(error_share, 5), **report})
-        log.info("ramp: %.0f/s offered, %.0f/s answered, p99 %s ms, errors %.2f%%: %s", qps, report["achieved_qps"], report["p99_ms"], 100 * error_share, "held" if ok else "failed")
+        log.info(
+            "ramp: %.0f/s offered, %.0f/s answered, p99 %s ms, errors %.2f%%: %s%s", qps, report["achieved_qps"], report["p99_ms"], 100 * error_share, "held" if ok else "failed",
+            f" (this client fell behind its schedule: send lag p99 {report['client_lag_ms']['p99_ms']:.1f} ms)" if client_behind(report) else "",
+        )
         if not ok:
             break
         held = steps[-1]
@@ -553,6 +583,12 @@ def human_summary(report: dict) -> str:
     mixed = report.get("log_events")
     if mixed:
         lines.append(f"LogEvents: {mixed['sent']:,} sent, p99 {ms(mixed.get('p99_ms'))}, errors: {errors(mixed['errors'])}")
+    if client_behind(report):
+        lag = report["client_lag_ms"]
+        lines.append(
+            f"warning: this client fell behind its own schedule (calls sent late by p99 {ms(lag['p99_ms'])}, max {ms(lag['max_ms'])}), so the "
+            "latencies above include its delay: lower --qps, or run the load client on other cores than the server's"
+        )
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 import json
 import math
 import time
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from funnel.server.app import ServerOptions, build_server
 from funnel.server.holder import EngineHolder
 from funnel.server.query import RecommendResult, Recommendation
 from funnel.tools.cli import build_parser
-from funnel.tools.loadtest import WARMUP_CALLS, human_summary, loadtest, one_at_a_time, ramp, summarize, version_report
+from funnel.tools.loadtest import CLIENT_LAG_WARN_MS, WARMUP_CALLS, human_summary, loadtest, one_at_a_time, open_loop, ramp, summarize, version_report
 
 
 def test_summarize_on_hand_computed_latencies():
@@ -67,6 +68,7 @@ def test_short_run_reports_every_key_and_writes_json(tmp_path):
     for key in ("achieved_qps", "p50_ms", "p90_ms", "p99_ms", "max_ms", "errors"):
         assert key in report and key in report["floor"]
     assert report["errors"] == {} and report["floor"]["errors"] == {} and report["floor"]["sent"] == 25
+    assert set(report["client_lag_ms"]) == {"p50_ms", "p99_ms", "max_ms"} and report["client_lag_ms"]["p50_ms"] < CLIENT_LAG_WARN_MS
     mixed = report["log_events"]
     assert report["sent"] + mixed["sent"] == 50 and mixed["sent"] > 0
     assert mixed["errors"] == {"FAILED_PRECONDITION": mixed["sent"]}  # this engine keeps no user state
@@ -75,6 +77,31 @@ def test_short_run_reports_every_key_and_writes_json(tmp_path):
     summary = human_summary(report).splitlines()
     assert summary[0].startswith(f"offered 50/s for 1 s: {report['ok']} of {report['sent']} answered") and "errors: none" in summary[0]
     assert summary[1].startswith("health-check floor") and summary[2].startswith(f"LogEvents: {mixed['sent']} sent")
+
+
+def _answered(i: int) -> Future:
+    fut = Future()
+    fut.set_result(i)
+    return fut
+
+
+def test_a_client_that_cannot_keep_its_schedule_shows_its_lag():
+    # 100 calls due 5 ms apart, but sending each takes 15 ms: call i goes out about 10 * i ms late.
+    slow = lambda i: (time.sleep(0.015), _answered(i))[1]
+    phase = open_loop(slow, qps=200, duration_s=0.5, timeout_s=1.0)
+    assert phase.codes == ["OK"] * 100
+    assert phase.send_lag_s[-1] > 0.5 and np.all(np.diff(phase.send_lag_s) > 0)
+    assert np.all(phase.latency_s >= phase.send_lag_s)  # the lag is part of every latency
+    prompt = open_loop(_answered, qps=200, duration_s=0.5, timeout_s=1.0)
+    assert np.nanpercentile(prompt.send_lag_s, 50) < CLIENT_LAG_WARN_MS / 1e3
+
+
+def test_the_summary_flags_a_client_that_fell_behind():
+    report = {"ok": 10, "sent": 10, "achieved_qps": 10.0, "p50_ms": 1.0, "p99_ms": 2.0, "max_ms": 3.0, "errors": {}, "load": {"qps": 10, "duration_s": 1}}
+    on_time = dict(report, client_lag_ms={"p50_ms": 0.2, "p99_ms": 1.0, "max_ms": 2.0})
+    behind = dict(report, client_lag_ms={"p50_ms": 40.0, "p99_ms": 250.0, "max_ms": 300.0})
+    assert "warning" not in human_summary(on_time) and "warning" not in human_summary(report)
+    assert "fell behind its own schedule (calls sent late by p99 250.0 ms, max 300.0 ms)" in human_summary(behind)
 
 
 def test_latency_counts_from_the_scheduled_time_so_queueing_shows():
