@@ -153,7 +153,10 @@ def _child(i: int, n: int, kwargs: dict[str, Any], parent: int, cores: set[int] 
     _stop_with_parent(parent)
     if cores is not None:
         # Before serve() starts any thread: threads inherit the mask of the thread that creates them.
-        os.sched_setaffinity(0, cores)
+        try:
+            os.sched_setaffinity(0, cores)
+        except OSError as err:  # a core taken away since the parent looked: serve unpinned rather than not at all
+            log.warning("server process %d of %d: could not pin to cores %s (%s); the scheduler places it", i + 1, n, sorted(cores), err)
     log.info("server process %d of %d (pid %d)", i + 1, n, os.getpid())
     try:
         serve(**kwargs)

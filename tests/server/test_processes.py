@@ -1,5 +1,6 @@
 """Several server processes on one port: a real ``funnel serve --processes 2`` with its state in Redis or in the shared event log."""
 
+import logging
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import pytest
 from funnel.server.app import BindError, ServerOptions, build_server, create_server
 from funnel.server.engine import Engine
 from funnel.server.holder import EngineHolder
+from funnel.server import processes
 from funnel.server.processes import ProcessesError, core_groups, serve_processes
 from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
 from funnel.tools.recommend import wait_ready
@@ -43,6 +45,18 @@ def test_core_groups_split_the_cores_between_the_processes():
     assert core_groups([2, 3, 5, 7], 2) == [{2, 3}, {5, 7}]  # the cores allowed, not 0..n-1
     assert core_groups(list(range(16)), 3) == [set(range(0, 5)), set(range(5, 11)), set(range(11, 16))]  # every core used
     assert core_groups([0, 1, 2], 1) == [{0, 1, 2}]
+
+
+def test_a_process_that_cannot_be_pinned_serves_unpinned(monkeypatch, caplog):
+    served = []
+    monkeypatch.setattr(processes, "serve", lambda **kwargs: served.append(kwargs))
+    monkeypatch.setattr(processes, "_stop_with_parent", lambda parent: None)  # this is the test process: no parent-death signal
+    monkeypatch.setattr(processes.signal, "signal", lambda *args: None)  # nor pytest's handlers reset
+    before = os.sched_getaffinity(0)
+    with caplog.at_level(logging.WARNING, logger=processes.__name__):
+        processes._child(0, 2, {"port": 1}, os.getpid(), {max(before) + 4096})  # a core this machine does not have
+    assert served == [{"port": 1}] and os.sched_getaffinity(0) == before
+    assert "could not pin to cores" in caplog.text
 
 
 def test_one_process_does_not_share_its_port(tiny_bundle):
