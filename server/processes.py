@@ -16,10 +16,10 @@ that took the call, and the others switch at their next poll.
 Each process is pinned to cores of its own: the cores this process may run on, split
 into one contiguous group per process (one core each on a machine with a core per
 process; round robin when there are more processes than cores). A process computes on
-about one core anyway (its Python work holds the GIL); pinned, its threads stop migrating
-between cores and keep their core's caches, and two processes do not crowd onto one
-core while another idles. On a 2-core machine at 400 QPS this lowered both p50 and p99 in each of four
-paired runs, at the same CPU a request (figures in the README).
+about one core anyway (its Python work holds the GIL); pinned, its threads stop
+migrating between cores and keep their core's caches, and two processes do not crowd
+onto one core while another idles. On a 2-core machine at 400 QPS this lowered both p50
+and p99 in each of four paired runs, at the same CPU a request (figures in the README).
 """
 
 import ctypes

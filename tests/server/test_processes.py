@@ -15,7 +15,7 @@ import pytest
 from funnel.server.app import BindError, ServerOptions, build_server, create_server
 from funnel.server.engine import Engine
 from funnel.server.holder import EngineHolder
-from funnel.server import processes
+from funnel.server import processes as processes_module
 from funnel.server.processes import ProcessesError, core_groups, serve_processes
 from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
 from funnel.tools.recommend import wait_ready
@@ -49,12 +49,12 @@ def test_core_groups_split_the_cores_between_the_processes():
 
 def test_a_process_that_cannot_be_pinned_serves_unpinned(monkeypatch, caplog):
     served = []
-    monkeypatch.setattr(processes, "serve", lambda **kwargs: served.append(kwargs))
-    monkeypatch.setattr(processes, "_stop_with_parent", lambda parent: None)  # this is the test process: no parent-death signal
-    monkeypatch.setattr(processes.signal, "signal", lambda *args: None)  # nor pytest's handlers reset
+    monkeypatch.setattr(processes_module, "serve", lambda **kwargs: served.append(kwargs))
+    monkeypatch.setattr(processes_module, "_stop_with_parent", lambda parent: None)  # this is the test process: no parent-death signal
+    monkeypatch.setattr(processes_module.signal, "signal", lambda *args: None)  # nor pytest's handlers reset
     before = os.sched_getaffinity(0)
-    with caplog.at_level(logging.WARNING, logger=processes.__name__):
-        processes._child(0, 2, {"port": 1}, os.getpid(), {max(before) + 4096})  # a core this machine does not have
+    with caplog.at_level(logging.WARNING, logger=processes_module.__name__):
+        processes_module._child(0, 2, {"port": 1}, os.getpid(), {max(before) + 4096})  # a core this machine does not have
     assert served == [{"port": 1}] and os.sched_getaffinity(0) == before
     assert "could not pin to cores" in caplog.text
 

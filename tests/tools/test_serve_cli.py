@@ -29,9 +29,18 @@ def test_serve_refuses_an_open_public_bind_before_loading_anything(tmp_path, mon
     assert "refusing to serve on 0.0.0.0 without a token" in err and "--insecure" in err
 
 CHILD = """
-import sys, time
+import signal, threading, time
 from funnel.server.app import wait_for_stop
-print("waiting", flush=True)
+
+
+def announce():
+    # Only once wait_for_stop has installed its handlers: a SIGTERM before that ends the process by default.
+    while signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        time.sleep(0.001)
+    print("waiting", flush=True)
+
+
+threading.Thread(target=announce, daemon=True).start()
 wait_for_stop()
 print("stopping", flush=True)
 time.sleep(1.0)  # the drain: repeated signals must not cut it short
