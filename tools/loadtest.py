@@ -148,20 +148,23 @@ def summarize(latency_s: np.ndarray, codes: list, elapsed_s: float) -> dict:
         included: a fast error must not hide), ``errors`` by status name (calls that
         never completed count as ``NO_RESPONSE``).
     """
-    done = latency_s[~np.isnan(latency_s)] * 1e3
     ok = sum(1 for c in codes if c == "OK")
     errors = Counter("NO_RESPONSE" if c is None else c for c in codes if c != "OK")
-    pct = lambda q: round(float(np.percentile(done, q)), 3) if len(done) else None
     return {
         "sent": len(codes),
         "ok": ok,
         "achieved_qps": round(ok / elapsed_s, 2) if elapsed_s > 0 else 0.0,
-        "p50_ms": pct(50),
-        "p90_ms": pct(90),
-        "p99_ms": pct(99),
-        "max_ms": round(float(done.max()), 3) if len(done) else None,
+        **_percentiles_ms(latency_s, (50, 90, 99)),
         "errors": dict(sorted(errors.items())),
     }
+
+
+def _percentiles_ms(seconds: np.ndarray, percentiles: tuple[int, ...]) -> dict:
+    """``p{q}_ms`` for each of ``percentiles`` and ``max_ms`` over the non-NaN ``seconds``, in ms to the microsecond; ``None`` when there are none."""
+    done = seconds[~np.isnan(seconds)] * 1e3
+    stats = {f"p{q}_ms": round(float(np.percentile(done, q)), 3) if len(done) else None for q in percentiles}
+    stats["max_ms"] = round(float(done.max()), 3) if len(done) else None
+    return stats
 
 
 CLIENT_LAG_WARN_MS = 10.0
@@ -171,10 +174,7 @@ include the client's own delay (a client short of CPU, e.g. on the server's core
 
 def lag_report(send_lag_s: np.ndarray) -> dict:
     """``p50_ms``, ``p99_ms``, ``max_ms`` of how late calls were sent (see :attr:`Phase.send_lag_s`); ``None`` when none was sent."""
-    sent = send_lag_s[~np.isnan(send_lag_s)] * 1e3
-    if not len(sent):
-        return {"p50_ms": None, "p99_ms": None, "max_ms": None}
-    return {"p50_ms": round(float(np.percentile(sent, 50)), 3), "p99_ms": round(float(np.percentile(sent, 99)), 3), "max_ms": round(float(sent.max()), 3)}
+    return _percentiles_ms(send_lag_s, (50, 99))
 
 
 def client_behind(report: dict) -> bool:
