@@ -20,6 +20,7 @@ from funnel.server.batching import BatchStats, MicroBatcher
 from funnel.server.holder import EngineHolder
 from funnel.server.interceptors import ServerInterceptor
 from funnel.server.metrics import Metrics
+from funnel.server.peers import Peers
 from funnel.server.rpc import recommender_pb2_grpc
 from funnel.server.service import SERVICE_NAME, RecommenderServicer
 from funnel.server.state import MAX_EVENTS_PER_USER
@@ -121,7 +122,7 @@ def create_server(addr: str, engine, *, max_workers: int = 8) -> tuple[AioServer
     return built.server, built.port
 
 
-def build_server(addr: str, *, holder: EngineHolder, options: ServerOptions | None = None, metrics: Metrics | None = None) -> Server:
+def build_server(addr: str, *, holder: EngineHolder, options: ServerOptions | None = None, metrics: Metrics | None = None, peers: Peers | None = None) -> Server:
     """Assemble a server around ``holder`` bound to ``addr`` (not started).
 
     Args:
@@ -130,6 +131,9 @@ def build_server(addr: str, *, holder: EngineHolder, options: ServerOptions | No
         options: see :class:`ServerOptions`.
         metrics: where the server's metrics go (a new set when omitted); the holder's
             swaps and refusals are counted there too.
+        peers: the other server processes of the port (:mod:`server.peers`): they get
+            Recommend queries when this process is busier, and this one computes theirs;
+            ``None`` for none (needs batching).
 
     Raises:
         BindError: ``addr`` could not be bound.
@@ -150,10 +154,14 @@ def build_server(addr: str, *, holder: EngineHolder, options: ServerOptions | No
     # The threads that run the engine take this thread's OpenMP limit (configure_threads).
     settings = thread_settings()
     batcher = (
-        recommend_batcher(holder, metrics, max_batch=options.max_batch, max_wait_s=options.batch_wait_ms / 1e3, initializer=settings)
+        recommend_batcher(
+            holder, metrics, max_batch=options.max_batch, max_wait_s=options.batch_wait_ms / 1e3, initializer=settings, on_load=peers.publish if peers else None
+        )
         if options.max_batch > 1
         else None
     )
+    if batcher is not None and peers is not None:
+        peers.start(batcher)
     interceptor = ServerInterceptor(metrics, token=options.token, protected=PROTECTED, max_request_bytes=options.max_message_bytes)
     transport_limit = options.max_message_bytes * TRANSPORT_SLACK
     server = AioServer(
@@ -165,7 +173,7 @@ def build_server(addr: str, *, holder: EngineHolder, options: ServerOptions | No
         ],
     )
     executor = futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="rpc-blocking", initializer=settings)
-    servicer = RecommenderServicer(holder=holder, batcher=batcher, metrics=metrics, executor=executor)
+    servicer = RecommenderServicer(holder=holder, batcher=batcher, metrics=metrics, executor=executor, peers=peers)
     health_servicer = health.aio.HealthServicer()
 
     async def register() -> None:
@@ -191,13 +199,19 @@ def build_server(addr: str, *, holder: EngineHolder, options: ServerOptions | No
 
 
 def recommend_batcher(
-    holder: EngineHolder, metrics: Metrics, *, max_batch: int, max_wait_s: float, initializer: Callable[[], None] | None = None
+    holder: EngineHolder,
+    metrics: Metrics,
+    *,
+    max_batch: int,
+    max_wait_s: float,
+    initializer: Callable[[], None] | None = None,
+    on_load: Callable[[int], None] | None = None,
 ) -> MicroBatcher:
     """A micro-batcher that runs each batch of queries on the engine held at that moment.
 
     One engine per batch: a swap never splits a batch, and a batch already running
     finishes on the engine it started with. ``initializer`` runs first on its thread
-    (:func:`thread_settings`).
+    (:func:`thread_settings`); ``on_load`` hears every change of its load (:class:`server.batching.MicroBatcher`).
     """
 
     def run(queries: list) -> list:
@@ -214,7 +228,7 @@ def recommend_batcher(
         if stats.expired:
             metrics.expired.inc(stats.expired)
 
-    return MicroBatcher(run, max_batch=max_batch, max_wait_s=max_wait_s, on_batch=observe, initializer=initializer)
+    return MicroBatcher(run, max_batch=max_batch, max_wait_s=max_wait_s, on_batch=observe, initializer=initializer, on_load=on_load)
 
 
 def _one(engine, query):
@@ -338,6 +352,7 @@ def serve(
     max_events_per_user: int = MAX_EVENTS_PER_USER,
     candidates: dict[str, int] | None = None,
     runtime: str = "onnx",
+    peers: Peers | None = None,
 ) -> None:
     """Serve a bundle until SIGINT or SIGTERM, then drain in-flight requests and return.
 
@@ -361,6 +376,8 @@ def serve(
         candidates: per-channel candidate counts replacing those of every bundle served
             (:meth:`recall.retriever.RecallConfig.parse_counts`); ``None`` keeps each bundle's.
         runtime: ``onnx`` or ``torch``, for every bundle served (:class:`server.engine.Engine`).
+        peers: the other server processes of this port, sharing Recommend work
+            (:mod:`server.peers`; :mod:`server.processes` passes them); ``None`` for none.
     """
     from funnel.server.engine import Engine
     from funnel.server.state import open_state
@@ -371,7 +388,7 @@ def serve(
     user_state = open_state(state, event_log=event_log, max_events_per_user=max_events_per_user)
     # Every engine, the first and each swapped-in one, shares the same user state.
     holder = EngineHolder.open(bundle_dir, lambda path: Engine.load(path, user_state, candidates, runtime))
-    built = build_server(f"{host}:{port}", holder=holder, options=options, metrics=metrics)
+    built = build_server(f"{host}:{port}", holder=holder, options=options, metrics=metrics, peers=peers)
     built.server.start()
     engine = holder.engine
     log.info(
@@ -391,6 +408,8 @@ def serve(
     holder.stop_watching()
     # Health pollers (load balancers) stop routing here while in-flight requests finish.
     built.stop(SHUTDOWN_GRACE_S)
+    if peers is not None:
+        peers.close()
     if http is not None:
         http.shutdown()
     user_state.close()

@@ -89,6 +89,9 @@ class MicroBatcher:
         initializer: called once on the worker thread before its first batch, for the
             settings a library keeps per thread (OpenMP's thread count: see
             :func:`server.app.thread_settings`).
+        on_load: called with :attr:`load` whenever it changes (an item queued, a batch
+            started or finished), from the thread that changed it; for
+            :meth:`server.peers.Peers.publish`.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class MicroBatcher:
         on_batch: Callable[[BatchStats], None] | None = None,
         max_queue: int = 1024,
         initializer: Callable[[], None] | None = None,
+        on_load: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -111,12 +115,19 @@ class MicroBatcher:
         self.on_batch = on_batch
         self.max_queue = max_queue
         self._initializer = initializer
+        self.on_load = on_load
+        self._running = 0  # items of the batch computing now
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._closed = False
         self._run_s = 0.0  # moving average of batch run times: how long a new batch will likely take
         self._item_s = 0.0  # moving average of batch run time per item: what each queued item adds
         self._worker = threading.Thread(target=self._loop, name="micro-batcher", daemon=True)
         self._worker.start()
+
+    @property
+    def load(self) -> int:
+        """Items queued or computing now (read without a lock: a moment's estimate)."""
+        return self._queue.qsize() + self._running
 
     def submit(self, item, deadline: float | None = None) -> Future:
         """Queue ``item``; the future resolves to its result or raises its error.
@@ -159,6 +170,8 @@ class MicroBatcher:
             if expected > left:
                 raise Overloaded(f"{waiting} requests queued ahead, about {expected * 1e3:.1f} ms of work, more than the {max(left, 0) * 1e3:.1f} ms left")
         self._queue.put(pending)
+        if self.on_load is not None:
+            self.on_load(self.load)
         return pending.future
 
     def close(self, timeout: float | None = 5.0) -> None:
@@ -208,6 +221,9 @@ class MicroBatcher:
             else:
                 live.append(p)
         _settle(late)
+        self._running = len(live)
+        if self.on_load is not None:
+            self.on_load(self.load)
         if live:
             try:
                 results = self.run_batch([p.item for p in live])
@@ -216,6 +232,9 @@ class MicroBatcher:
             except Exception as err:  # noqa: BLE001 - handed to every caller of the batch
                 log.exception("batch of %d failed", len(live))
                 results = [err] * len(live)
+            self._running = 0
+            if self.on_load is not None:
+                self.on_load(self.load)
             _settle(list(zip(live, results)))
         run_s = time.monotonic() - started
         if live:

@@ -39,6 +39,7 @@ class Metrics:
         self.stage = Histogram("funnel_stage_seconds", "Latency of one serving stage.", ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("funnel_batch_size", "Recommend requests per micro-batch.", buckets=BATCH_BUCKETS, registry=r)
         self.expired = Counter("funnel_deadline_expired", "Requests not computed because their deadline had passed.", registry=r)
+        self.forwarded = Counter("funnel_requests_forwarded", "Recommend queries sent to another server process of the port to compute (server.peers).", registry=r)
         self.shed = Counter("funnel_requests_shed", "Requests refused on arrival because the queued work would overrun their deadline.", registry=r)
         self.bundle = Gauge("funnel_bundle_info", "1 for the bundle being served.", ["model_version", "index_version"], registry=r)
         self.reloads = Counter("funnel_bundle_reloads", "Bundle loads by outcome.", ["outcome"], registry=r)

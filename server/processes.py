@@ -6,10 +6,14 @@ incoming connections over them. They are forked before any of them creates a gRP
 server or runs torch (gRPC and OpenMP thread pools do not survive a fork), and load
 their bundle after the fork.
 
-They share nothing in memory, so users' logged behaviour must live where all of them
-read it: the SQLite event store they share (``state="memory"`` with an ``event_log``;
-each process reads what the others committed before each lookup) or Redis
-(``state="redis://..."``); the parent refuses memory state without an event log. Each
+The kernel places connections, not requests, so the processes are linked
+(:mod:`server.peers`): one whose engine is busier hands Recommend queries to a less busy
+one, and a client with a single connection still has every engine working for it.
+Apart from those links and the load figures they publish, the processes share nothing
+in memory, so users' logged behaviour must live where all of them read it: the SQLite
+event store they share (``state="memory"`` with an ``event_log``; each process reads
+what the others committed before each lookup) or Redis (``state="redis://..."``); the
+parent refuses memory state without an event log. Each
 process follows ``CURRENT`` on its own; the ``Reload`` rpc reaches the one process
 that took the call, and the others switch at their next poll.
 
@@ -33,6 +37,7 @@ from typing import Any
 
 from funnel.events.eventlog import EventStoreError
 from funnel.server.app import BindError, ServerOptions, serve
+from funnel.server.peers import Peers, close_all, keep_own, link_processes
 from funnel.server.state import StateUnavailable
 
 log = logging.getLogger(__name__)
@@ -44,7 +49,7 @@ class ProcessesError(ValueError):
     """Settings that several processes cannot run with."""
 
 
-def serve_processes(processes: int, serve_kwargs: dict[str, Any], *, pin_cores: bool = True) -> int:
+def serve_processes(processes: int, serve_kwargs: dict[str, Any], *, pin_cores: bool = True, share_work: bool = True) -> int:
     """Run ``processes`` copies of :func:`server.app.serve` on one port until SIGINT or SIGTERM.
 
     A signal to this (parent) process is passed on to every server, which drains its
@@ -59,6 +64,8 @@ def serve_processes(processes: int, serve_kwargs: dict[str, Any], *, pin_cores: 
             to the cores divided between the processes (half for math, as in one process).
         pin_cores: pin each process to cores of its own (:func:`core_groups`); False leaves
             placement to the scheduler, e.g. on a machine whose cores other busy services share.
+        share_work: link the processes so that a busy one hands Recommend queries to a
+            less busy one (:mod:`server.peers`); False keeps each query where its connection landed.
 
     Returns:
         0 after a requested stop; 1 if a server process failed.
@@ -71,12 +78,13 @@ def serve_processes(processes: int, serve_kwargs: dict[str, Any], *, pin_cores: 
     threads = serve_kwargs.get("threads") or max(1, len(cores) // (2 * processes))
     pins = core_groups(cores, processes) if pin_cores else [None] * processes
     context = multiprocessing.get_context("fork")
+    links = link_processes(processes) if share_work else None
     children = []
     for i in range(processes):
         kwargs = dict(serve_kwargs, threads=threads, options=dataclasses.replace(serve_kwargs.get("options") or ServerOptions(), reuse_port=True))
         if kwargs.get("metrics_port"):  # 0 (any free port) stays 0
             kwargs["metrics_port"] += i
-        children.append(context.Process(target=_child, args=(i, processes, kwargs, os.getpid(), pins[i]), name=f"funnel-serve-{i}"))
+        children.append(context.Process(target=_child, args=(i, processes, kwargs, os.getpid(), pins[i], links), name=f"funnel-serve-{i}"))
     stopping = False
 
     def stop(*_) -> None:
@@ -92,6 +100,8 @@ def serve_processes(processes: int, serve_kwargs: dict[str, Any], *, pin_cores: 
             if stopping:  # a signal during start-up: start no more
                 break
             child.start()
+        if links is not None:
+            close_all(links)  # the children hold their ends; a child that dies then closes its links
         children = [c for c in children if c.pid is not None]
         log.info(
             "started %d server processes (pids %s), %d compute threads each, %s", len(children), ", ".join(str(c.pid) for c in children), threads,
@@ -146,7 +156,7 @@ def _check(processes: int, kwargs: dict[str, Any]) -> None:
         )
 
 
-def _child(i: int, n: int, kwargs: dict[str, Any], parent: int, cores: set[int] | None) -> None:
+def _child(i: int, n: int, kwargs: dict[str, Any], parent: int, cores: set[int] | None, links: list[Peers] | None = None) -> None:
     # The parent's handlers were inherited; serve() installs its own once it is up.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -158,6 +168,8 @@ def _child(i: int, n: int, kwargs: dict[str, Any], parent: int, cores: set[int] 
         except OSError as err:  # a core taken away since the parent looked: serve unpinned rather than not at all
             log.warning("server process %d of %d: could not pin to cores %s (%s); the scheduler places it", i + 1, n, sorted(cores), err)
     log.info("server process %d of %d (pid %d)", i + 1, n, os.getpid())
+    if links is not None:
+        kwargs = dict(kwargs, peers=keep_own(links, i))
     try:
         serve(**kwargs)
     except (StateUnavailable, EventStoreError, BindError) as err:

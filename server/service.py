@@ -18,6 +18,7 @@ from funnel.rank.model import HEADS
 from funnel.server.batching import DeadlineExpired, MicroBatcher, Overloaded
 from funnel.server.holder import BundleRefused, EngineHolder
 from funnel.server.metrics import Metrics
+from funnel.server.peers import PeerUnavailable, Peers
 from funnel.server.query import BadQuery, Event, RecommendQuery, RecommendResult
 from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
 from funnel.server.state import StateUnavailable
@@ -174,6 +175,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         metrics: where stage timings and logged-event counts go.
         executor: threads for blocking work (unbatched ``Recommend``, ``LogEvents``
             commits, ``Reload``); ``None`` for the loop's default executor.
+        peers: the other server processes of the port, which take queries when this
+            one is busier (:mod:`server.peers`; needs ``batcher``); ``None`` for none.
 
     Attributes:
         engine: the serving engine. Assigning a new one swaps it for later requests;
@@ -181,10 +184,18 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     """
 
     def __init__(
-        self, engine=None, *, holder: EngineHolder | None = None, batcher: MicroBatcher | None = None, metrics: Metrics | None = None, executor: Executor | None = None
+        self,
+        engine=None,
+        *,
+        holder: EngineHolder | None = None,
+        batcher: MicroBatcher | None = None,
+        metrics: Metrics | None = None,
+        executor: Executor | None = None,
+        peers: Peers | None = None,
     ) -> None:
         self.holder = holder if holder is not None else EngineHolder(engine)
         self.batcher = batcher
+        self.peers = peers if batcher is not None else None
         self.metrics = metrics if metrics is not None else Metrics()
         self.executor = executor
 
@@ -212,7 +223,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             else:
                 remaining = context.time_remaining()
                 deadline = time.monotonic() + remaining if remaining is not None else None
-                result = await self.batcher.submit_async(query, deadline)
+                result = await self._batched(query, deadline)
             self.metrics.stage.labels("recall").observe(result.timings_us.get("recall", 0) / 1e6)
             self.metrics.stage.labels("rank").observe(result.timings_us.get("rank", 0) / 1e6)
             return to_response(result, request.request_id)
@@ -226,6 +237,17 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         except Exception:
             log.exception("Recommend failed (request_id=%r, user_id=%r)", request.request_id, request.user_id)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error serving request_id={request.request_id!r}; see the server log")
+
+    async def _batched(self, query: RecommendQuery, deadline: float | None) -> RecommendResult:
+        """The query's result from this process's micro-batcher, or from a peer process's when this one is busier (:mod:`server.peers`)."""
+        peer = self.peers.pick(self.batcher.load) if self.peers is not None else None
+        if peer is not None:
+            self.metrics.forwarded.inc()
+            try:
+                return await self.peers.forward(peer, query, deadline)
+            except PeerUnavailable:
+                pass  # the peer stopped: compute it here
+        return await self.batcher.submit_async(query, deadline)
 
     async def Reload(self, request: recommender_pb2.ReloadRequest, context: grpc.aio.ServicerContext) -> recommender_pb2.ReloadResponse:
         """Swap in the bundle ``CURRENT`` names now; FAILED_PRECONDITION with the reason when it is refused."""

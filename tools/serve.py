@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "so its threads keep their core's caches instead of migrating (lower latency under load); --no-pin-cores leaves placement to the scheduler, for a machine whose cores other busy services share (default: pinned)",
     )
     parser.add_argument(
+        "--share-work", action=argparse.BooleanOptionalAction, default=True,
+        help="with several --processes, a process whose engine has queries queued or computing hands a Recommend to a less busy one "
+        "over a local socket, so the engines share the work even when the client's connections do not spread evenly over the "
+        "processes (one connection reaches one process); --no-share-work keeps each query in the process that took its connection (default: shared)",
+    )
+    parser.add_argument(
         "--runtime", choices=RUNTIMES, default="onnx",
         help="model runtime: ONNX Runtime over the bundle's exports, one thread, no torch work per request (onnx, default), "
         "or the frozen PyTorch models (torch)",
@@ -111,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         if processes < 1:
             raise ProcessesError(f"--processes must be at least 1, got {processes}")
         if processes > 1:
-            return serve_processes(processes, kwargs, pin_cores=args.pin_cores)
+            return serve_processes(processes, kwargs, pin_cores=args.pin_cores, share_work=args.share_work)
         serve(**kwargs)
     except (StateUnavailable, EventStoreError, ProcessesError, BindError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -131,15 +131,7 @@ def test_processes_share_the_port_and_the_users_state(tiny_bundle, shared_state,
     channels = []
     try:
         _wait_serving(proc, addr, log_path)
-        for p in (metrics_port, metrics_port + 1):  # one metrics endpoint per process: both are up
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while True:
-                try:
-                    assert b"funnel_" in urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=5).read()
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, log_path.read_text()
-                    time.sleep(0.2)
+        _wait_metrics((metrics_port, metrics_port + 1), log_path)  # one metrics endpoint per process: both are up
         children = _children(proc.pid)
         assert len(children) == 2
         # Each process runs on cores of its own, every one of its threads included (they inherit the mask).
@@ -169,6 +161,61 @@ def test_processes_share_the_port_and_the_users_state(tiny_bundle, shared_state,
         proc.wait(timeout=60)
     assert proc.returncode == 0, log_path.read_text()
     assert "started 2 server processes" in log_path.read_text()
+
+
+@pytest.mark.slow
+def test_the_queries_of_one_connection_are_computed_by_both_processes(tiny_bundle, unused_port, tmp_path):
+    # One connection reaches one process; the engines share its queries all the same (server.peers).
+    metrics_port = _port_pair()
+    log_path = tmp_path / "serve.log"
+    args = [
+        "--bundle", tiny_bundle, "--host", "127.0.0.1", "--port", str(unused_port), "--processes", "2", "--event-log", str(tmp_path / "events.db"),
+        "--watch-interval", "0", "--metrics-port", str(metrics_port),
+    ]
+    proc = _serve(args, log_path)
+    addr = f"127.0.0.1:{unused_port}"
+    ports = (metrics_port, metrics_port + 1)
+    channel = None
+    try:
+        _wait_serving(proc, addr, log_path)
+        _wait_metrics(ports, log_path)
+        user = str(Engine.load(tiny_bundle).bundle.data.users.decode([1])[0])
+        channel = grpc.insecure_channel(addr)
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        for _ in range(5):  # bursts until the busy process has handed some over (the first usually does)
+            calls = [stub.Recommend.future(recommender_pb2.RecommendRequest(user_id=user, k=10), timeout=60) for _ in range(64)]
+            answers = {tuple(r.item_id for r in call.result().items) for call in calls}
+            assert len(answers) == 1  # computed here or by the peer, the same answer
+            if max(_metric(p, "funnel_requests_forwarded_total") for p in ports) > 0:
+                break
+        forwarded = sorted(_metric(p, "funnel_requests_forwarded_total") for p in ports)
+        assert forwarded[0] == 0 and forwarded[1] > 0, forwarded  # only the process holding the connection hands queries over
+        assert all(_metric(p, "funnel_batch_size_count") > 0 for p in ports)  # and both computed
+    finally:
+        if channel is not None:
+            channel.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0, log_path.read_text()
+
+
+def _wait_metrics(ports, log_path) -> None:
+    """Wait until every port serves Prometheus metrics."""
+    for port in ports:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                assert b"funnel_" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+
+
+def _metric(port: int, name: str) -> float:
+    """The sum of metric ``name`` over its labels, read from the metrics endpoint at ``port``."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.split("{")[0].split(" ")[0] == name)
 
 
 @pytest.mark.slow
