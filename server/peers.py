@@ -34,7 +34,6 @@ import os
 import socket
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,6 @@ class PeerUnavailable(Exception):
     """The peer a query was sent to stopped (or its link broke) before it answered; compute the query locally."""
 
 
-@dataclass
 class Peers:
     """One process's links to the other server processes of its port (built by :func:`link_processes`).
 
@@ -56,19 +54,15 @@ class Peers:
     queries run on it and :meth:`forward` may send local ones out.
     """
 
-    index: int
-    links: dict[int, multiprocessing.connection.Connection]
-    loads: Sequence[int]
-    _send_locks: dict[int, threading.Lock] = field(default_factory=dict)
-    _sent: dict[int, int] = field(default_factory=dict)  # peer -> queries sent and not yet answered
-    _pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, int]] = field(default_factory=dict)
-    _tokens: "itertools.count[int]" = field(default_factory=itertools.count)
-    _alive: frozenset[int] = frozenset()  # replaced, never changed in place: pick() iterates it on another thread
-
-    def __post_init__(self) -> None:
-        self._send_locks = {j: threading.Lock() for j in self.links}
-        self._sent = {j: 0 for j in self.links}
-        self._alive = frozenset(self.links)
+    def __init__(self, index: int, links: dict[int, multiprocessing.connection.Connection], loads: Sequence[int]):
+        self.index = index
+        self.links = links
+        self.loads = loads
+        self._send_locks = {j: threading.Lock() for j in links}
+        self._sent = {j: 0 for j in links}  # peer -> queries sent and not yet answered (touched on the event loop only)
+        self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, int]] = {}
+        self._tokens = itertools.count()
+        self._alive = frozenset(links)  # replaced, never changed in place: pick() iterates it on another thread
 
     def publish(self, load: int) -> None:
         """Make this process's load (queries queued or computing here) visible to the others."""

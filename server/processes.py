@@ -78,7 +78,9 @@ def serve_processes(processes: int, serve_kwargs: dict[str, Any], *, pin_cores: 
     threads = serve_kwargs.get("threads") or max(1, len(cores) // (2 * processes))
     pins = core_groups(cores, processes) if pin_cores else [None] * processes
     context = multiprocessing.get_context("fork")
-    links = link_processes(processes) if share_work else None
+    # Without batching no process would take a peer's query.
+    batching = (serve_kwargs.get("options") or ServerOptions()).max_batch > 1
+    links = link_processes(processes) if share_work and batching else None
     children = []
     for i in range(processes):
         kwargs = dict(serve_kwargs, threads=threads, options=dataclasses.replace(serve_kwargs.get("options") or ServerOptions(), reuse_port=True))
