@@ -159,11 +159,14 @@ class Peers:
     def _run_for_peer(self, peer: int, batcher, token: int, query, deadline: float | None) -> None:
         def reply(ok: bool, value) -> None:
             try:
-                self._send(peer, ("answer", token, ok, value))
+                try:
+                    self._send(peer, ("answer", token, ok, value))
+                except PeerUnavailable:
+                    raise
+                except Exception as err:  # noqa: BLE001 - an answer that cannot be pickled still ends the asker's wait
+                    self._send(peer, ("answer", token, False, RuntimeError(f"answer could not be sent back: {err}")))
             except PeerUnavailable:
                 pass  # the asker is gone: nobody waits for this answer
-            except Exception as err:  # noqa: BLE001 - an answer that cannot be pickled still ends the asker's wait
-                self._send(peer, ("answer", token, False, RuntimeError(f"answer could not be sent back: {err}")))
 
         try:
             done = batcher.submit(query, deadline)

@@ -52,6 +52,13 @@ def test_the_peers_errors_reach_the_asker_as_they_would_locally(linked):
         asyncio.run(a.forward(1, ValueError("bad item"), None))
 
 
+def test_an_answer_that_cannot_be_sent_back_still_ends_the_wait(linked):
+    a, _, batchers = linked
+    batchers[1].run_batch = lambda items: [threading.Lock() for _ in items]  # a lock cannot be pickled
+    with pytest.raises(RuntimeError, match="could not be sent back"):
+        asyncio.run(asyncio.wait_for(a.forward(1, "q", None), 10))
+
+
 def test_a_peer_that_refuses_on_arrival_says_why(linked):
     a, _, batchers = linked
     batchers[1].max_queue = 0
