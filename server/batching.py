@@ -170,9 +170,12 @@ class MicroBatcher:
             if expected > left:
                 raise Overloaded(f"{waiting} requests queued ahead, about {expected * 1e3:.1f} ms of work, more than the {max(left, 0) * 1e3:.1f} ms left")
         self._queue.put(pending)
+        self._publish_load()
+        return pending.future
+
+    def _publish_load(self) -> None:
         if self.on_load is not None:
             self.on_load(self.load)
-        return pending.future
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Finish the queued items, then stop the worker."""
@@ -222,8 +225,7 @@ class MicroBatcher:
                 live.append(p)
         _settle(late)
         self._running = len(live)
-        if self.on_load is not None:
-            self.on_load(self.load)
+        self._publish_load()
         if live:
             try:
                 results = self.run_batch([p.item for p in live])
@@ -233,8 +235,7 @@ class MicroBatcher:
                 log.exception("batch of %d failed", len(live))
                 results = [err] * len(live)
             self._running = 0
-            if self.on_load is not None:
-                self.on_load(self.load)
+            self._publish_load()
             _settle(list(zip(live, results)))
         run_s = time.monotonic() - started
         if live:
@@ -263,6 +264,14 @@ def _settle(outcomes: list[tuple[_Pending, object]]) -> None:
             loop.call_soon_threadsafe(_set_all, items)
         except RuntimeError:
             pass  # the loop is closed: nobody awaits these futures any more
+
+
+def settle_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future, outcome: object) -> None:
+    """From another thread, give ``loop``'s ``future`` its outcome (an ``Exception`` is raised to its awaiter); nothing if the loop is closed."""
+    try:
+        loop.call_soon_threadsafe(_set, future, outcome)
+    except RuntimeError:
+        pass  # the loop is closed: nobody awaits the future any more
 
 
 def _set_all(items: list[tuple[asyncio.Future, object]]) -> None:

@@ -35,6 +35,8 @@ import socket
 import threading
 from collections.abc import Sequence
 
+from funnel.server.batching import settle_soon
+
 log = logging.getLogger(__name__)
 
 
@@ -153,46 +155,36 @@ class Peers:
         gone = PeerUnavailable(f"server process {peer + 1} stopped before answering")
         for token, (loop, future, to) in list(self._pending.items()):
             if to == peer:
-                _resolve_soon(loop, future, False, gone)
+                settle_soon(loop, future, gone)
         log.info("link to server process %d closed", peer + 1)
 
     def _run_for_peer(self, peer: int, batcher, token: int, query, deadline: float | None) -> None:
-        def reply(ok: bool, value) -> None:
+        def reply(outcome) -> None:
             try:
                 try:
-                    self._send(peer, ("answer", token, ok, value))
+                    self._send(peer, ("answer", token, outcome))
                 except PeerUnavailable:
                     raise
                 except Exception as err:  # noqa: BLE001 - an answer that cannot be pickled still ends the asker's wait
-                    self._send(peer, ("answer", token, False, RuntimeError(f"answer could not be sent back: {err}")))
+                    self._send(peer, ("answer", token, RuntimeError(f"answer could not be sent back: {err}")))
             except PeerUnavailable:
                 pass  # the asker is gone: nobody waits for this answer
 
         try:
             done = batcher.submit(query, deadline)
         except RuntimeError as err:  # this process is stopping: the asker computes the query itself
-            reply(False, PeerUnavailable(f"server process {self.index + 1} is stopping: {err}"))
+            reply(PeerUnavailable(f"server process {self.index + 1} is stopping: {err}"))
             return
         except Exception as err:  # noqa: BLE001 - refused on arrival (overloaded): the asker gets the reason
-            reply(False, err)
+            reply(err)
             return
-        done.add_done_callback(lambda f: reply(True, f.result()) if f.exception() is None else reply(False, f.exception()))
+        done.add_done_callback(lambda f: reply(f.exception() or f.result()))
 
-    def _answered(self, token: int, ok: bool, value) -> None:
+    def _answered(self, token: int, outcome) -> None:
+        """``outcome``: the peer batcher's result for the query, or the ``Exception`` it raised (as :class:`server.batching.MicroBatcher` results go)."""
         entry = self._pending.get(token)
         if entry is not None:  # else the asker stopped waiting (cancelled)
-            _resolve_soon(entry[0], entry[1], ok, value)
-
-
-def _resolve_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future, ok: bool, value) -> None:
-    def resolve() -> None:
-        if not future.done():
-            future.set_result(value) if ok else future.set_exception(value)
-
-    try:
-        loop.call_soon_threadsafe(resolve)
-    except RuntimeError:
-        pass  # the loop is closed: nobody awaits the future any more
+            settle_soon(entry[0], entry[1], outcome)
 
 
 def link_processes(n: int) -> list[Peers]:

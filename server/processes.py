@@ -78,12 +78,12 @@ def serve_processes(processes: int, serve_kwargs: dict[str, Any], *, pin_cores: 
     threads = serve_kwargs.get("threads") or max(1, len(cores) // (2 * processes))
     pins = core_groups(cores, processes) if pin_cores else [None] * processes
     context = multiprocessing.get_context("fork")
+    options = dataclasses.replace(serve_kwargs.get("options") or ServerOptions(), reuse_port=True)
     # Without batching no process would take a peer's query.
-    batching = (serve_kwargs.get("options") or ServerOptions()).max_batch > 1
-    links = link_processes(processes) if share_work and batching else None
+    links = link_processes(processes) if share_work and options.max_batch > 1 else None
     children = []
     for i in range(processes):
-        kwargs = dict(serve_kwargs, threads=threads, options=dataclasses.replace(serve_kwargs.get("options") or ServerOptions(), reuse_port=True))
+        kwargs = dict(serve_kwargs, threads=threads, options=options)
         if kwargs.get("metrics_port"):  # 0 (any free port) stays 0
             kwargs["metrics_port"] += i
         children.append(context.Process(target=_child, args=(i, processes, kwargs, os.getpid(), pins[i], links), name=f"funnel-serve-{i}"))

@@ -11,6 +11,7 @@ import urllib.request
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from funnel.server.app import BindError, ServerOptions, build_server, create_server
 from funnel.server.engine import Engine
@@ -213,9 +214,9 @@ def _wait_metrics(ports, log_path) -> None:
 
 
 def _metric(port: int, name: str) -> float:
-    """The sum of metric ``name`` over its labels, read from the metrics endpoint at ``port``."""
+    """The sum of sample ``name`` over its labels, read from the metrics endpoint at ``port``."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.split("{")[0].split(" ")[0] == name)
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples if sample.name == name)
 
 
 @pytest.mark.slow
