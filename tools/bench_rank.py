@@ -75,7 +75,7 @@ def run_benchmark(
         calls: timed ranking calls.
         users: distinct users cycled through.
         warmup: untimed calls first (allocator and caches).
-        profile_calls: calls under cProfile for the breakdown (not timed).
+        profile_calls: calls under cProfile for the breakdown (not timed); 0 skips it.
         seed: picks the users.
         recall_candidates: per-channel recall counts replacing the bundle's (as ``funnel serve --candidates``).
         json_out: also write the report here (atomically).
@@ -85,7 +85,7 @@ def run_benchmark(
         median/p99/mean}}), ``onnx_over_torch`` ({"rank"|"recall": ratio of median CPU
         times}), ``target_ms``, ``meets_target`` ({runtime: {"rank"|"recall": bool}, by the
         median CPU time}) and ``breakdown`` (``callees`` and ``top``: shares of the onnx
-        ranking time, see :func:`_breakdown`).
+        ranking time, see :func:`_breakdown`; None when ``profile_calls`` is 0).
     """
     torch.set_num_threads(1)
     b = load_bundle(bundle, candidates=recall_candidates)
@@ -122,7 +122,7 @@ def run_benchmark(
         "meets_target": {
             rt: {stage: bool(med(times, rt) * 1e3 <= TARGET_MS[stage]) for stage, times in (("rank", rank_times), ("recall", recall_times))} for rt in RUNTIMES
         },
-        "breakdown": _breakdown(rank_calls["onnx"], requests, profile_calls, TwoStage.rank),
+        "breakdown": _breakdown(rank_calls["onnx"], requests, profile_calls, TwoStage.rank) if profile_calls > 0 else None,
     }
     if json_out:
         write_json(json_out, report)
@@ -251,10 +251,10 @@ def format_report(report: dict) -> str:
                     f"  {runtime:5} {kind:4} {stage:6} median {t['median']:.3f} ms  p99 {t['p99']:.3f} ms  mean {t['mean']:.3f} ms  ({verdict} the {report['target_ms'][stage]:g} ms target)"
                 )
     ratio = report["onnx_over_torch"]
-    lines += [
-        f"  onnx / torch (median CPU, same run): rank {ratio['rank']:.2f}, recall {ratio['recall']:.2f}",
-        "  where the onnx ranking time goes (profiled pass; share of rank), functions rank calls:",
-    ]
+    lines.append(f"  onnx / torch (median CPU, same run): rank {ratio['rank']:.2f}, recall {ratio['recall']:.2f}")
+    if report["breakdown"] is None:
+        return "\n".join(lines)
+    lines.append("  where the onnx ranking time goes (profiled pass; share of rank), functions rank calls:")
     lines += [f"    {share:6.1%}  {name}" for name, share in report["breakdown"]["callees"].items()]
     lines.append("  most expensive functions under rank (cumulative, so nested ones overlap):")
     lines += [f"    {share:6.1%}  {name}" for name, share in report["breakdown"]["top"].items()]
@@ -269,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=2000, help="timed calls (default: 2000)")
     p.add_argument("--users", type=int, default=64, help="distinct users the calls cycle through (default: 64)")
     p.add_argument("--warmup", type=int, default=100, help="untimed calls first (default: 100)")
-    p.add_argument("--profile-calls", type=int, default=300, help="calls in the profiled pass for the breakdown (default: 300)")
+    p.add_argument("--profile-calls", type=int, default=300, help="calls in the profiled pass for the breakdown; 0 skips it (default: 300)")
     p.add_argument("--seed", type=int, default=0, help="picks the users (default: 0)")
     add_candidates_argument(p, "recall is timed at these counts", flag="--recall-candidates")
     p.add_argument("--json", dest="json_out", help="also write the report as JSON here")

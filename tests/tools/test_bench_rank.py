@@ -40,3 +40,10 @@ def test_bench_rank_times_recall_at_the_given_counts(tiny_bundle):
     counts = report["setting"]["recall_config"]
     assert counts["two_tower"] == 30 and counts["popular"] == 0
     assert "two_tower 30" in format_report(report)
+
+
+def test_bench_rank_without_profiled_calls_has_no_breakdown(tiny_bundle):
+    report = run_benchmark(bundle=tiny_bundle, candidates=10, calls=4, users=2, warmup=0, profile_calls=0)
+    assert report["breakdown"] is None
+    text = format_report(report)
+    assert "onnx / torch" in text and "where the onnx ranking time goes" not in text
