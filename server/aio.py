@@ -23,16 +23,18 @@ class AioServer:
     Args:
         interceptors: ``grpc.aio.ServerInterceptor`` instances.
         options: channel arguments of the server.
+        max_concurrent_rpcs: rpcs in progress beyond which gRPC refuses new ones itself
+            with RESOURCE_EXHAUSTED; ``None`` for no limit.
     """
 
-    def __init__(self, *, interceptors: Sequence[Any] = (), options: Sequence[tuple[str, Any]] = ()):
+    def __init__(self, *, interceptors: Sequence[Any] = (), options: Sequence[tuple[str, Any]] = (), max_concurrent_rpcs: int | None = None):
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="grpc-aio", daemon=True)
         self._thread.start()
         self._stopped = threading.Event()
 
         async def create() -> grpc.aio.Server:
-            return grpc.aio.server(interceptors=list(interceptors), options=list(options))
+            return grpc.aio.server(interceptors=list(interceptors), options=list(options), maximum_concurrent_rpcs=max_concurrent_rpcs)
 
         self.aio = self.run(create())
 

@@ -50,6 +50,13 @@ class ServerOptions:
         reuse_port: bind with ``SO_REUSEPORT``, so several server processes share the
             port (:mod:`server.processes`); off, a second server on a taken port fails
             to start instead of silently taking part of the traffic.
+        max_concurrent_rpcs: rpcs in progress (of every method) beyond which the server
+            refuses new ones at once with RESOURCE_EXHAUSTED, in gRPC itself, before the
+            interceptor and the servicer run (so the metrics do not count them); 0 for no
+            limit. Admission control (:mod:`server.batching`) refuses what the queue could
+            not finish in time, but only once a request reaches it: under heavy overload
+            the event loop falls behind, and requests would wait for it before being
+            refused. The default, 64, is two full batches at the default ``max_batch``.
     """
 
     max_workers: int = 32
@@ -60,6 +67,11 @@ class ServerOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     reuse_port: bool = False
+    max_concurrent_rpcs: int = 64
+
+    def __post_init__(self):
+        if self.max_concurrent_rpcs < 0:
+            raise ValueError(f"max_concurrent_rpcs must be >= 0 (0: no limit), got {self.max_concurrent_rpcs}")
 
 
 class BindError(RuntimeError):
@@ -171,6 +183,7 @@ def build_server(addr: str, *, holder: EngineHolder, options: ServerOptions | No
             ("grpc.max_send_message_length", transport_limit),
             ("grpc.so_reuseport", int(options.reuse_port)),
         ],
+        max_concurrent_rpcs=options.max_concurrent_rpcs or None,
     )
     executor = futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="rpc-blocking", initializer=settings)
     servicer = RecommenderServicer(holder=holder, batcher=batcher, metrics=metrics, executor=executor, peers=peers)

@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long a batch keeps gathering requests after its first one; 0 takes only those already waiting, which still "
         f"batches under load (requests queue while a batch computes) and adds no wait to a lone request (default: {ServerOptions.batch_wait_ms})",
     )
+    parser.add_argument(
+        "--max-concurrent-rpcs", type=int, default=ServerOptions.max_concurrent_rpcs,
+        help="rpcs in progress per server process beyond which gRPC itself refuses new ones at once with RESOURCE_EXHAUSTED, before "
+        "the interceptor and the servicer run, so heavy overload is refused instead of queueing for a busy event loop (these "
+        f"refusals are not counted in funnel_requests); 0 for no limit (default: {ServerOptions.max_concurrent_rpcs})",
+    )
     add_candidates_argument(parser, "fewer candidates rank faster; 'funnel evaluate --candidates' measures what they cost in quality")
     parser.add_argument(
         "--processes", type=int, default=None,
@@ -101,8 +107,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         options = ServerOptions(
             max_workers=args.workers, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_message_bytes=args.max_message_bytes,
-            token=args.token or None, tls_cert=args.tls_cert, tls_key=args.tls_key,
+            token=args.token or None, tls_cert=args.tls_cert, tls_key=args.tls_key, max_concurrent_rpcs=args.max_concurrent_rpcs,
         )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
         refusal = open_without_token(args.host, options)
         if refusal and not args.insecure:
             print(f"error: {refusal}", file=sys.stderr)

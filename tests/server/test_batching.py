@@ -313,3 +313,33 @@ def test_the_engine_runs_with_the_openmp_limit_of_the_thread_that_built_the_serv
     finally:
         built.stop(None)
     assert reply.items[0].score == 1.0
+
+
+@pytest.mark.parametrize("limit", [2, 0])
+def test_rpcs_past_the_concurrency_limit_are_refused_at_once(limit):
+    engine = SlowEngine(0.5)
+    built = build_server("127.0.0.1:0", holder=EngineHolder(engine), options=ServerOptions(max_batch=4, max_concurrent_rpcs=limit))
+    built.server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{built.port}") as ch:
+            stub = recommender_pb2_grpc.RecommenderStub(ch)
+            calls = []
+            for i in range(5):
+                calls.append(stub.Recommend.future(recommender_pb2.RecommendRequest(user_id="u", k=1, request_id=f"r{i}"), timeout=10))
+                time.sleep(0.05)  # in order: the first ones are in progress when the later ones arrive
+            codes = [c.code() for c in calls]
+            # Once those finished, the limit has room again.
+            after = stub.Recommend(recommender_pb2.RecommendRequest(user_id="u", k=1, request_id="after"), timeout=10)
+    finally:
+        built.stop(None)
+    assert after.items[0].item_id == "i1"
+    if limit:
+        assert codes == [grpc.StatusCode.OK] * 2 + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+        assert engine.computed == ["r0", "r1", "after"]
+    else:
+        assert codes == [grpc.StatusCode.OK] * 5
+
+
+def test_a_negative_concurrency_limit_is_refused():
+    with pytest.raises(ValueError, match="max_concurrent_rpcs must be >= 0"):
+        ServerOptions(max_concurrent_rpcs=-1)
