@@ -56,7 +56,8 @@ class ServerOptions:
             limit. Admission control (:mod:`server.batching`) refuses what the queue could
             not finish in time, but only once a request reaches it: under heavy overload
             the event loop falls behind, and requests would wait for it before being
-            refused. The default, 64, is two full batches at the default ``max_batch``.
+            refused. Health checks count too. The default, 64, is two full batches at the
+            default ``max_batch``.
     """
 
     max_workers: int = 32
