@@ -48,6 +48,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
         async def wrapped(request, context):
             started = time.perf_counter()
+            self.metrics.in_progress.inc()
             try:
                 if guarded and not self._authorized(context):
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{short} needs metadata 'authorization: Bearer <token>' with the server's token")
@@ -69,6 +70,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             except BaseException:
                 self._record(short, context.code() or grpc.StatusCode.UNKNOWN, started, request)
                 raise
+            finally:
+                self.metrics.in_progress.dec()
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer

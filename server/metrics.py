@@ -29,6 +29,8 @@ class Metrics:
         reloads: counter of bundle loads by ``outcome`` (``swapped``, ``refused``, and
             ``fallback`` when start-up served an older version than ``CURRENT`` names).
         events_logged: counter of behaviour events accepted by ``LogEvents``.
+        in_progress: gauge of rpcs inside the server's handlers now, to compare with
+            ``--max-concurrent-rpcs`` (past it gRPC refuses calls before they are counted anywhere).
     """
 
     def __init__(self) -> None:
@@ -44,6 +46,7 @@ class Metrics:
         self.bundle = Gauge("funnel_bundle_info", "1 for the bundle being served.", ["model_version", "index_version"], registry=r)
         self.reloads = Counter("funnel_bundle_reloads", "Bundle loads by outcome.", ["outcome"], registry=r)
         self.events_logged = Counter("funnel_events_logged", "Behaviour events accepted by LogEvents.", registry=r)
+        self.in_progress = Gauge("funnel_rpcs_in_progress", "Rpcs inside the server's handlers now (gRPC refuses those past --max-concurrent-rpcs).", registry=r)
         self._bundle_lock = threading.Lock()
         self._served: tuple[str, str] | None = None
 

@@ -327,13 +327,16 @@ def test_rpcs_past_the_concurrency_limit_are_refused_at_once(limit):
             for i in range(5):
                 calls.append(stub.Recommend.future(recommender_pb2.RecommendRequest(user_id="u", k=1, request_id=f"r{i}"), timeout=10))
                 time.sleep(0.05)  # in order: the first ones are in progress when the later ones arrive
+            in_flight = built.metrics.text()
             codes = [c.code() for c in calls]
             # Once those finished, the limit has room again.
             after = stub.Recommend(recommender_pb2.RecommendRequest(user_id="u", k=1, request_id="after"), timeout=10)
     finally:
         built.stop(None)
     assert after.items[0].item_id == "i1"
+    assert "funnel_rpcs_in_progress 0.0" in built.metrics.text()
     if limit:
+        assert "funnel_rpcs_in_progress 2.0" in in_flight  # the refused ones never reached a handler
         assert codes == [grpc.StatusCode.OK] * 2 + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
         assert engine.computed == ["r0", "r1", "after"]
     else:
