@@ -12,7 +12,7 @@ from funnel.server.app import ServerOptions, build_server
 from funnel.server.holder import EngineHolder
 from funnel.server.query import RecommendResult, Recommendation
 from funnel.tools.cli import build_parser
-from funnel.tools.loadtest import CLIENT_LAG_WARN_MS, WARMUP_CALLS, human_summary, loadtest, one_at_a_time, open_loop, ramp, summarize, version_report
+from funnel.tools.loadtest import WARMUP_CALLS, human_summary, loadtest, one_at_a_time, open_loop, ramp, summarize, version_report
 
 
 def test_summarize_on_hand_computed_latencies():
@@ -68,7 +68,8 @@ def test_short_run_reports_every_key_and_writes_json(tmp_path):
     for key in ("achieved_qps", "p50_ms", "p90_ms", "p99_ms", "max_ms", "errors"):
         assert key in report and key in report["floor"]
     assert report["errors"] == {} and report["floor"]["errors"] == {} and report["floor"]["sent"] == 25
-    assert set(report["client_lag_ms"]) == {"p50_ms", "p99_ms", "max_ms"} and report["client_lag_ms"]["p50_ms"] < CLIENT_LAG_WARN_MS
+    lag = report["client_lag_ms"]  # how late the client sent its calls depends on the host, so only its shape is checked here
+    assert set(lag) == {"p50_ms", "p99_ms", "max_ms"} and 0 <= lag["p50_ms"] <= lag["p99_ms"] <= lag["max_ms"]
     mixed = report["log_events"]
     assert report["sent"] + mixed["sent"] == 50 and mixed["sent"] > 0
     assert mixed["errors"] == {"FAILED_PRECONDITION": mixed["sent"]}  # this engine keeps no user state
@@ -93,7 +94,8 @@ def test_a_client_that_cannot_keep_its_schedule_shows_its_lag():
     assert phase.send_lag_s[-1] > 0.5 and np.all(np.diff(phase.send_lag_s) > 0)
     assert np.all(phase.latency_s >= phase.send_lag_s)  # the lag is part of every latency
     prompt = open_loop(_answered, qps=200, duration_s=0.5, timeout_s=1.0)
-    assert np.nanpercentile(prompt.send_lag_s, 50) < CLIENT_LAG_WARN_MS / 1e3
+    # Compared with the slow client in the same run, not with a fixed bound: a shared host may stall any client briefly.
+    assert np.nanpercentile(prompt.send_lag_s, 50) < np.nanpercentile(phase.send_lag_s, 50) / 10
 
 
 def test_the_summary_flags_a_client_that_fell_behind():
