@@ -16,6 +16,11 @@ sent ``--gap-ms`` after the previous one answered, then N health checks the same
 it reports the client's percentiles, the engine's own time from the responses, and the
 health-check floor (see :func:`one_at_a_time`).
 
+``--write-requests DIR`` sends nothing: it writes request bodies for a load client
+written in another language that sends a fixed HTTP/2 body (``h2load``), so a load
+can be offered without this client's own CPU cost on the server's cores (see
+:func:`write_request_files`).
+
 The JSON report: ``achieved_qps``, ``p50_ms``, ``p90_ms``, ``p99_ms``, ``max_ms``,
 ``errors`` (status name -> count), ``model_versions`` (model_version -> responses)
 and ``model_version_spans`` (model_version -> [first, last] due time in seconds
@@ -42,7 +47,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from funnel.server.rpc import recommender_pb2, recommender_pb2_grpc
-from funnel.tools.output import write_json
+from funnel.tools.output import write_bytes, write_json
 
 log = logging.getLogger("funnel.loadtest")
 
@@ -217,6 +222,50 @@ def _request_ids(users: list[str] | None, items: list[str] | None, users_from: s
     if not users:
         raise ValueError("no users to send requests for")
     return users, items
+
+
+def grpc_frame(message) -> bytes:
+    """``message`` as one uncompressed gRPC length-prefixed message: a flag byte of 0, the
+    payload's length as 4 big-endian bytes, the serialized payload (the body of a unary call)."""
+    payload = message.SerializeToString()
+    return b"\x00" + len(payload).to_bytes(4, "big") + payload
+
+
+def write_request_files(
+    *, out_dir: str, count: int = 8, users_from: str | None = None, fmt: str = "taobao", users: list[str] | None = None, k: int = 10, seed: int = 0
+) -> list[str]:
+    """Write framed ``Recommend`` requests, one user each, and a framed health check, for a client that sends a fixed body.
+
+    A client such as ``h2load`` sends the same bytes on every call of a connection, so
+    each file stands for one user; run one such client per file to spread the load over
+    several users and connections.
+
+    Args:
+        out_dir: the folder to write into (created if missing).
+        count: request files to write, each for another user drawn at random (users
+            repeat only when there are fewer than ``count``).
+        users_from, fmt, users: where the request users come from (as :func:`loadtest`).
+        k: items per Recommend.
+        seed: seed for the user draws.
+
+    Returns:
+        The paths written: ``recommend-0.bin`` ... ``recommend-{count-1}.bin``, then
+        ``health.bin`` (a ``grpc.health.v1.Health/Check`` request).
+
+    Raises:
+        ValueError: ``count`` below 1, or no users.
+    """
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    users, _ = _request_ids(users, None, users_from, fmt, seed)
+    draw = np.random.default_rng(seed).choice(len(users), size=count, replace=count > len(users))
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, f"recommend-{i}.bin") for i in range(count)]
+    for path, u in zip(paths, draw.tolist()):
+        write_bytes(path, grpc_frame(recommender_pb2.RecommendRequest(user_id=users[u], k=k)))
+    health = os.path.join(out_dir, "health.bin")
+    write_bytes(health, grpc_frame(health_pb2.HealthCheckRequest()))
+    return paths + [health]
 
 
 def _channel(addr: str, tls_ca: str | None, i: int) -> grpc.Channel:
@@ -565,6 +614,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "health checks the same way; reports the client's percentiles, the engine's own time and the health-check floor "
         "(ignores --qps, --duration, --concurrency)",
     )
+    parser.add_argument(
+        "--write-requests", default=None, metavar="DIR",
+        help="send nothing: write --request-files framed Recommend requests (one user each) and a health check into DIR, for a load "
+        "client that sends a fixed body, such as h2load (one client per file); prints an example command",
+    )
+    parser.add_argument("--request-files", type=int, default=8, help="with --write-requests: how many request files, one user each (default: 8)")
     parser.add_argument("--gap-ms", type=float, default=10.0, help="with --one-at-a-time: idle milliseconds between an answer and the next call (default: 10)")
 
 
@@ -601,6 +656,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.write_requests is not None:
+        if args.ramp or args.one_at_a_time is not None:
+            print("error: --write-requests sends nothing; give it without --ramp and --one-at-a-time", file=sys.stderr)
+            return 2
+        paths = write_request_files(
+            out_dir=args.write_requests, count=args.request_files, users_from=args.users_from, fmt=args.fmt, k=args.k, seed=args.seed
+        )
+        print("\n".join(paths))
+        print(
+            f"wrote {len(paths) - 1} Recommend requests and a health check; one h2load client per file, e.g. 100 calls a second for 30 s "
+            f"with a {args.timeout:g} s deadline:\n  h2load -D 30 -c 1 -m 1024 --rps 100 -d {paths[0]} -H 'content-type: application/grpc' "
+            f"-H 'te: trailers' -H 'grpc-timeout: {round(args.timeout * 1000)}m' http://{args.addr}/funnel.v1.Recommender/Recommend",
+            file=sys.stderr,
+        )
+        return 0
     if args.one_at_a_time is not None:
         if args.ramp:
             print("error: --one-at-a-time and --ramp are two different measurements; give one", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Writing tool outputs (reports, benchmark JSON) atomically: a reader never sees half a file."""
+"""Writing tool outputs (reports, benchmark JSON, request files) atomically: a reader never sees half a file."""
 
 import json
 import os
@@ -10,6 +10,14 @@ def write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with open(tmp, "w") as fh:
         fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a unique temp file and ``os.replace``."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
     os.replace(tmp, path)
 
 

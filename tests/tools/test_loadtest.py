@@ -231,3 +231,32 @@ def test_nothing_listening_is_one_line_and_exit_2(tmp_path, capsys):
         assert args.run(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: nothing answered at 127.0.0.1:{port} within 5 s") and err.count("\n") == 1
+
+
+def test_request_files_are_framed_requests_one_user_each(tmp_path):
+    from funnel.server.rpc import recommender_pb2
+    from funnel.tools.loadtest import write_request_files
+
+    paths = write_request_files(out_dir=str(tmp_path / "reqs"), count=3, users=["u1", "u2", "u3", "u4"], k=7)
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["recommend-0.bin", "recommend-1.bin", "recommend-2.bin", "health.bin"]
+    bodies = [open(p, "rb").read() for p in paths]
+    for body in bodies:  # flag byte 0 (not compressed), then the payload's length, big-endian
+        assert body[0] == 0 and int.from_bytes(body[1:5], "big") == len(body) - 5
+    requests = [recommender_pb2.RecommendRequest.FromString(body[5:]) for body in bodies[:3]]
+    assert {r.k for r in requests} == {7} and len({r.user_id for r in requests}) == 3 and {r.user_id for r in requests} <= {"u1", "u2", "u3", "u4"}
+    assert bodies[3] == b"\x00\x00\x00\x00\x00"  # an empty HealthCheckRequest
+    assert len(write_request_files(out_dir=str(tmp_path / "few"), count=5, users=["u1"])) == 6  # users repeat when there are fewer
+    with pytest.raises(ValueError, match="count"):
+        write_request_files(out_dir=str(tmp_path / "none"), count=0, users=["u1"])
+
+
+def test_cli_writes_request_files_and_sends_nothing(tmp_path, tiny_log_path, capsys):
+    out = tmp_path / "reqs"
+    args = build_parser().parse_args(["loadtest", "--addr", "127.0.0.1:1", "--users-from", tiny_log_path, "--write-requests", str(out), "--request-files", "2"])
+    assert args.run(args) == 0  # nothing listens at port 1: the files need no server
+    printed = capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["health.bin", "recommend-0.bin", "recommend-1.bin"]
+    assert printed.out.splitlines() == [str(out / "recommend-0.bin"), str(out / "recommend-1.bin"), str(out / "health.bin")]
+    assert f"-d {out / 'recommend-0.bin'}" in printed.err and "http://127.0.0.1:1/funnel.v1.Recommender/Recommend" in printed.err
+    args = build_parser().parse_args(["loadtest", "--users-from", tiny_log_path, "--write-requests", str(out), "--ramp"])
+    assert args.run(args) == 2 and "sends nothing" in capsys.readouterr().err
