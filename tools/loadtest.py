@@ -253,10 +253,12 @@ def write_request_files(
         ``health.bin`` (a ``grpc.health.v1.Health/Check`` request).
 
     Raises:
-        ValueError: ``count`` below 1, or no users.
+        ValueError: ``count`` below 1, ``out_dir`` a file, or no users.
     """
     if count < 1:
-        raise ValueError(f"count must be >= 1, got {count}")
+        raise ValueError(f"count (--request-files) must be >= 1, got {count}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir}: exists and is not a folder; give a folder for the request files")
     users, _ = _request_ids(users, None, users_from, fmt, seed)
     draw = np.random.default_rng(seed).choice(len(users), size=count, replace=count > len(users))
     os.makedirs(out_dir, exist_ok=True)

@@ -6,11 +6,8 @@ import uuid
 
 
 def write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a unique temp file and ``os.replace``."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_bytes(path: str, data: bytes) -> None:

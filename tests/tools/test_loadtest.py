@@ -248,6 +248,9 @@ def test_request_files_are_framed_requests_one_user_each(tmp_path):
     assert len(write_request_files(out_dir=str(tmp_path / "few"), count=5, users=["u1"])) == 6  # users repeat when there are fewer
     with pytest.raises(ValueError, match="count"):
         write_request_files(out_dir=str(tmp_path / "none"), count=0, users=["u1"])
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="not a folder"):
+        write_request_files(out_dir=str(tmp_path / "a-file"), users=["u1"])
 
 
 def test_cli_writes_request_files_and_sends_nothing(tmp_path, tiny_log_path, capsys):
