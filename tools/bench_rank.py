@@ -18,6 +18,14 @@ and stage against the per-request targets; the onnx/torch ratio of median CPU ti
 and, from a separate profiled pass over the onnx path, the share of the ranking time in
 each function ``rank`` calls (``features`` vs ``order``: the model's forward and the sort)
 and in the most expensive functions anywhere beneath it.
+
+A lone request on a server follows idle time, and on a shared virtual machine that
+costs more than the code: the hypervisor interrupts a running vCPU (about a thousand
+times a second on the hosts this was measured on) and whatever runs meanwhile evicts
+the caches. ``--pause-ms`` also times calls that each follow that long a pause (the
+thread spins, so the core never idles: what remains is the host's doing), and every
+report says how often a spinning thread of this machine is interrupted
+(:func:`probe_host`), so figures from different hosts can be read side by side.
 """
 
 import argparse
@@ -28,6 +36,7 @@ import pstats
 import time
 from collections.abc import Callable, Sequence
 
+import faiss
 import numpy as np
 import torch
 
@@ -36,12 +45,16 @@ from funnel.rank.pipeline import TwoStage
 from funnel.recall.plugin import Excluded
 from funnel.recall.retriever import Candidates
 from funnel.recall.runtime import RUNTIMES
+from funnel.server.app import configure_threads
 from funnel.tools.cli import add_candidates_argument
 from funnel.tools.output import write_json
 
 TARGET_MS = {"rank": 0.7, "recall": 0.5}
 """Per-request targets, median CPU or wall milliseconds on one thread."""
 ROUNDS = 4
+INTERRUPTION_US = 20.0
+"""A gap between two clock reads of a spinning thread longer than this is an interruption (a
+read takes well under a microsecond; a timer interrupt handled by the guest alone, a few)."""
 
 
 @dataclasses.dataclass
@@ -65,6 +78,9 @@ def run_benchmark(
     profile_calls: int = 300,
     seed: int = 0,
     recall_candidates: dict[str, int] | None = None,
+    pause_ms: float = 0.0,
+    pause_calls: int = 200,
+    host_probe_s: float = 1.0,
     json_out: str | None = None,
 ) -> dict:
     """Time ranking ``candidates`` items for one user at a time on one thread.
@@ -78,6 +94,10 @@ def run_benchmark(
         profile_calls: calls under cProfile for the breakdown (not timed); 0 skips it.
         seed: picks the users.
         recall_candidates: per-channel recall counts replacing the bundle's (as ``funnel serve --candidates``).
+        pause_ms: when > 0, also time ``pause_calls`` calls per runtime and stage, each
+            after spinning this many milliseconds (what a lone request pays).
+        pause_calls: see ``pause_ms``.
+        host_probe_s: seconds :func:`probe_host` spins for the ``host`` entry; 0 skips it.
         json_out: also write the report here (atomically).
 
     Returns:
@@ -85,9 +105,14 @@ def run_benchmark(
         median/p99/mean}}), ``onnx_over_torch`` ({"rank"|"recall": ratio of median CPU
         times}), ``target_ms``, ``meets_target`` ({runtime: {"rank"|"recall": bool}, by the
         median CPU time}) and ``breakdown`` (``callees`` and ``top``: shares of the onnx
-        ranking time, see :func:`_breakdown`; None when ``profile_calls`` is 0).
+        ranking time, see :func:`_breakdown`; None when ``profile_calls`` is 0),
+        ``after_pause`` (None, or ``pause_ms``, ``calls``, ``rank_ms`` and ``recall_ms`` as
+        above for the calls after a pause, and ``over_back_to_back``: {runtime: {stage:
+        ratio of median wall times}}) and ``host`` (:func:`probe_host`; None when skipped).
     """
-    torch.set_num_threads(1)
+    if pause_ms < 0 or pause_calls < 1:
+        raise ValueError(f"pause_ms must be >= 0 and pause_calls >= 1, got {pause_ms} and {pause_calls}")
+    configure_threads(1)  # as a server process with one core: torch and faiss on one thread
     b = load_bundle(bundle, candidates=recall_candidates)
     pipes = {runtime: b.pipeline(runtime) for runtime in RUNTIMES}
     pipe = pipes["onnx"]
@@ -101,6 +126,17 @@ def run_benchmark(
     rank_times = _time_rounds(rank_calls, requests, calls, warmup)
     recall_times = _time_rounds(recall_calls, requests, max(calls // 4, len(requests)), warmup // 4)
     med = lambda times, rt: float(np.median(times[rt][1]))
+    after_pause = None
+    if pause_ms > 0:
+        paused = {stage: _time_rounds(fns, requests, pause_calls, 0, pause_s=pause_ms / 1e3) for stage, fns in (("rank", rank_calls), ("recall", recall_calls))}
+        back_to_back = {"rank": rank_times, "recall": recall_times}
+        wall = lambda times, rt: float(np.median(times[rt][0]))
+        after_pause = {
+            "pause_ms": pause_ms,
+            "calls": pause_calls,
+            **{f"{stage}_ms": {rt: _summaries(t) for rt, t in times.items()} for stage, times in paused.items()},
+            "over_back_to_back": {rt: {stage: round(wall(paused[stage], rt) / wall(back_to_back[stage], rt), 2) for stage in paused} for rt in RUNTIMES},
+        }
     report = {
         "setting": {
             "bundle": b.path,
@@ -111,6 +147,7 @@ def run_benchmark(
             "rounds": ROUNDS,
             "users": len(requests),
             "torch_threads": torch.get_num_threads(),
+            "faiss_threads": faiss.omp_get_max_threads(),
             "history": int(pipe.ranker.cfg.history),
             "load_average_1m": round(os.getloadavg()[0], 2),
             "cpus": os.cpu_count(),
@@ -123,6 +160,8 @@ def run_benchmark(
             rt: {stage: bool(med(times, rt) * 1e3 <= TARGET_MS[stage]) for stage, times in (("rank", rank_times), ("recall", recall_times))} for rt in RUNTIMES
         },
         "breakdown": _breakdown(rank_calls["onnx"], requests, profile_calls, TwoStage.rank) if profile_calls > 0 else None,
+        "after_pause": after_pause,
+        "host": probe_host(host_probe_s) if host_probe_s > 0 else None,
     }
     if json_out:
         write_json(json_out, report)
@@ -151,17 +190,20 @@ def _requests(b, pipe: TwoStage, n_users: int, width: int, seed: int) -> list[_R
     return out
 
 
-def _time_calls(fn: Callable[[_Request], object], requests: list[_Request], calls: int, warmup: int) -> tuple[np.ndarray, np.ndarray]:
+def _time_calls(fn: Callable[[_Request], object], requests: list[_Request], calls: int, warmup: int, pause_s: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Wall and CPU seconds of each of ``calls`` calls cycling through ``requests``, after ``warmup`` untimed ones.
 
     CPU time is this thread's: on a shared machine wall time also counts the waits for
-    a free core, which say more about the neighbours than about the code.
+    a free core, which say more about the neighbours than about the code. With
+    ``pause_s``, the thread spins that long (untimed) before each timed call.
     """
     for i in range(warmup):
         fn(requests[i % len(requests)])
     wall, cpu = np.empty(calls), np.empty(calls)
     for i in range(calls):
         r = requests[i % len(requests)]
+        if pause_s:
+            _spin(pause_s)
         w0, c0 = time.perf_counter(), time.thread_time()
         fn(r)
         cpu[i] = time.thread_time() - c0
@@ -169,13 +211,60 @@ def _time_calls(fn: Callable[[_Request], object], requests: list[_Request], call
     return wall, cpu
 
 
-def _time_rounds(fns: dict[str, Callable[[_Request], object]], requests: list[_Request], calls: int, warmup: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _time_rounds(
+    fns: dict[str, Callable[[_Request], object]], requests: list[_Request], calls: int, warmup: int, pause_s: float = 0.0
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """:func:`_time_calls` for each of ``fns`` in :data:`ROUNDS` alternating rounds; ``calls`` in all per function."""
     parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: [] for name in fns}
     for round_ in range(ROUNDS):
         for name, fn in fns.items():
-            parts[name].append(_time_calls(fn, requests, max(calls // ROUNDS, 1), warmup if round_ == 0 else 0))
+            parts[name].append(_time_calls(fn, requests, max(calls // ROUNDS, 1), warmup if round_ == 0 else 0, pause_s))
     return {name: (np.concatenate([w for w, _ in p]), np.concatenate([c for _, c in p])) for name, p in parts.items()}
+
+
+def _spin(seconds: float) -> None:
+    """Busy-wait: the core stays busy, so a slower call after it is not the core waking up."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def probe_host(seconds: float = 1.0, threshold_us: float = INTERRUPTION_US) -> dict[str, float]:
+    """How often a thread that spins reading the clock is interrupted, and for how long.
+
+    Args:
+        seconds: how long to spin.
+        threshold_us: a gap between two reads longer than this is an interruption.
+
+    Returns:
+        :func:`interruption_report` of the gaps.
+    """
+    clock, gaps = time.perf_counter, []
+    start = prev = clock()
+    end = start + seconds
+    threshold = threshold_us / 1e6
+    while prev < end:
+        now = clock()
+        if now - prev > threshold:
+            gaps.append(now - prev)
+        prev = now
+    return interruption_report(np.array(gaps), prev - start)
+
+
+def interruption_report(gaps_s: np.ndarray, elapsed_s: float) -> dict[str, float]:
+    """Summary of the interruptions a spinning thread saw.
+
+    Args:
+        gaps_s: [n] lengths of the interruptions, seconds.
+        elapsed_s: how long the thread spun, seconds (> 0).
+
+    Returns:
+        ``per_s`` (interruptions a second), ``median_us`` and ``p99_us`` (their lengths;
+        0 when there were none) and ``share`` (the fraction of the time they took).
+    """
+    us = gaps_s * 1e6
+    pct = lambda q: round(float(np.percentile(us, q)), 1) if len(us) else 0.0
+    return {"per_s": round(len(us) / elapsed_s, 1), "median_us": pct(50), "p99_us": pct(99), "share": round(float(gaps_s.sum()) / elapsed_s, 4)}
 
 
 def _summary(seconds: np.ndarray) -> dict[str, float]:
@@ -239,7 +328,7 @@ def format_report(report: dict) -> str:
     s = report["setting"]
     lines = [
         f"ranking {s['candidates']} candidates for one user, {s['calls']} calls over {s['users']} users, "
-        f"torch threads {s['torch_threads']}, load average {s['load_average_1m']} on {s['cpus']} cpus",
+        f"torch threads {s['torch_threads']}, faiss threads {s['faiss_threads']}, load average {s['load_average_1m']} on {s['cpus']} cpus",
         "recall candidates per channel: " + ", ".join(f"{name} {count}" for name, count in s["recall_config"].items()),
     ]
     for runtime in RUNTIMES:
@@ -252,6 +341,21 @@ def format_report(report: dict) -> str:
                 )
     ratio = report["onnx_over_torch"]
     lines.append(f"  onnx / torch (median CPU, same run): rank {ratio['rank']:.2f}, recall {ratio['recall']:.2f}")
+    paused = report["after_pause"]
+    if paused is not None:
+        lines.append(f"  after a {paused['pause_ms']:g} ms pause (spinning), {paused['calls']} calls each, median wall:")
+        for runtime in RUNTIMES:
+            lines.append(
+                "    "
+                + f"{runtime:5} "
+                + ", ".join(f"{stage} {paused[f'{stage}_ms'][runtime]['wall']['median']:.3f} ms ({paused['over_back_to_back'][runtime][stage]:.2f}x back to back)" for stage in ("rank", "recall"))
+            )
+    host = report["host"]
+    if host is not None:
+        lines.append(
+            f"  host: a spinning thread was interrupted {host['per_s']:,.0f} times a second "
+            f"(median {host['median_us']:g} us, p99 {host['p99_us']:g} us; {host['share']:.1%} of its time)"
+        )
     if report["breakdown"] is None:
         return "\n".join(lines)
     lines.append("  where the onnx ranking time goes (profiled pass; share of rank), functions rank calls:")
@@ -272,12 +376,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--profile-calls", type=int, default=300, help="calls in the profiled pass for the breakdown; 0 skips it (default: 300)")
     p.add_argument("--seed", type=int, default=0, help="picks the users (default: 0)")
     add_candidates_argument(p, "recall is timed at these counts", flag="--recall-candidates")
+    p.add_argument(
+        "--pause-ms", type=float, default=0.0,
+        help="also time calls that each follow this long a pause (spinning), as a lone request on a server does; e.g. 10 (default: 0, off)",
+    )
+    p.add_argument("--pause-calls", type=int, default=200, help="calls per runtime and stage after a pause (default: 200)")
+    p.add_argument("--host-probe-s", type=float, default=1.0, help="seconds spent measuring how often this machine interrupts a spinning thread; 0 skips it (default: 1)")
     p.add_argument("--json", dest="json_out", help="also write the report as JSON here")
     args = p.parse_args(argv)
-    report = run_benchmark(
-        bundle=args.bundle, candidates=args.candidates, calls=args.calls, users=args.users, warmup=args.warmup,
-        profile_calls=args.profile_calls, seed=args.seed, recall_candidates=args.recall_candidates, json_out=args.json_out,
-    )
+    try:
+        report = run_benchmark(
+            bundle=args.bundle, candidates=args.candidates, calls=args.calls, users=args.users, warmup=args.warmup,
+            profile_calls=args.profile_calls, seed=args.seed, recall_candidates=args.recall_candidates,
+            pause_ms=args.pause_ms, pause_calls=args.pause_calls, host_probe_s=args.host_probe_s, json_out=args.json_out,
+        )
+    except ValueError as err:
+        p.error(str(err))
     print(format_report(report))
     return 0
 
