@@ -51,7 +51,7 @@ def test_assembled_batch_equals_each_query_merged_on_its_own(tiny_data):
     seqs = tiny_data.seqs
     history = UserHistory(tiny_data, None, data_end=int(seqs.ts.max()))
     busiest = int(np.argmax(seqs.lengths))
-    lo, hi = seqs.offsets[busiest], seqs.offsets[busiest + 1]
+    lo = seqs.offsets[busiest]
     user = lambda u: str(tiny_data.users.decode([u])[0])
     item = lambda i: str(tiny_data.items.decode([i])[0])
     tie = int(seqs.ts[lo + 1])  # a newer event at the time of a bundle event goes after it
